@@ -1,0 +1,114 @@
+"""`rlhfkit <command>`: parse a stage config (recipe defaults + flags) and call the stage.
+
+Thin on purpose: every command is a dataclass config (its fields are the flags, documented in
+`--help`) and a function that takes it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from rlhfkit.config import SFTConfig, from_dict, load_recipe_section
+from rlhfkit.errors import RlhfkitError
+
+
+@dataclass
+class WorldExportConfig:
+    """Write the built-in task world as data files in the formats users bring."""
+
+    out: str = "world_data"
+    """Folder for sft.jsonl, prompts.jsonl, eval_prompts.jsonl, comparisons.jsonl, rankings.jsonl."""
+    n_train: int = 2000
+    """Training prompts (each gives a demonstration, a ranking and its comparisons)."""
+    n_eval: int = 200
+    """Held-out prompts (the world's eval split)."""
+    k: int = 4
+    """Completions per ranking."""
+    seed: int = 0
+    """World seed (prompt generation) and labeler seed."""
+    temperature: float = 0.05
+    """Simulated labelers' Bradley-Terry noise temperature on gold scores (0 = noiseless)."""
+
+
+def world_export(cfg: WorldExportConfig) -> None:
+    from pathlib import Path
+
+    from rlhfkit.data.world import Labeler, World, export
+
+    paths = export(World(seed=cfg.seed), Path(cfg.out), cfg.n_train, cfg.n_eval, k=cfg.k,
+                   labeler=Labeler(temperature=cfg.temperature, seed=cfg.seed), seed=cfg.seed)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+# name -> (config class, "module:function", recipe section or None, help line)
+COMMANDS: dict[str, tuple[type, str, str | None, str]] = {
+    "sft": (SFTConfig, "rlhfkit.train.sft:train", "sft", "supervised fine-tuning on demonstrations"),
+    "world export": (WorldExportConfig, "rlhfkit.cli:world_export", None, "write the built-in task world as data files"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: rlhfkit <command> [--help] [flags]", "", "commands:"]
+    lines += [f"  {name:<14} {entry[3]}" for name, entry in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def split_recipe(args: list[str]) -> tuple[str, list[str]]:
+    """Pull `--recipe NAME` out of the flags: it chooses the defaults the other flags override."""
+    rest, recipe, i = [], "", 0
+    while i < len(args):
+        if args[i] == "--recipe" and i + 1 < len(args):
+            recipe, i = args[i + 1], i + 2
+        elif args[i].startswith("--recipe="):
+            recipe, i = args[i].split("=", 1)[1], i + 1
+        else:
+            rest.append(args[i])
+            i += 1
+    return recipe, rest
+
+
+def parse(name: str, args: list[str]) -> Any:
+    import tyro
+
+    cls, _, section, help_line = COMMANDS[name]
+    default = cls()
+    if section is not None:
+        recipe, args = split_recipe(args)
+        if recipe:
+            default = from_dict(cls, {**load_recipe_section(recipe, section), "recipe": recipe}, f"recipe {recipe}: {section}")
+    return tyro.cli(cls, default=default, args=args, prog=f"rlhfkit {name}", description=help_line)
+
+
+def resolve_function(spec: str) -> Callable[[Any], Any]:
+    module, func = spec.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    name = argv[0]
+    if name not in COMMANDS and " ".join(argv[:2]) in COMMANDS:
+        name, argv = " ".join(argv[:2]), argv[1:]
+    if name not in COMMANDS:
+        print(f"rlhfkit: unknown command '{argv[0]}'\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        cfg = parse(name, argv[1:])
+        resolve_function(COMMANDS[name][1])(cfg)
+    except RlhfkitError as e:
+        print(f"rlhfkit {name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"rlhfkit {name}: interrupted; rerun with --run.resume to continue from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Typed configs. Each dataclass is also the CLI (through tyro) and the schema of a YAML recipe.
+
+A recipe (``src/rlhfkit/recipes/<name>.yaml`` or any YAML path) has one section per stage
+(``sft:``, later ``rm:``, ``ppo:`` ...) whose keys mirror the stage config's nested fields. The
+recipe fills the defaults; command-line flags override them. Derived sizes (global batch, ...)
+are computed once here and checked loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_type_hints
+
+import yaml
+
+from rlhfkit.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Built-in name (`tiny`, `smollm2-135m-instruct`), a local Hugging Face folder, or a hub id."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """`bf16` runs forward passes under bf16 autocast (weights stay fp32); ~2x faster on CPUs with avx512_bf16."""
+    lora: bool = False
+    """Train LoRA adapters (PEFT) instead of all weights."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub. Off unless you trust the source."""
+
+
+@dataclass
+class DataConfig:
+    train: str = "world"
+    """Training data: `world` (the built-in task world) or a file/folder/hub dataset of demonstrations."""
+    eval: str = ""
+    """Held-out data. Empty: the world's eval split, or `eval_fraction` of `train` held out by prompt hash."""
+    format: Literal["auto", "hh", "preference", "demonstration", "ranking", "prompt"] = "auto"
+    """Force a record format instead of detecting it from the first record."""
+    skip_bad: bool = False
+    """Skip malformed records (and report how many) instead of stopping at the first one."""
+    max_seq_len: int = 256
+    """Prompt + response tokens; longer examples lose old context first, then the response tail."""
+    world_examples: int = 2000
+    """Number of built-in world demonstrations to train on (when train = `world`)."""
+    world_seed: int = 0
+    """Seed of the built-in world's prompt generator."""
+    eval_fraction: float = 0.05
+    """Share of a user file held out for eval loss, chosen by a hash of the prompt."""
+    eval_examples: int = 128
+    """Held-out examples used for eval loss."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine or linear to 0, or constant."""
+    warmup_steps: int = 10
+    """Linear warmup from 0 over this many optimizer steps."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+
+
+@dataclass
+class BatchConfig:
+    """The one batch-size vocabulary: global batch = micro_batch_size x grad_accum x world size."""
+
+    micro_batch_size: int = 8
+    """Examples per forward pass per process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (per process)."""
+
+    def global_batch(self, world_size: int) -> int:
+        return self.micro_batch_size * self.grad_accum * world_size
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/sft"
+    """Output folder: the trained model (HF format, safetensors), config, metrics, checkpoints."""
+    steps: int = 200
+    """Optimizer steps."""
+    seed: int = 0
+    """Seed for initialisation, data order and sampling."""
+    save_every: int = 50
+    """Write a resumable checkpoint every N steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    eval_every: int = 50
+    """Evaluate (eval loss, gold score, samples) every N steps and at the end; 0 = only at the end."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+    resume: bool = False
+    """Continue from the last checkpoint in `out`."""
+    overwrite: bool = False
+    """Delete an existing `out` folder instead of refusing to start."""
+
+
+@dataclass
+class EvalConfig:
+    gold_prompts: int = 64
+    """Held-out world prompts answered greedily and scored by the gold judge (0 disables)."""
+    at_start: bool = True
+    """Also evaluate before the first step (the base model's scores)."""
+    max_new_tokens: int = 48
+    """Generation length limit for gold evaluation and samples."""
+    batch_size: int = 16
+    """Prompts per generation batch."""
+    samples: int = 3
+    """Sample generations printed and written to samples.jsonl at each evaluation."""
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on demonstrations."""
+
+    recipe: str = ""
+    """Recipe name (`tiny`, `smollm2`) or YAML path whose `sft:` section fills these defaults."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> None:
+        positive = {
+            "batch.micro_batch_size": self.batch.micro_batch_size,
+            "batch.grad_accum": self.batch.grad_accum,
+            "run.steps": self.run.steps,
+            "run.save_every": self.run.save_every,
+            "data.max_seq_len": self.data.max_seq_len,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if not 0.0 <= self.data.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.optim.lr}")
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    """a / b when it divides exactly, else a loud error naming the sizes (cleanrl's habit)."""
+    if b <= 0 or a % b:
+        raise ConfigError(f"{what}: {a} is not divisible by {b}")
+    return a // b
+
+
+# --- YAML recipes -----------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def recipe_path(name: str) -> Path:
+    """A built-in recipe name or a path to a YAML file."""
+    builtin = RECIPES_DIR / f"{name}.yaml"
+    if builtin.exists():
+        return builtin
+    path = Path(name)
+    if path.exists():
+        return path
+    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise ConfigError(f"recipe '{name}' is neither a built-in recipe ({known}) nor an existing file")
+
+
+def load_recipe_section(name: str, section: str) -> dict:
+    path = recipe_path(name)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of stage sections (sft:, rm:, ...)")
+    body = data.get(section, {}) or {}
+    if not isinstance(body, dict):
+        raise ConfigError(f"{path}: section '{section}' must be a mapping")
+    return body
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    """Build a (nested) dataclass from a mapping; unknown keys are an error naming the key path."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(names))})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key}: expected a mapping, got {type(value).__name__}")
+            value = from_dict(hint, value, f"{where}.{key}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

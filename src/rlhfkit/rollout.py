@@ -1,0 +1,87 @@
+"""Batched generation from chat prompts: left padding, KV cache, stop at end of turn.
+
+Responses are cut after their first end-of-turn token; ``finished`` says whether it appeared
+(the PPO "EOS trick" penalises responses that never end).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhfkit.data.records import Messages
+from rlhfkit.data.tokenize import end_of_turn_id, left_pad, prompt_ids
+
+
+@dataclass
+class Generation:
+    text: str  # decoded response without special tokens
+    token_ids: list[int]  # response tokens, up to and including the end-of-turn token if any
+    finished: bool  # True when the response ended with the end-of-turn token
+
+
+def autocast(precision: str):
+    """bf16 autocast on the model's device when asked; a no-op context otherwise."""
+    if precision == "bf16":
+        return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Messages],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    batch_size: int = 16,
+    precision: str = "fp32",
+    generator_seed: int | None = None,
+) -> list[Generation]:
+    """Generate one response per prompt. ``temperature`` 0 means greedy decoding.
+
+    Prompts are sorted by length so each batch pads little, and results are returned in the
+    caller's order. Sampling uses a private RNG when ``generator_seed`` is given, so evaluation
+    does not disturb the training RNG stream (exact resume depends on that).
+    """
+    eot = end_of_turn_id(tokenizer)
+    stop = sorted({eot, tokenizer.eos_token_id} - {None})
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results: list[Generation | None] = [None] * len(prompts)
+    rng_context = torch.random.fork_rng() if generator_seed is not None else contextlib.nullcontext()
+    with rng_context:
+        if generator_seed is not None:
+            torch.manual_seed(generator_seed)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            input_ids, attention_mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
+            sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+            with autocast(precision):
+                out = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=stop,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **sampling,
+                )
+            for row, i in zip(out[:, input_ids.shape[1] :].tolist(), idx):
+                results[i] = cut_at_stop(row, stop, tokenizer)
+    model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+def cut_at_stop(row: list[int], stop: list[int], tokenizer: PreTrainedTokenizerBase) -> Generation:
+    """Keep tokens up to and including the first stop token; drop what follows (padding)."""
+    for pos, token in enumerate(row):
+        if token in stop:
+            kept = row[: pos + 1]
+            return Generation(tokenizer.decode(kept[:-1], skip_special_tokens=True), kept, True)
+    return Generation(tokenizer.decode(row, skip_special_tokens=True), row, False)

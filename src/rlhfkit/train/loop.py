@@ -1,0 +1,293 @@
+"""Plumbing every training stage shares: accelerate, optimizer, schedule, data order,
+checkpoints with exact resume, metrics and the progress bar. No algorithm lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from rlhfkit.config import BatchConfig, OptimConfig, RunConfig, save_config, to_dict
+from rlhfkit.errors import RlhfkitError
+
+COMPLETE = "complete.json"  # written last: its presence means the stage finished
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def make_accelerator(precision: str) -> Accelerator:
+    """One Accelerator per stage. Under ``accelerate launch``/torchrun it sets up DDP (gloo on CPU)."""
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+
+
+# --- optimizer and schedule -------------------------------------------------------------------
+
+
+def build_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    # fused AdamW is several times faster on CPU than the foreach default (torch >= 2.4).
+    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based): linear warmup, then decay.
+
+    Warmup reaches the peak at step ``warmup``; cosine/linear decay reach 0 at step ``total``.
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, optim.warmup_steps, total, optim.schedule)
+    )
+
+
+# --- data order -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataOrder:
+    """Which examples each optimizer step sees: a pure function of (seed, step).
+
+    Examples are drawn from a stream of seeded per-epoch permutations, ``global_batch`` at a
+    time. Because the order depends only on the step number, resuming at step s replays exactly
+    the batches an uninterrupted run would have seen (the "data position" is the step).
+    """
+
+    n: int
+    seed: int
+
+    def _epoch(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def batch(self, step: int, global_batch: int) -> list[int]:
+        start = step * global_batch
+        out: list[int] = []
+        while len(out) < global_batch:
+            epoch, offset = divmod(start + len(out), self.n)
+            take = min(global_batch - len(out), self.n - offset)
+            out.extend(self._epoch(epoch)[offset : offset + take])
+        return out
+
+
+def micro_batches(indices: list[int], batch: BatchConfig, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches of one global batch.
+
+    Micro-step m of rank r takes slice (m * world + r): with world=2, accum=A the union of what
+    all ranks see in a step is the same as world=1, accum=2A — the basis of the DDP test.
+    """
+    size = batch.micro_batch_size
+    return [
+        indices[(m * world + rank) * size : (m * world + rank + 1) * size] for m in range(batch.grad_accum)
+    ]
+
+
+# --- output folder, checkpoints and resume ----------------------------------------------------
+
+
+def prepare_out_dir(run: RunConfig, cfg: Any, is_main: bool) -> Path:
+    """Create ``run.out``; refuse to clobber a previous run unless resuming or overwriting."""
+    out = Path(run.out)
+    if out.exists() and any(out.iterdir()) and not run.resume:
+        if not run.overwrite:
+            raise RlhfkitError(
+                f"{out} already holds a run; pass --run.resume to continue it or --run.overwrite to replace it"
+            )
+        if is_main:
+            shutil.rmtree(out)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        saved = out / "config.yaml"
+        if run.resume and saved.exists():
+            check_same_config(saved, cfg)
+        save_config(cfg, saved)
+    return out
+
+
+def check_same_config(saved: Path, cfg: Any) -> None:
+    """Resuming with different settings would not give the uninterrupted run's weights."""
+    import yaml
+
+    old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
+    ignore = {("run", "resume"), ("run", "overwrite"), ("run", "steps")}
+    diffs = [
+        f"{sec}.{key}: {old[sec].get(key)!r} -> {value!r}"
+        for sec, body in new.items()
+        if isinstance(body, dict) and isinstance(old.get(sec), dict)
+        for key, value in body.items()
+        if (sec, key) not in ignore and old[sec].get(key) != value
+    ]
+    if diffs:
+        raise RlhfkitError(f"cannot resume {saved.parent}: the config changed ({'; '.join(diffs)})")
+
+
+def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON-able metadata."""
+    tensors, scalars = {}, {}
+    for pid, pstate in state["state"].items():
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{key}"] = value.contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint must hold to resume: all trainable ones (LoRA: just adapters)."""
+    return {name: p.detach().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    out: Path, step: int, model: torch.nn.Module, optimizer, scheduler, extra: dict, keep: int
+) -> Path:
+    """Write ``checkpoints/step-N`` atomically (a temp folder renamed at the end), so a kill -9
+    mid-write leaves the previous checkpoint as the latest valid one."""
+    root = out / "checkpoints"
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+    state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), **extra}
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, schedule and RNG; return the saved state (``step`` etc.)."""
+    state = json.loads((ckpt / "state.json").read_text())
+    weights = load_file(ckpt / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(unflatten_optimizer_state(load_file(ckpt / "optimizer.safetensors"), state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch"])
+    return state
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per logged step) plus TensorBoard, main process only.
+
+    On resume, lines past the resumed step are dropped so the file describes one trajectory.
+    """
+
+    def __init__(self, out: Path, enabled: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step and self.path.exists():
+            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step or None)
+        except ImportError:  # tensorboard is a declared dependency; stay usable without it
+            self.writer = None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+class Progress:
+    """A rich progress bar with ETA and live metrics on the main process; silent elsewhere."""
+
+    def __init__(self, total: int, start: int, description: str, enabled: bool):
+        self.bar = None
+        self.t0, self.start = time.perf_counter(), start
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        self.bar = RichProgress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(description, total=total, completed=start, info="")
+
+    def update(self, step: int, info: str) -> None:
+        if self.bar:
+            self.bar.update(self.task, completed=step, info=info)
+
+    def print(self, text: str) -> None:
+        if self.bar:
+            self.bar.console.print(text, markup=False, highlight=False)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+def mark_complete(out: Path, summary: dict) -> None:
+    tmp = out / f".{COMPLETE}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / COMPLETE)

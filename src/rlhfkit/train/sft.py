@@ -1,0 +1,195 @@
+"""SFT: supervised fine-tuning on demonstrations (InstructGPT §3.5, step 1).
+
+Read top to bottom: 1. data, 2. model, 3. optimizer and resume, 4. the training loop
+(accumulate token-normalised NLL over micro-batches, clip, step), 5. evaluate and save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from rlhfkit.config import DataConfig, SFTConfig
+from rlhfkit.data.formats import read_demonstrations
+from rlhfkit.data.records import Demonstration, Prompt
+from rlhfkit.data.tokenize import Example, collate_for_training, count_loss_tokens, tokenize_demonstrations
+from rlhfkit.data.world import World
+from rlhfkit.eval.gold import gold_evaluate
+from rlhfkit.losses import sft_loss_sum
+from rlhfkit.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
+from rlhfkit.train.loop import (
+    COMPLETE, DataOrder, MetricsLog, Progress, build_optimizer, build_scheduler, latest_checkpoint, load_checkpoint,
+    make_accelerator, mark_complete, micro_batches, prepare_out_dir, save_checkpoint,
+)
+
+
+def load_data(data: DataConfig, gold_prompts: int) -> tuple[list[Demonstration], list[Demonstration], list[Prompt]]:
+    """Train and held-out demonstrations, and held-out prompts for the gold judge (world only)."""
+    if data.train == "world":
+        world = World(seed=data.world_seed)
+        return (
+            world.demonstrations(data.world_examples, split="train"),
+            world.demonstrations(data.eval_examples, split="eval"),
+            world.prompts(gold_prompts, split="eval"),
+        )
+    train, report = read_demonstrations(data.train, format=data.format, skip_bad=data.skip_bad)
+    print(report.summary())
+    if data.eval:
+        held_out, eval_report = read_demonstrations(data.eval, format=data.format, skip_bad=data.skip_bad)
+        print(eval_report.summary())
+    else:  # hold out by prompt hash, so the same prompt never lands on both sides
+        is_eval = [_bucket(d) < data.eval_fraction for d in train]
+        held_out = [d for d, e in zip(train, is_eval) if e]
+        train = [d for d, e in zip(train, is_eval) if not e]
+    return train, held_out[: data.eval_examples], []
+
+
+def _bucket(demo: Demonstration) -> float:
+    text = json.dumps([m.to_dict() for m in demo.prompt])
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 16**8
+
+
+def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int) -> float:
+    """Token-weighted mean NLL of held-out responses."""
+    total, tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = collate_for_training(examples[start : start + batch_size], pad_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll, n = sft_loss_sum(logits, batch["labels"])
+            total, tokens = total + float(nll), tokens + n
+    model.train()
+    return total / max(tokens, 1)
+
+
+def train(cfg: SFTConfig) -> Path:
+    cfg.check()
+    acc = make_accelerator(cfg.model.precision)
+    set_seed(cfg.run.seed)
+    out = prepare_out_dir(cfg.run, cfg, acc.is_main_process)
+    acc.wait_for_everyone()
+    say = acc.print
+
+    # 1. Data: demonstrations -> (prompt, response) token ids; the loss covers response tokens.
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    train_demos, eval_demos, gold_prompts = load_data(cfg.data, cfg.eval.gold_prompts)
+    train_examples, trunc = tokenize_demonstrations(tokenizer, train_demos, cfg.data.max_seq_len)
+    eval_examples, _ = tokenize_demonstrations(tokenizer, eval_demos, cfg.data.max_seq_len)
+    say(f"train: {trunc.summary(cfg.data.max_seq_len)}; eval: {len(eval_examples)} examples")
+
+    # 2. Model (dropout off), optionally with LoRA adapters.
+    model = load_model(cfg.model, tokenizer, seed=cfg.run.seed)
+    if cfg.model.lora:
+        model = apply_lora(model, cfg.model)
+    total_params, trainable = count_parameters(model)
+    say(f"model {cfg.model.name}: {total_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable")
+
+    # 3. Optimizer, schedule, and exact resume from the last checkpoint.
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.run.steps)
+    start_step = 0
+    if cfg.run.resume and (out / COMPLETE).exists():
+        say(f"{out} is already complete; nothing to resume")
+        return out
+    ckpt = latest_checkpoint(out) if cfg.run.resume else None
+    if ckpt is not None:
+        start_step = load_checkpoint(ckpt, model, optimizer, scheduler)["step"]
+        say(f"resumed from {ckpt} at step {start_step}")
+    model = acc.prepare(model)
+    raw_model = acc.unwrap_model(model)
+    model.train()
+
+    world_size, rank = acc.num_processes, acc.process_index
+    global_batch = cfg.batch.global_batch(world_size)
+    order = DataOrder(len(train_examples), cfg.run.seed)
+    log = MetricsLog(out, acc.is_main_process, resume_step=start_step)
+    bar = Progress(cfg.run.steps, start_step, "sft", acc.is_main_process)
+    pad_id = tokenizer.pad_token_id
+
+    def evaluate(step: int) -> dict[str, float]:
+        if not acc.is_main_process:
+            return {}
+        with acc.autocast():
+            metrics = {"eval/loss": eval_loss(raw_model, eval_examples, pad_id, cfg.eval.batch_size)}
+        if gold_prompts:
+            report = gold_evaluate(
+                raw_model, tokenizer, World(seed=cfg.data.world_seed), gold_prompts,
+                max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, precision=cfg.model.precision,
+            )
+            metrics.update(report.metrics())
+            with (out / "samples.jsonl").open("a") as f:
+                for p, g, s in list(zip(report.prompts, report.generations, report.scores))[: cfg.eval.samples]:
+                    f.write(json.dumps({"step": step, "prompt": p.messages[-1].content, "response": g.text, "gold": s}) + "\n")
+                    bar.print(f"  [step {step}] {p.messages[-1].content!r} -> {g.text!r} (gold {s:.2f})")
+        bar.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/gold/" not in k))
+        return metrics
+
+    if start_step == 0 and cfg.eval.at_start:
+        log.log(0, evaluate(0))
+
+    # 4. Training loop. Every micro-batch's summed NLL is divided by the loss-token count of the
+    # whole global batch (and multiplied by world size, since DDP averages gradients), so
+    # accumulation and data parallelism reproduce the single-big-batch gradient exactly.
+    t_start, tokens_seen, metrics = time.perf_counter(), 0, {}
+    for step in range(start_step, cfg.run.steps):
+        indices = order.batch(step, global_batch)
+        n_loss_tokens = count_loss_tokens([train_examples[i] for i in indices])
+        tokens_seen += sum(len(train_examples[i]) for i in indices)
+        mine = micro_batches(indices, cfg.batch, rank, world_size)
+        loss_sum = torch.zeros(())
+        for m, micro in enumerate(mine):
+            batch = collate_for_training([train_examples[i] for i in micro], pad_id)
+            last = m == len(mine) - 1  # gradients are all-reduced only on the last micro-batch
+            with contextlib.nullcontext() if last else acc.no_sync(model):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                nll, _ = sft_loss_sum(logits, batch["labels"])
+                acc.backward(nll / n_loss_tokens * world_size)
+            loss_sum += nll.detach()
+        grad_norm = _clip(model, cfg.optim.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            say(f"step {step + 1}: non-finite gradient norm, update skipped")
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        done = step + 1
+
+        loss = float(acc.reduce(loss_sum, reduction="sum")) / n_loss_tokens
+        elapsed = time.perf_counter() - t_start
+        metrics = {"train/loss": loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
+                   "train/tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
+        bar.update(done, f"loss {loss:.4f}  {metrics['train/tokens_per_s']:.0f} tok/s")
+        if done == cfg.run.steps or (cfg.run.eval_every and done % cfg.run.eval_every == 0):
+            metrics.update(evaluate(done))
+        if done % cfg.run.log_every == 0 or done == cfg.run.steps:
+            log.log(done, metrics)
+        if done % cfg.run.save_every == 0 or done == cfg.run.steps:
+            if acc.is_main_process:
+                save_checkpoint(out, done, raw_model, optimizer, scheduler, {}, cfg.run.keep_checkpoints)
+            acc.wait_for_everyone()
+
+    # 5. The Hugging Face model folder, then the completion marker (written last).
+    if start_step == cfg.run.steps:  # resumed from the final checkpoint: only the save was lost
+        metrics = evaluate(cfg.run.steps)
+    if acc.is_main_process:
+        save_model(raw_model, tokenizer, out)
+        mark_complete(out, {"stage": "sft", "steps": cfg.run.steps, **metrics})
+    bar.close()
+    log.close()
+    acc.wait_for_everyone()
+    return out
+
+
+def _clip(model, max_norm: float) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))

@@ -1,0 +1,58 @@
+from rlhfkit.data.records import Demonstration, Message, user
+from rlhfkit.data.tokenize import (
+    IGNORE, collate_for_training, end_of_turn_id, fit, left_pad, prompt_ids, tokenize_demonstration,
+)
+
+
+def test_labels_cover_response_and_end_of_turn_only(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ex = tokenize_demonstration(tok, Demonstration(user("What is 2+2?"), "4"), max_len=128)
+    batch = collate_for_training([ex], tok.pad_token_id)
+    labelled = [t for t in batch["labels"][0].tolist() if t != IGNORE]
+    assert tok.decode(labelled[:-1]) == "4"
+    assert labelled[-1] == end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
+    # the prompt ends with the generation prompt, so training matches what a rollout samples from
+    assert tok.decode(ex.prompt).endswith("<|im_start|>assistant\n")
+
+
+def test_training_ids_equal_the_rendered_conversation(tiny_tokenizer):
+    tok = tiny_tokenizer
+    msgs = [Message("user", "hi"), Message("assistant", "yo"), Message("user", "and?")]
+    ex = tokenize_demonstration(tok, Demonstration(tuple(msgs), "done"), max_len=512)
+    full = tok.apply_chat_template([m.to_dict() for m in msgs] + [{"role": "assistant", "content": "done"}], tokenize=False)
+    assert tok.decode(ex.input_ids) == full.rstrip("\n")
+
+
+def test_pad_is_not_eos(tiny_tokenizer):
+    assert tiny_tokenizer.pad_token_id != tiny_tokenizer.eos_token_id
+
+
+def test_no_double_bos_with_a_tokenizer_that_adds_bos():
+    """A Llama-style tokenizer adds BOS itself and its template writes one too: keep one."""
+    from rlhfkit.models import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"bos_token": "<s>"})
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template
+    tok._tokenizer.post_processor = __import__("tokenizers").processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    assert tok("x")["input_ids"][0] == tok.bos_token_id  # the tokenizer really does add BOS
+    ids = prompt_ids(tok, user("hi"))
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+
+
+def test_truncation_keeps_response_and_recent_context():
+    prompt, response = list(range(100)), [900, 901, 902]
+    ex = fit(prompt, response, max_len=20)
+    assert ex.response == response and ex.prompt == prompt[-17:]
+    assert ex.prompt_truncated and not ex.response_truncated
+    long = fit(prompt, list(range(1000, 1050)), max_len=20)  # response alone too long
+    assert len(long) == 20 and long.prompt == prompt[-10:] and long.response_truncated
+    assert fit([1, 2], [3], 10) == fit([1, 2], [3], 10) and not fit([1, 2], [3], 10).prompt_truncated
+
+
+def test_left_pad_aligns_prompt_ends():
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
