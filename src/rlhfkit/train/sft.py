@@ -137,8 +137,9 @@ def train(cfg: SFTConfig) -> Path:
     # 4. Training loop. Every micro-batch's summed NLL is divided by the loss-token count of the
     # whole global batch (and multiplied by world size, since DDP averages gradients), so
     # accumulation and data parallelism reproduce the single-big-batch gradient exactly.
-    t_start, tokens_seen, metrics = time.perf_counter(), 0, {}
+    train_seconds, tokens_seen, metrics = 0.0, 0, {}
     for step in range(start_step, cfg.run.steps):
+        t_step = time.perf_counter()
         indices = order.batch(step, global_batch)
         n_loss_tokens = count_loss_tokens([train_examples[i] for i in indices])
         tokens_seen += sum(len(train_examples[i]) for i in indices)
@@ -163,9 +164,9 @@ def train(cfg: SFTConfig) -> Path:
         done = step + 1
 
         loss = float(acc.reduce(loss_sum, reduction="sum")) / n_loss_tokens
-        elapsed = time.perf_counter() - t_start
+        train_seconds += time.perf_counter() - t_step  # throughput excludes evaluation and saving
         metrics = {"train/loss": loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
-                   "train/tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
+                   "train/tokens_per_s": tokens_seen / max(train_seconds, 1e-9)}
         bar.update(done, f"loss {loss:.4f}  {metrics['train/tokens_per_s']:.0f} tok/s")
         if done == cfg.run.steps or (cfg.run.eval_every and done % cfg.run.eval_every == 0):
             metrics.update(evaluate(done))
