@@ -151,6 +151,75 @@ class SFTConfig:
             raise ConfigError(f"optim.lr must be positive, got {self.optim.lr}")
 
 
+@dataclass
+class RMDataConfig:
+    train: str = "world"
+    """`world` (rankings of sampled responses by simulated labelers) or a file/folder/hub dataset of
+    comparisons or rankings (hh-rlhf, prompt/chosen/rejected, prompt/completions/ranking)."""
+    eval: str = ""
+    """Held-out comparisons/rankings. Empty: the world's eval split, or `eval_fraction` of `train` by prompt hash."""
+    format: Literal["auto", "hh", "preference", "ranking"] = "auto"
+    """Force a record format instead of detecting it."""
+    skip_bad: bool = False
+    """Skip malformed records (and report how many) instead of stopping."""
+    eval_fraction: float = 0.15
+    """Share of a user file held out, chosen by a hash of the prompt (same prompt, same side)."""
+    max_examples: int = 0
+    """Use at most this many training comparisons/rankings from a file (0 = all)."""
+    max_seq_len: int = 256
+    """Prompt + response tokens; longer inputs lose old context first."""
+    world_prompts: int = 600
+    """World training prompts, each ranked K-wise."""
+    world_eval_prompts: int = 150
+    """World held-out prompts, each ranked K-wise."""
+    world_seed: int = 0
+    """Seed of the world's prompt generator."""
+    k: int = 4
+    """Completions per world prompt (InstructGPT used K = 4..9)."""
+    responses: Literal["policy", "candidates"] = "policy"
+    """World completions: sampled from `policy`, or the world's synthetic candidates of varied quality."""
+    policy: str = ""
+    """Model that samples world completions (default: the backbone, `model.name`)."""
+    temperature: float = 1.0
+    """Sampling temperature for policy completions."""
+    max_new_tokens: int = 48
+    """Length limit for policy completions."""
+    labeler_temperature: float = 0.05
+    """Simulated labelers' noise (0.05: 92% agreement between labelers; 0.23: InstructGPT's ~73%)."""
+
+
+@dataclass
+class RMConfig:
+    """Reward model from comparisons and K-wise rankings."""
+
+    recipe: str = ""
+    """Recipe name or YAML path whose `rm:` section fills these defaults."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: RMDataConfig = field(default_factory=RMDataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    batch: BatchConfig = field(default_factory=lambda: BatchConfig(micro_batch_size=4))
+    """micro_batch_size counts prompts (each with all its K completions in one forward)."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/rm", steps=100))
+    center_coef: float = 0.0
+    """Weight of the reward-centering penalty mean(r^2) (0 disables)."""
+    normalize: bool = True
+    """Store the mean/std of scores on reference responses, so they score mean 0 (InstructGPT)."""
+    norm_examples: int = 256
+    """Reference responses scored for the normalisation."""
+    eval_batch_size: int = 32
+    """Sequences per forward pass at evaluation."""
+
+    def check(self) -> None:
+        for name, value in {"batch.micro_batch_size": self.batch.micro_batch_size, "batch.grad_accum": self.batch.grad_accum,
+                            "run.steps": self.run.steps, "run.save_every": self.run.save_every, "data.k": self.data.k}.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.data.k < 2:
+            raise ConfigError(f"data.k must be at least 2 to rank, got {self.data.k}")
+        if not 0.0 <= self.data.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
+
+
 def exact_div(a: int, b: int, what: str) -> int:
     """a / b when it divides exactly, else a loud error naming the sizes (cleanrl's habit)."""
     if b <= 0 or a % b:

@@ -42,3 +42,53 @@ def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
     return nll, int((targets != IGNORE).sum())
+
+
+# --- reward model -----------------------------------------------------------------------------
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Bradley-Terry loss per pair: -log sigmoid(r_chosen - r_rejected - margin).  (B,) -> (B,)
+
+    ``margin`` (B,) is the optional preference strength of Llama 2's RM (0 when absent).
+    """
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    return -F.logsigmoid(diff)
+
+
+def ranking_loss(
+    rewards: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor, margin: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K-wise ranking loss per prompt (InstructGPT eq. 1).
+
+    Args:
+        rewards: (B, K) reward of each completion.
+        ranks: (B, K) rank of each completion, 0 = best; equal ranks are ties.
+        valid: (B, K) bool, False for padding completions (prompts with fewer than K).
+        margin: optional (B,) subtracted from every pair's difference (see ``pairwise_loss``).
+    Returns:
+        loss (B,): mean over the prompt's untied pairs (better, worse) of
+            -log sigmoid(r_better - r_worse). Without ties that is InstructGPT's 1/C(K,2)
+            weighting, so each prompt weighs the same however many pairs it has; tied pairs are
+            skipped and the mean is over the pairs that remain. A prompt with no untied pair
+            gives 0.
+        n_pairs (B,): untied pairs per prompt.
+    All C(K,2) pairs come from one forward pass over the K completions (one batch element), so
+    the shared prompt is not over-fitted as it would be with pairs as separate examples.
+    """
+    better = ranks.unsqueeze(2) < ranks.unsqueeze(1)  # (B, K, K): completion i ranked above j
+    pair_ok = better & valid.unsqueeze(2) & valid.unsqueeze(1)
+    diffs = rewards.unsqueeze(2) - rewards.unsqueeze(1)  # (B, K, K): r_i - r_j
+    if margin is not None:
+        diffs = diffs - margin[:, None, None]
+    pair_loss = -F.logsigmoid(diffs) * pair_ok
+    n_pairs = pair_ok.sum(dim=(1, 2))
+    return pair_loss.sum(dim=(1, 2)) / n_pairs.clamp(min=1), n_pairs
+
+
+def center_penalty(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean squared reward per prompt, (B, K) -> (B,): keeps rewards near 0 (Eisenstein et al. 2023),
+    so the RM's offset does not drift; mixed in with a small coefficient."""
+    return (rewards.pow(2) * valid).sum(-1) / valid.sum(-1).clamp(min=1)

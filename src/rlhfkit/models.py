@@ -147,7 +147,9 @@ def resolve(name: str) -> str:
     return name
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(name: str, trust_remote_code: bool = False, chat: bool = True) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model, with a pad token distinct from EOS. ``chat`` requires a chat
+    template (every causal LM we train); encoder reward backbones pass ``chat=False``."""
     if name == TINY:
         return build_tiny_tokenizer()
     path = resolve(name)
@@ -156,7 +158,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     except OSError as e:
         raise RlhfkitError(f"cannot load a tokenizer from '{name}': {e}") from None
     ensure_pad_token(tok)
-    if tok.chat_template is None:
+    if chat and tok.chat_template is None:
         raise RlhfkitError(f"the tokenizer of '{name}' has no chat template; use a chat/instruct model")
     return tok
 

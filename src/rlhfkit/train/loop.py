@@ -4,6 +4,7 @@ checkpoints with exact resume, metrics and the progress bar. No algorithm lives 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -59,6 +60,35 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, optim.warmup_steps, total, optim.schedule)
     )
+
+
+def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> tuple[float, bool]:
+    """Clip, step and advance the schedule; returns (grad norm, skipped).
+
+    A non-finite gradient norm skips the update (the guard of DESIGN.md §5) but still advances
+    the schedule, so a skipped step does not shift the rest of the run.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    skipped = not bool(torch.isfinite(norm))
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return float(norm), skipped
+
+
+def sync_gradients(acc: Accelerator, model, last: bool):
+    """DDP all-reduces gradients only on the last micro-batch of an accumulation."""
+    return contextlib.nullcontext() if last else acc.no_sync(model)
+
+
+def is_due(done: int, every: int, total: int) -> bool:
+    """True on every ``every``-th step and on the last one (``every`` 0 = only the last)."""
+    return done == total or (every > 0 and done % every == 0)
 
 
 # --- data order -------------------------------------------------------------------------------
@@ -188,6 +218,22 @@ def save_checkpoint(
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def resume_step(out: Path, run: RunConfig, model, optimizer, scheduler, say) -> int | None:
+    """The step to start from: 0, the last checkpoint's step, or None when the run is complete."""
+    if not run.resume:
+        return 0
+    if (out / COMPLETE).exists():
+        say(f"{out} is already complete; nothing to resume")
+        return None
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        say(f"no checkpoint in {out}; starting from step 0")
+        return 0
+    step = load_checkpoint(ckpt, model, optimizer, scheduler)["step"]
+    say(f"resumed from {ckpt} at step {step}")
+    return step
 
 
 def latest_checkpoint(out: Path) -> Path | None:

@@ -6,7 +6,6 @@ Read top to bottom: 1. data, 2. model, 3. optimizer and resume, 4. the training 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -24,8 +23,8 @@ from rlhfkit.eval.gold import gold_evaluate
 from rlhfkit.losses import sft_loss_sum
 from rlhfkit.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
 from rlhfkit.train.loop import (
-    COMPLETE, DataOrder, MetricsLog, Progress, build_optimizer, build_scheduler, latest_checkpoint, load_checkpoint,
-    make_accelerator, mark_complete, micro_batches, prepare_out_dir, save_checkpoint,
+    DataOrder, MetricsLog, Progress, build_optimizer, build_scheduler, is_due, make_accelerator, mark_complete,
+    micro_batches, optimizer_step, prepare_out_dir, resume_step, save_checkpoint, sync_gradients,
 )
 
 
@@ -94,14 +93,9 @@ def train(cfg: SFTConfig) -> Path:
     # 3. Optimizer, schedule, and exact resume from the last checkpoint.
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.run.steps)
-    start_step = 0
-    if cfg.run.resume and (out / COMPLETE).exists():
-        say(f"{out} is already complete; nothing to resume")
+    start_step = resume_step(out, cfg.run, model, optimizer, scheduler, say)
+    if start_step is None:
         return out
-    ckpt = latest_checkpoint(out) if cfg.run.resume else None
-    if ckpt is not None:
-        start_step = load_checkpoint(ckpt, model, optimizer, scheduler)["step"]
-        say(f"resumed from {ckpt} at step {start_step}")
     model = acc.prepare(model)
     raw_model = acc.unwrap_model(model)
     model.train()
@@ -148,31 +142,26 @@ def train(cfg: SFTConfig) -> Path:
         for m, micro in enumerate(mine):
             batch = collate_for_training([train_examples[i] for i in micro], pad_id)
             last = m == len(mine) - 1  # gradients are all-reduced only on the last micro-batch
-            with contextlib.nullcontext() if last else acc.no_sync(model):
+            with sync_gradients(acc, model, last):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 nll, _ = sft_loss_sum(logits, batch["labels"])
                 acc.backward(nll / n_loss_tokens * world_size)
             loss_sum += nll.detach()
-        grad_norm = _clip(model, cfg.optim.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            say(f"step {step + 1}: non-finite gradient norm, update skipped")
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        grad_norm, skipped = optimizer_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
         done = step + 1
+        if skipped:
+            bar.print(f"step {done}: non-finite gradient norm, update skipped")
 
         loss = float(acc.reduce(loss_sum, reduction="sum")) / n_loss_tokens
         train_seconds += time.perf_counter() - t_step  # throughput excludes evaluation and saving
-        metrics = {"train/loss": loss, "train/grad_norm": float(grad_norm), "train/lr": scheduler.get_last_lr()[0],
+        metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/skipped": float(skipped), "train/lr": scheduler.get_last_lr()[0],
                    "train/tokens_per_s": tokens_seen / max(train_seconds, 1e-9)}
         bar.update(done, f"loss {loss:.4f}  {metrics['train/tokens_per_s']:.0f} tok/s")
-        if done == cfg.run.steps or (cfg.run.eval_every and done % cfg.run.eval_every == 0):
+        if is_due(done, cfg.run.eval_every, cfg.run.steps):
             metrics.update(evaluate(done))
-        if done % cfg.run.log_every == 0 or done == cfg.run.steps:
+        if is_due(done, cfg.run.log_every, cfg.run.steps):
             log.log(done, metrics)
-        if done % cfg.run.save_every == 0 or done == cfg.run.steps:
+        if is_due(done, cfg.run.save_every, cfg.run.steps):
             if acc.is_main_process:
                 save_checkpoint(out, done, raw_model, optimizer, scheduler, {}, cfg.run.keep_checkpoints)
             acc.wait_for_everyone()
@@ -187,10 +176,3 @@ def train(cfg: SFTConfig) -> Path:
     log.close()
     acc.wait_for_everyone()
     return out
-
-
-def _clip(model, max_norm: float) -> torch.Tensor:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))

@@ -1,0 +1,164 @@
+"""Reward models: a backbone with a scalar head, and the ``RewardModel.score`` API.
+
+A decoder backbone (any causal LM, usually the SFT checkpoint) reads the prompt rendered by its
+chat template followed by the response and its end-of-turn token; the head reads the hidden state
+of that last real token (InstructGPT / N+ detail: reward at the EOS). It is a plain
+``AutoModelForSequenceClassification`` with ``num_labels=1``: transformers' Llama/GPT-2 heads take
+the rightmost non-pad token, which is the EOS because pad != eos and batches are right-padded.
+
+An encoder backbone (BERT-style) scores the decoded conversation as plain text with its own
+tokenizer, through its usual [CLS] head.
+
+After training, the stage stores the mean and std of the RM's scores on reference responses
+(demonstrations) in the model config (``rlhfkit_reward_mean`` / ``rlhfkit_reward_std``).
+``RewardModel.score`` subtracts the mean, so reference responses score 0 on average
+(InstructGPT); a plain ``AutoModelForSequenceClassification`` load returns the raw score.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from rlhfkit.data.records import Messages, user
+from rlhfkit.data.tokenize import fit, prompt_ids, response_ids
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.models import TINY, build_tiny_model, disable_dropout, ensure_pad_token, resolve
+from rlhfkit.rollout import autocast
+
+MEAN_KEY, STD_KEY = "rlhfkit_reward_mean", "rlhfkit_reward_std"
+
+
+def is_encoder(config) -> bool:
+    """True for encoder-only backbones (BERT, RoBERTa, DeBERTa ...), which have no causal-LM head."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def build_reward_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0, trust_remote_code: bool = False):
+    """A sequence-classification model with one output, its head initialised as in the N+ paper
+    (normal, std = 1 / sqrt(hidden + 1)) so initial rewards are small and comparable."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if name == TINY:
+            from transformers import LlamaForSequenceClassification
+
+            config = build_tiny_model(tokenizer, seed).config
+            config.num_labels = 1
+            model = LlamaForSequenceClassification(config)
+        else:
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    resolve(name), num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
+                )
+            except OSError as e:
+                raise RlhfkitError(f"cannot load a reward-model backbone from '{name}': {e}") from None
+        head = _head(model)
+        hidden = head.weight.shape[1]
+        torch.nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1))
+        if head.bias is not None:
+            torch.nn.init.zeros_(head.bias)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    disable_dropout(model)
+    return model
+
+
+def _head(model) -> torch.nn.Linear:
+    """The final scalar projection: ``score`` (decoders) or ``classifier``'s last Linear (encoders)."""
+    for name in ("score", "classifier"):
+        module = getattr(model, name, None)
+        if isinstance(module, torch.nn.Linear):
+            return module
+        if module is not None:
+            linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+            if linears:
+                return linears[-1]
+    raise RlhfkitError(f"{type(model).__name__} has no recognisable scalar head (score/classifier)")
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: Messages, response: str, max_len: int, encoder: bool) -> list[int]:
+    """Token ids the reward model reads for one (prompt, response)."""
+    if not encoder:
+        return fit(prompt_ids(tokenizer, prompt), response_ids(tokenizer, response), max_len).input_ids
+    turns = [f"{m.role.capitalize()}: {m.content}" for m in prompt] + [f"Assistant: {response}"]
+    ids = tokenizer("\n\n".join(turns), add_special_tokens=True)["input_ids"]
+    if len(ids) > max_len:  # keep [CLS] and the end, where the response is
+        ids = ids[:1] + ids[len(ids) - max_len + 1 :]
+    return ids
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def rewards_of(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Raw scalar rewards (N,) of right-padded sequences, read at each one's last real token."""
+    ids, mask = pad_right(sequences, pad_id)
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
+
+
+class RewardModel:
+    """Score (prompt, response) pairs with a trained reward model folder.
+
+    >>> rm = RewardModel.load("runs/smollm2/rm")
+    >>> rm.score(["What is 2+2? Answer with just the number."], ["4"])
+    """
+
+    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, max_len: int = 512, precision: str = "fp32"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+        self.precision = precision
+        self.encoder = is_encoder(model.config)
+        self.mean = float(getattr(model.config, MEAN_KEY, 0.0) or 0.0)
+        self.std = float(getattr(model.config, STD_KEY, 1.0) or 1.0)
+
+    @classmethod
+    def load(cls, path: str | Path, max_len: int = 512, precision: str = "fp32") -> "RewardModel":
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise RlhfkitError(f"{path} is not a reward model folder (no config.json); train one with `rlhfkit rm`")
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, "num_labels", None) != 1:
+            raise RlhfkitError(f"{path} is not a reward model: expected num_labels=1, found {config.num_labels}")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        ensure_pad_token(tokenizer)
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return cls(model, tokenizer, max_len, precision)
+
+    @torch.no_grad()
+    def score(self, prompts: list[Messages | str], responses: list[str], batch_size: int = 16,
+              normalized: bool = True) -> list[float]:
+        """One reward per (prompt, response); prompts are message tuples or plain user text.
+
+        ``normalized`` subtracts the stored reference mean, so demonstrations average 0.
+        """
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        seqs = [
+            encode(self.tokenizer, user(p) if isinstance(p, str) else p, r, self.max_len, self.encoder)
+            for p, r in zip(prompts, responses)
+        ]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # little padding per batch
+        out = [0.0] * len(seqs)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            with autocast(self.precision):
+                values = rewards_of(self.model, [seqs[i] for i in idx], self.tokenizer.pad_token_id)
+            for i, v in zip(idx, values.tolist()):
+                out[i] = v - self.mean if normalized else v
+        return out
