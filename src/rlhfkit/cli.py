@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from rlhfkit.config import SFTConfig, from_dict, load_recipe_section
+from rlhfkit.config import RMConfig, SFTConfig, from_dict, load_recipe_section
 from rlhfkit.errors import RlhfkitError
 
 
@@ -44,9 +44,34 @@ def world_export(cfg: WorldExportConfig) -> None:
         print(f"{name}: {path}")
 
 
+@dataclass
+class RMScoreConfig:
+    """Score a file of {prompt, response} records with a trained reward model."""
+
+    model: str
+    """Reward model folder (the output of `rlhfkit rm`)."""
+    input: str
+    """JSONL/JSON/Parquet file of records with `prompt` (text or messages) and `response`."""
+    out: str = "scores.jsonl"
+    """Output JSONL: the input rows with a `reward` field (normalised: reference responses average 0)."""
+    batch_size: int = 16
+    """Sequences per forward pass."""
+    max_seq_len: int = 512
+    """Longer inputs lose their oldest context."""
+
+
+def rm_score(cfg: RMScoreConfig) -> None:
+    from rlhfkit.reward import score_file
+
+    n = score_file(cfg.model, cfg.input, cfg.out, cfg.batch_size, cfg.max_seq_len)
+    print(f"scored {n} records -> {cfg.out}")
+
+
 # name -> (config class, "module:function", recipe section or None, help line)
 COMMANDS: dict[str, tuple[type, str, str | None, str]] = {
     "sft": (SFTConfig, "rlhfkit.train.sft:train", "sft", "supervised fine-tuning on demonstrations"),
+    "rm": (RMConfig, "rlhfkit.train.rm:train", "rm", "reward model from comparisons and K-wise rankings"),
+    "rm score": (RMScoreConfig, "rlhfkit.cli:rm_score", None, "score prompt/response records with a reward model"),
     "world export": (WorldExportConfig, "rlhfkit.cli:world_export", None, "write the built-in task world as data files"),
 }
 
@@ -75,7 +100,7 @@ def parse(name: str, args: list[str]) -> Any:
     import tyro
 
     cls, _, section, help_line = COMMANDS[name]
-    default = cls()
+    default = None
     if section is not None:
         recipe, args = split_recipe(args)
         if recipe:
@@ -94,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         print(usage())
         return
     name = argv[0]
-    if name not in COMMANDS and " ".join(argv[:2]) in COMMANDS:
+    if " ".join(argv[:2]) in COMMANDS:  # two-word commands (`rm score`) before one-word ones
         name, argv = " ".join(argv[:2]), argv[1:]
     if name not in COMMANDS:
         print(f"rlhfkit: unknown command '{argv[0]}'\n\n{usage()}", file=sys.stderr)

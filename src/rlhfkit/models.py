@@ -43,21 +43,37 @@ def cache_dir() -> Path:
 # --- the tiny built-in model ------------------------------------------------------------------
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
-    """A byte-level tokenizer (256 byte tokens, no merges) with ChatML special tokens.
+TINY_VOCAB = 512
 
-    Byte-level means any text round-trips exactly; specials are single tokens so the chat
-    template, EOS and padding behave as in real chat models.
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer (256 byte tokens + 253 merges learned on world text) with
+    ChatML special tokens.
+
+    Byte-level means any text round-trips exactly; the merges, learned deterministically from the
+    built-in world's prompts and answers, shorten its sequences ~2.7x, which makes the tiny tour
+    and the test suite that much faster. Specials are single tokens so the chat template, EOS and
+    padding behave as in real chat models.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    from rlhfkit.data.world import World, candidates
+
+    texts = []
+    for i, prompt in enumerate(World(seed=0).prompts(3000, "train")):
+        texts.append(prompt.messages[0].content)
+        texts.extend(candidates(prompt, 4, random.Random(i)))
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(
+    specials = ["<|im_end|>", "<|pad|>", "<|im_start|>"]
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token="<|im_end|>",
         pad_token="<|pad|>",
@@ -65,7 +81,6 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
         chat_template=CHATML,
         clean_up_tokenization_spaces=False,
     )
-    return tok
 
 
 def build_tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:

@@ -33,10 +33,20 @@ MEAN_KEY, STD_KEY = "rlhfkit_reward_mean", "rlhfkit_reward_std"
 
 
 def is_encoder(config) -> bool:
-    """True for encoder-only backbones (BERT, RoBERTa, DeBERTa ...), which have no causal-LM head."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """True for encoder-only backbones (BERT, RoBERTa, DeBERTa ...): the model types that have a
+    masked-LM head. (BERT also appears in the causal-LM table, so that table cannot tell.)"""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    return config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+
+
+def backbone_is_encoder(name: str, trust_remote_code: bool = False) -> bool:
+    if name == TINY:
+        return False
+    try:
+        return is_encoder(AutoConfig.from_pretrained(resolve(name), trust_remote_code=trust_remote_code))
+    except OSError as e:
+        raise RlhfkitError(f"cannot load a reward-model backbone config from '{name}': {e}") from None
 
 
 def build_reward_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0, trust_remote_code: bool = False):
@@ -162,3 +172,40 @@ class RewardModel:
             for i, v in zip(idx, values.tolist()):
                 out[i] = v - self.mean if normalized else v
         return out
+
+
+def score_file(model_path: str, input_path: str, out_path: str, batch_size: int = 16, max_len: int = 512,
+               precision: str = "fp32") -> int:
+    """Score a JSONL/JSON/Parquet file of {prompt, response} records (prompt: text or messages;
+    `completion` is accepted for `response`); writes the rows with a `reward` field added."""
+    import json
+    import os
+
+    from rlhfkit.data.formats import read_rows
+    from rlhfkit.errors import DataError
+
+    rm = RewardModel.load(model_path, max_len=max_len, precision=precision)
+    rows, prompts, responses = [], [], []
+    for line, row in read_rows(input_path):
+        response = row.get("response", row.get("completion"))
+        if not isinstance(response, str):
+            raise DataError(input_path, line, "response", f"expected a string, got {type(response).__name__}")
+        prompt = row.get("prompt")
+        if isinstance(prompt, str):
+            prompt = user(prompt)
+        elif isinstance(prompt, list) and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in prompt):
+            from rlhfkit.data.records import Message
+
+            prompt = tuple(Message(m["role"], m["content"]) for m in prompt)
+        else:
+            raise DataError(input_path, line, "prompt", "expected a string or a list of {role, content} messages")
+        rows.append(row)
+        prompts.append(prompt)
+        responses.append(response)
+    scores = rm.score(prompts, responses, batch_size=batch_size)
+    tmp = f"{out_path}.tmp"
+    with open(tmp, "w") as f:
+        for row, score in zip(rows, scores):
+            f.write(json.dumps({**row, "reward": score}) + "\n")
+    os.replace(tmp, out_path)
+    return len(rows)

@@ -1,0 +1,389 @@
+"""Reward model: learn a scalar reward from comparisons and K-wise rankings (InstructGPT §3.5, step 2).
+
+Read top to bottom: 1. rankings (the world's simulated labelers over policy samples, or a file),
+2. tokenize every completion of a prompt into one group, 3. the backbone with a scalar head,
+4. the loop: all K completions of each prompt in one forward, the K-wise loss (eq. 1),
+5. normalise so reference responses score mean 0, evaluate, save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+from rlhfkit.config import RMConfig, RMDataConfig
+from rlhfkit.data.formats import read_records
+from rlhfkit.data.records import Comparison, Message, Ranking, messages_to_dicts
+from rlhfkit.data.world import Labeler, World
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.losses import center_penalty, ranking_loss
+from rlhfkit.models import load_model, load_tokenizer
+from rlhfkit.reward import MEAN_KEY, STD_KEY, backbone_is_encoder, build_reward_model, encode, rewards_of
+from rlhfkit.rollout import generate
+from rlhfkit.train.loop import (
+    DataOrder, MetricsLog, Progress, build_optimizer, build_scheduler, is_due, make_accelerator, mark_complete,
+    micro_batches, optimizer_step, prepare_out_dir, resume_step, save_checkpoint, sync_gradients,
+)
+
+
+# --- 1. rankings --------------------------------------------------------------------------------
+
+
+def sample_world_rankings(data: RMDataConfig, model_cfg, split: str, n: int, seed: int) -> list[Ranking]:
+    """K completions per world prompt sampled from the policy, ranked by simulated labelers."""
+    world = World(seed=data.world_seed)
+    prompts = world.prompts(n, split)
+    labeler = Labeler(temperature=data.labeler_temperature, seed=seed)
+    if data.responses == "candidates":
+        groups = [world.candidates(p, data.k, random.Random(f"{seed}:{split}:{i}")) for i, p in enumerate(prompts)]
+    else:
+        policy_name = data.policy or model_cfg.name
+        tokenizer = load_tokenizer(policy_name, model_cfg.trust_remote_code)
+        policy = load_model(model_cfg, tokenizer, seed=seed, path=policy_name)
+        print(f"sampling {data.k} completions for {n} {split} prompts from {policy_name}")
+        flat = generate(policy, tokenizer, [p.messages for p in prompts for _ in range(data.k)], data.max_new_tokens,
+                        temperature=data.temperature, batch_size=32, precision=model_cfg.precision,
+                        generator_seed=seed + (1 if split == "eval" else 0))
+        groups = [[g.text for g in flat[i * data.k : (i + 1) * data.k]] for i in range(n)]
+    return [labeler.rank(p, g, random.Random(f"{seed}:{split}:rank:{i}")) for i, (p, g) in enumerate(zip(prompts, groups))]
+
+
+def as_ranking(record: Comparison | Ranking) -> Ranking:
+    """A comparison is a ranking of two; its margin travels in meta."""
+    if isinstance(record, Ranking):
+        return record
+    meta = {**record.meta, "margin": record.margin} if record.margin is not None else record.meta
+    return Ranking(record.prompt, (record.chosen, record.rejected), (0, 1), meta=meta)
+
+
+def read_rankings_file(source: str, data: RMDataConfig) -> list[Ranking]:
+    records, report = read_records(source, format=data.format, skip_bad=data.skip_bad)
+    print(report.summary())
+    bad = [r for r in records if not isinstance(r, (Comparison, Ranking))]
+    if bad:
+        raise RlhfkitError(f"{source}: holds {type(bad[0]).__name__} records; the reward model needs comparisons or rankings")
+    return [as_ranking(r) for r in records]
+
+
+def prompt_bucket(ranking: Ranking) -> float:
+    """A stable number in [0, 1) from the prompt text: the same prompt always lands on one side."""
+    text = json.dumps(messages_to_dicts(ranking.prompt))
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 16**8
+
+
+def load_rankings(cfg: RMConfig, out: Path) -> tuple[list[Ranking], list[Ranking]]:
+    """Train and held-out rankings. Sampled world data is cached in OUT/data so a resumed run
+    trains on exactly the same rankings without sampling again."""
+    data = cfg.data
+    if data.train == "world":
+        cache = {split: out / "data" / f"{split}_rankings.jsonl" for split in ("train", "eval")}
+        if not all(p.exists() for p in cache.values()):
+            train = sample_world_rankings(data, cfg.model, "train", data.world_prompts, cfg.run.seed)
+            held = sample_world_rankings(data, cfg.model, "eval", data.world_eval_prompts, cfg.run.seed)
+            for split, rankings in (("train", train), ("eval", held)):
+                write_rankings(rankings, cache[split])
+        return read_cached_rankings(cache["train"]), read_cached_rankings(cache["eval"])
+    train = read_rankings_file(data.train, data)
+    if data.eval:
+        held = read_rankings_file(data.eval, data)
+    else:
+        held = [r for r in train if prompt_bucket(r) < data.eval_fraction]
+        train = [r for r in train if prompt_bucket(r) >= data.eval_fraction]
+    if data.max_examples:
+        train = train[: data.max_examples]
+    return train, held
+
+
+def read_cached_rankings(path: Path) -> list[Ranking]:
+    """Our own cache, read back as written: sampled completions may legitimately be empty (the
+    policy ended at once), which the strict user-data reader would reject."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [Ranking(tuple(Message(**m) for m in r["prompt"]), tuple(r["completions"]), tuple(r["ranking"]), meta=r["meta"])
+            for r in rows]
+
+
+def write_rankings(rankings: list[Ranking], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        for r in rankings:
+            row = {"prompt": messages_to_dicts(r.prompt), "completions": list(r.completions), "ranking": list(r.ranks), "meta": r.meta}
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+# --- 2. groups of tokenized completions ---------------------------------------------------------
+
+
+@dataclass
+class Group:
+    """One prompt's completions as token ids; ranks 0 = best, equal = tie."""
+
+    seqs: list[list[int]]
+    ranks: list[int]
+    margin: float  # subtracted from every pair's reward difference (0 = plain Bradley-Terry)
+    gold: list[float] | None  # the world's gold scores, to check the RM against the true ordering
+
+
+def to_groups(tokenizer, rankings: list[Ranking], max_len: int, encoder: bool) -> list[Group]:
+    return [
+        Group([encode(tokenizer, r.prompt, c, max_len, encoder) for c in r.completions], list(r.ranks),
+              float(r.meta.get("margin") or 0.0), r.meta.get("gold"))
+        for r in rankings
+    ]
+
+
+def group_rewards(model, groups: list[Group], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward over every completion of every group.
+
+    Returns rewards (B, K) with K the largest group, ranks (B, K), valid (B, K) and margin (B,).
+    """
+    flat = [s for g in groups for s in g.seqs]
+    values = rewards_of(model, flat, pad_id)
+    k = max(len(g.seqs) for g in groups)
+    rewards = torch.zeros(len(groups), k, dtype=values.dtype, device=values.device)
+    ranks = torch.zeros(len(groups), k, dtype=torch.long)
+    valid = torch.zeros(len(groups), k, dtype=torch.bool)
+    start = 0
+    for i, g in enumerate(groups):
+        n = len(g.seqs)
+        rewards[i, :n] = values[start : start + n]
+        ranks[i, :n] = torch.tensor(g.ranks)
+        valid[i, :n] = True
+        start += n
+    margin = torch.tensor([g.margin for g in groups])
+    return rewards, ranks.to(rewards.device), valid.to(rewards.device), margin.to(rewards.device)
+
+
+def pair_stats(rewards: torch.Tensor, ranks: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-group sums over untied pairs: correct orderings, reward margins, and best/worst means."""
+    better = (ranks.unsqueeze(2) < ranks.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
+    diffs = rewards.unsqueeze(2) - rewards.unsqueeze(1)
+    best = torch.where(valid, ranks, ranks.max() + 1).argmin(-1)
+    worst = torch.where(valid, ranks, -1).argmax(-1)
+    rows = torch.arange(len(rewards))
+    return {
+        "pairs": better.sum((1, 2)).float(),
+        "correct": ((diffs > 0) & better).sum((1, 2)).float(),
+        "margin": (diffs * better).sum((1, 2)),
+        "best": rewards[rows, best],
+        "worst": rewards[rows, worst],
+    }
+
+
+@torch.no_grad()
+def evaluate(model, groups: list[Group], pad_id: int, batch_size: int) -> dict[str, float]:
+    """Accuracy (share of untied pairs ordered like the labels), loss, margin, best/worst reward
+    means, a per-K breakdown, and against the world's gold judge: pairwise accuracy and the mean
+    per-prompt Spearman correlation of RM scores with gold scores."""
+    model.eval()
+    sums: dict[str, float] = defaultdict(float)
+    by_k: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    spearman: list[float] = []
+    per_batch = max(1, batch_size // max(len(g.seqs) for g in groups))
+    for start in range(0, len(groups), per_batch):
+        batch = groups[start : start + per_batch]
+        rewards, ranks, valid, margin = group_rewards(model, batch, pad_id)
+        loss, n_pairs = ranking_loss(rewards, ranks, valid, margin)
+        stats = pair_stats(rewards, ranks, valid)
+        sums["loss"] += float(loss.sum())
+        for key in ("pairs", "correct", "margin", "best", "worst"):
+            sums[key] += float(stats[key].sum())
+        for g, pairs, correct in zip(batch, stats["pairs"].tolist(), stats["correct"].tolist()):
+            by_k[len(g.seqs)][0] += correct
+            by_k[len(g.seqs)][1] += pairs
+        for g, row in zip(batch, rewards.tolist()):
+            if g.gold is not None:
+                sums["gold_correct"] += gold_agreement(row[: len(g.seqs)], g.gold)[0]
+                sums["gold_pairs"] += gold_agreement(row[: len(g.seqs)], g.gold)[1]
+                rho = spearman_rho(row[: len(g.seqs)], g.gold)
+                if rho is not None:
+                    spearman.append(rho)
+    model.train()
+    n, pairs = len(groups), max(sums["pairs"], 1.0)
+    out = {"loss": sums["loss"] / n, "accuracy": sums["correct"] / pairs, "margin": sums["margin"] / pairs,
+           "reward_best": sums["best"] / n, "reward_worst": sums["worst"] / n}
+    out.update({f"accuracy_k{k}": c / max(p, 1.0) for k, (c, p) in sorted(by_k.items())})
+    if sums["gold_pairs"]:
+        out["gold_accuracy"] = sums["gold_correct"] / sums["gold_pairs"]
+    if spearman:
+        out["gold_spearman"] = sum(spearman) / len(spearman)
+    return out
+
+
+def gold_agreement(scores: list[float], gold: list[float]) -> tuple[int, int]:
+    """(pairs the RM orders like the gold judge, pairs with different gold scores)."""
+    pairs = [(i, j) for i in range(len(gold)) for j in range(i + 1, len(gold)) if gold[i] != gold[j]]
+    return sum((scores[i] - scores[j]) * (gold[i] - gold[j]) > 0 for i, j in pairs), len(pairs)
+
+
+def spearman_rho(x: list[float], y: list[float]) -> float | None:
+    """Spearman correlation with average ranks for ties; None when either side is constant."""
+
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for t in range(i, j + 1):
+                r[order[t]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return None if vx == 0 or vy == 0 else cov / (vx * vy) ** 0.5
+
+
+# --- 5. normalisation ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reference_stats(model, tokenizer, cfg: RMConfig, train: list[Ranking], encoder: bool) -> tuple[float, float]:
+    """Mean and std of raw rewards on reference responses: the world's demonstrations, or for
+    user data the best-ranked (chosen) responses. InstructGPT biased its RM so that the
+    demonstrations score mean 0 before RL."""
+    if cfg.data.train == "world":
+        world = World(seed=cfg.data.world_seed)
+        pairs = [(d.prompt, d.response) for d in world.demonstrations(cfg.norm_examples, "train")]
+    else:
+        pairs = [(r.prompt, r.completions[r.ranks.index(0)]) for r in train[: cfg.norm_examples]]
+    seqs = [encode(tokenizer, p, c, cfg.data.max_seq_len, encoder) for p, c in pairs]
+    model.eval()
+    values = torch.cat([rewards_of(model, seqs[i : i + cfg.eval_batch_size], tokenizer.pad_token_id)
+                        for i in range(0, len(seqs), cfg.eval_batch_size)])
+    return float(values.mean()), float(values.std()) if len(values) > 1 else 1.0
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+
+def train(cfg: RMConfig) -> Path:
+    cfg.check()
+    acc = make_accelerator(cfg.model.precision)
+    set_seed(cfg.run.seed)
+    out = prepare_out_dir(cfg.run, cfg, acc.is_main_process)
+    acc.wait_for_everyone()
+    say = acc.print
+
+    # 1-2. Rankings -> groups of token ids (every completion of a prompt stays together).
+    if acc.is_main_process:
+        train_rankings, eval_rankings = load_rankings(cfg, out)
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        train_rankings, eval_rankings = load_rankings(cfg, out)  # reads the main process's cache
+    encoder = backbone_is_encoder(cfg.model.name, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, chat=not encoder)
+    train_groups = to_groups(tokenizer, train_rankings, cfg.data.max_seq_len, encoder)
+    eval_groups = to_groups(tokenizer, eval_rankings, cfg.data.max_seq_len, encoder)
+    if not train_groups:
+        raise RlhfkitError(f"no training comparisons or rankings in {cfg.data.train}")
+    ks = sorted({len(g.seqs) for g in train_groups})
+    say(f"reward model data: {len(train_groups)} train / {len(eval_groups)} held-out prompts; K in {ks}")
+
+    # 3. Backbone + scalar head (head reads the last real token, the EOS), optionally LoRA.
+    model = build_reward_model(cfg.model.name, tokenizer, cfg.run.seed, cfg.model.trust_remote_code)
+    if cfg.model.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
+                                                 target_modules="all-linear", task_type="SEQ_CLS"))
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.run.steps)
+    start_step = resume_step(out, cfg.run, model, optimizer, scheduler, say)
+    if start_step is None:
+        return out
+    model = acc.prepare(model)
+    raw_model = acc.unwrap_model(model)
+    model.train()
+
+    world_size, rank = acc.num_processes, acc.process_index
+    global_batch = cfg.batch.global_batch(world_size)
+    order = DataOrder(len(train_groups), cfg.run.seed)
+    log = MetricsLog(out, acc.is_main_process, resume_step=start_step)
+    bar = Progress(cfg.run.steps, start_step, "rm", acc.is_main_process)
+    pad_id = tokenizer.pad_token_id
+
+    def held_out(step: int) -> dict[str, float]:
+        if not acc.is_main_process or not eval_groups:
+            return {}
+        with acc.autocast():
+            metrics = {f"eval/{k}": v for k, v in evaluate(raw_model, eval_groups, pad_id, cfg.eval_batch_size).items()}
+        bar.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    if start_step == 0:
+        log.log(0, held_out(0))
+
+    # 4. Loop: each prompt's K completions in one forward; loss = mean over prompts of the K-wise
+    # loss, normalised by the global batch's prompt count (accumulation == one big batch).
+    train_seconds, metrics = 0.0, {}
+    for step in range(start_step, cfg.run.steps):
+        t_step = time.perf_counter()
+        indices = order.batch(step, global_batch)
+        mine = micro_batches(indices, cfg.batch, rank, world_size)
+        sums = defaultdict(lambda: torch.zeros(()))
+        for m, micro in enumerate(mine):
+            groups = [train_groups[i] for i in micro]
+            with sync_gradients(acc, model, last=m == len(mine) - 1):
+                rewards, ranks, valid, margin = group_rewards(model, groups, pad_id)
+                loss, _ = ranking_loss(rewards, ranks, valid, margin)
+                total = loss.sum() + cfg.center_coef * center_penalty(rewards, valid).sum()
+                acc.backward(total / global_batch * world_size)
+            stats = pair_stats(rewards.detach(), ranks, valid)
+            sums["loss"] += loss.detach().sum().cpu()
+            for key in ("pairs", "correct", "best", "worst"):
+                sums[key] += stats[key].sum().cpu()
+        grad_norm, skipped = optimizer_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
+        done = step + 1
+        if skipped:
+            bar.print(f"step {done}: non-finite gradient norm, update skipped")
+        totals = {k: float(acc.reduce(v, reduction="sum")) for k, v in sums.items()}
+        train_seconds += time.perf_counter() - t_step
+        metrics = {"train/loss": totals["loss"] / global_batch,
+                   "train/accuracy": totals["correct"] / max(totals["pairs"], 1.0),
+                   "train/reward_best": totals["best"] / global_batch, "train/reward_worst": totals["worst"] / global_batch,
+                   "train/grad_norm": grad_norm, "train/skipped": float(skipped), "train/lr": scheduler.get_last_lr()[0],
+                   "train/prompts_per_s": (done - start_step) * global_batch / max(train_seconds, 1e-9)}
+        bar.update(done, f"loss {metrics['train/loss']:.4f}  acc {metrics['train/accuracy']:.2f}")
+        if is_due(done, cfg.run.eval_every, cfg.run.steps):
+            metrics.update(held_out(done))
+        if is_due(done, cfg.run.log_every, cfg.run.steps):
+            log.log(done, metrics)
+        if is_due(done, cfg.run.save_every, cfg.run.steps):
+            if acc.is_main_process:
+                save_checkpoint(out, done, raw_model, optimizer, scheduler, {}, cfg.run.keep_checkpoints)
+            acc.wait_for_everyone()
+
+    # 5. Normalise on reference responses, then save a plain sequence-classification folder.
+    if start_step == cfg.run.steps:
+        metrics = held_out(cfg.run.steps)
+    if acc.is_main_process:
+        final = raw_model.merge_and_unload() if cfg.model.lora else raw_model
+        if cfg.normalize:
+            with acc.autocast():
+                mean, std = reference_stats(final, tokenizer, cfg, train_rankings, encoder)
+            setattr(final.config, MEAN_KEY, mean)
+            setattr(final.config, STD_KEY, std)
+            say(f"reference responses: raw reward mean {mean:.4f}, std {std:.4f} (stored; scores are shifted by -mean)")
+        final.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        mark_complete(out, {"stage": "rm", "steps": cfg.run.steps, **metrics})
+    bar.close()
+    log.close()
+    acc.wait_for_everyone()
+    return out
+
