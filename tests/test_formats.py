@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit.data import formats
 from rlhfkit.data.formats import (
     Format,
     ReadReport,

@@ -5,7 +5,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForSequenceClassification
 
 from rlhfkit.cli import main, parse

@@ -135,16 +135,7 @@ class SFTConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self) -> None:
-        positive = {
-            "batch.micro_batch_size": self.batch.micro_batch_size,
-            "batch.grad_accum": self.batch.grad_accum,
-            "run.steps": self.run.steps,
-            "run.save_every": self.run.save_every,
-            "data.max_seq_len": self.data.max_seq_len,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"{name} must be positive, got {value}")
+        require_positive(self, "batch.micro_batch_size", "batch.grad_accum", "run.steps", "run.save_every", "data.max_seq_len")
         if not 0.0 <= self.data.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
         if self.optim.lr <= 0:
@@ -166,6 +157,8 @@ class RMDataConfig:
     """Share of a user file held out, chosen by a hash of the prompt (same prompt, same side)."""
     max_examples: int = 0
     """Use at most this many training comparisons/rankings from a file (0 = all)."""
+    max_eval_examples: int = 0
+    """Evaluate on at most this many held-out comparisons/rankings (0 = all)."""
     max_seq_len: int = 256
     """Prompt + response tokens; longer inputs lose old context first."""
     world_prompts: int = 600
@@ -210,14 +203,21 @@ class RMConfig:
     """Sequences per forward pass at evaluation."""
 
     def check(self) -> None:
-        for name, value in {"batch.micro_batch_size": self.batch.micro_batch_size, "batch.grad_accum": self.batch.grad_accum,
-                            "run.steps": self.run.steps, "run.save_every": self.run.save_every, "data.k": self.data.k}.items():
-            if value <= 0:
-                raise ConfigError(f"{name} must be positive, got {value}")
+        require_positive(self, "batch.micro_batch_size", "batch.grad_accum", "run.steps", "run.save_every", "data.max_seq_len")
         if self.data.k < 2:
             raise ConfigError(f"data.k must be at least 2 to rank, got {self.data.k}")
         if not 0.0 <= self.data.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
+
+
+def require_positive(cfg: Any, *fields: str) -> None:
+    """Fail before any work when a size is zero or negative, naming the flag."""
+    for name in fields:
+        value = cfg
+        for part in name.split("."):
+            value = getattr(value, part)
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
 
 
 def exact_div(a: int, b: int, what: str) -> int:

@@ -230,11 +230,12 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(model.config, key, 0.0)
 
 
-def apply_lora(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
+def apply_lora(model: PreTrainedModel, cfg: ModelConfig, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
+    """LoRA adapters on every linear layer (PEFT); ``task_type`` SEQ_CLS keeps a reward head trainable."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type=task_type
     )
     return get_peft_model(model, lora)
 

@@ -337,3 +337,74 @@ def mark_complete(out: Path, summary: dict) -> None:
     tmp = out / f".{COMPLETE}.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out / COMPLETE)
+
+
+# --- one training run ---------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingRun:
+    """The state every stage's loop shares once its model exists: the prepared (DDP) model, its
+    optimizer and schedule, the step to start from, the batch vocabulary, metrics and progress.
+
+    Stages keep their own loop body (the algorithm); this object answers "which examples does
+    this process see at this step" and does the eval / log / checkpoint cadence after a step.
+    """
+
+    acc: Accelerator
+    out: Path
+    run: RunConfig
+    batch: BatchConfig
+    model: torch.nn.Module  # prepared: DDP-wrapped under several processes
+    raw_model: torch.nn.Module  # the underlying model, for evaluation and saving
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    start_step: int
+    order: DataOrder
+    log: MetricsLog
+    bar: Progress
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch.global_batch(self.acc.num_processes)
+
+    def step_batches(self, step: int) -> tuple[list[int], list[list[int]]]:
+        """(the whole global batch's indices, this process's micro-batches) for ``step``."""
+        indices = self.order.batch(step, self.global_batch)
+        return indices, micro_batches(indices, self.batch, self.acc.process_index, self.acc.num_processes)
+
+    def finish_step(self, done: int, metrics: dict[str, float], evaluate) -> dict[str, float]:
+        """Evaluate, log and checkpoint when due; returns the step's metrics (with eval ones)."""
+        if is_due(done, self.run.eval_every, self.run.steps):
+            metrics.update(evaluate(done))
+        if is_due(done, self.run.log_every, self.run.steps):
+            self.log.log(done, metrics)
+        if is_due(done, self.run.save_every, self.run.steps):
+            if self.acc.is_main_process:
+                save_checkpoint(self.out, done, self.raw_model, self.optimizer, self.scheduler, {}, self.run.keep_checkpoints)
+            self.acc.wait_for_everyone()
+        return metrics
+
+    def close(self) -> None:
+        self.bar.close()
+        self.log.close()
+        self.acc.wait_for_everyone()
+
+
+def start_training(acc: Accelerator, out: Path, model: torch.nn.Module, optim: OptimConfig, run: RunConfig,
+                   batch: BatchConfig, n_examples: int, name: str) -> TrainingRun | None:
+    """Optimizer, schedule, exact resume, DDP wrapping, metrics and progress bar for one stage.
+    Returns None when ``--run.resume`` finds the stage already complete."""
+    optimizer = build_optimizer(model.parameters(), optim)
+    scheduler = build_scheduler(optimizer, optim, run.steps)
+    start = resume_step(out, run, model, optimizer, scheduler, acc.print)
+    if start is None:
+        return None
+    prepared = acc.prepare(model)
+    prepared.train()
+    return TrainingRun(
+        acc=acc, out=out, run=run, batch=batch, model=prepared, raw_model=acc.unwrap_model(prepared),
+        optimizer=optimizer, scheduler=scheduler, start_step=start, order=DataOrder(n_examples, run.seed),
+        log=MetricsLog(out, acc.is_main_process, resume_step=start),
+        bar=Progress(run.steps, start, name, acc.is_main_process),
+    )

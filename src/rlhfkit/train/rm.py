@@ -25,12 +25,11 @@ from rlhfkit.data.records import Comparison, Message, Ranking, messages_to_dicts
 from rlhfkit.data.world import Labeler, World
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.losses import center_penalty, ranking_loss
-from rlhfkit.models import load_model, load_tokenizer
+from rlhfkit.models import apply_lora, load_model, load_tokenizer
 from rlhfkit.reward import MEAN_KEY, STD_KEY, backbone_is_encoder, build_reward_model, encode, rewards_of
 from rlhfkit.rollout import generate
 from rlhfkit.train.loop import (
-    DataOrder, MetricsLog, Progress, build_optimizer, build_scheduler, is_due, make_accelerator, mark_complete,
-    micro_batches, optimizer_step, prepare_out_dir, resume_step, save_checkpoint, sync_gradients,
+    make_accelerator, mark_complete, optimizer_step, prepare_out_dir, start_training, sync_gradients,
 )
 
 
@@ -99,6 +98,8 @@ def load_rankings(cfg: RMConfig, out: Path) -> tuple[list[Ranking], list[Ranking
         train = [r for r in train if prompt_bucket(r) >= data.eval_fraction]
     if data.max_examples:
         train = train[: data.max_examples]
+    if data.max_eval_examples:
+        held = held[: data.max_eval_examples]
     return train, held
 
 
@@ -185,6 +186,7 @@ def evaluate(model, groups: list[Group], pad_id: int, batch_size: int) -> dict[s
     means, a per-K breakdown, and against the world's gold judge: pairwise accuracy and the mean
     per-prompt Spearman correlation of RM scores with gold scores."""
     model.eval()
+    groups = sorted(groups, key=lambda g: max(len(s) for s in g.seqs))  # similar lengths: little padding
     sums: dict[str, float] = defaultdict(float)
     by_k: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
     spearman: list[float] = []
@@ -297,49 +299,35 @@ def train(cfg: RMConfig) -> Path:
     # 3. Backbone + scalar head (head reads the last real token, the EOS), optionally LoRA.
     model = build_reward_model(cfg.model.name, tokenizer, cfg.run.seed, cfg.model.trust_remote_code)
     if cfg.model.lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
-                                                 target_modules="all-linear", task_type="SEQ_CLS"))
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.run.steps)
-    start_step = resume_step(out, cfg.run, model, optimizer, scheduler, say)
-    if start_step is None:
+        model = apply_lora(model, cfg.model, task_type="SEQ_CLS")
+    run = start_training(acc, out, model, cfg.optim, cfg.run, cfg.batch, len(train_groups), "rm")
+    if run is None:
         return out
-    model = acc.prepare(model)
-    raw_model = acc.unwrap_model(model)
-    model.train()
-
-    world_size, rank = acc.num_processes, acc.process_index
-    global_batch = cfg.batch.global_batch(world_size)
-    order = DataOrder(len(train_groups), cfg.run.seed)
-    log = MetricsLog(out, acc.is_main_process, resume_step=start_step)
-    bar = Progress(cfg.run.steps, start_step, "rm", acc.is_main_process)
     pad_id = tokenizer.pad_token_id
 
     def held_out(step: int) -> dict[str, float]:
         if not acc.is_main_process or not eval_groups:
             return {}
         with acc.autocast():
-            metrics = {f"eval/{k}": v for k, v in evaluate(raw_model, eval_groups, pad_id, cfg.eval_batch_size).items()}
-        bar.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            metrics = {f"eval/{k}": v for k, v in evaluate(run.raw_model, eval_groups, pad_id, cfg.eval_batch_size).items()}
+        run.bar.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
 
-    if start_step == 0:
-        log.log(0, held_out(0))
+    if run.start_step == 0:
+        run.log.log(0, held_out(0))
 
     # 4. Loop: each prompt's K completions in one forward; loss = mean over prompts of the K-wise
     # loss, normalised by the global batch's prompt count (accumulation == one big batch).
+    world_size, global_batch = acc.num_processes, run.global_batch
     train_seconds, metrics = 0.0, {}
-    for step in range(start_step, cfg.run.steps):
+    for step in range(run.start_step, cfg.run.steps):
         t_step = time.perf_counter()
-        indices = order.batch(step, global_batch)
-        mine = micro_batches(indices, cfg.batch, rank, world_size)
+        _, mine = run.step_batches(step)
         sums = defaultdict(lambda: torch.zeros(()))
         for m, micro in enumerate(mine):
             groups = [train_groups[i] for i in micro]
-            with sync_gradients(acc, model, last=m == len(mine) - 1):
-                rewards, ranks, valid, margin = group_rewards(model, groups, pad_id)
+            with sync_gradients(acc, run.model, last=m == len(mine) - 1):
+                rewards, ranks, valid, margin = group_rewards(run.model, groups, pad_id)
                 loss, _ = ranking_loss(rewards, ranks, valid, margin)
                 total = loss.sum() + cfg.center_coef * center_penalty(rewards, valid).sum()
                 acc.backward(total / global_batch * world_size)
@@ -347,32 +335,25 @@ def train(cfg: RMConfig) -> Path:
             sums["loss"] += loss.detach().sum().cpu()
             for key in ("pairs", "correct", "best", "worst"):
                 sums[key] += stats[key].sum().cpu()
-        grad_norm, skipped = optimizer_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
+        grad_norm, skipped = optimizer_step(run.model, run.optimizer, run.scheduler, cfg.optim.max_grad_norm)
         done = step + 1
         if skipped:
-            bar.print(f"step {done}: non-finite gradient norm, update skipped")
+            run.bar.print(f"step {done}: non-finite gradient norm, update skipped")
         totals = {k: float(acc.reduce(v, reduction="sum")) for k, v in sums.items()}
         train_seconds += time.perf_counter() - t_step
         metrics = {"train/loss": totals["loss"] / global_batch,
                    "train/accuracy": totals["correct"] / max(totals["pairs"], 1.0),
                    "train/reward_best": totals["best"] / global_batch, "train/reward_worst": totals["worst"] / global_batch,
-                   "train/grad_norm": grad_norm, "train/skipped": float(skipped), "train/lr": scheduler.get_last_lr()[0],
-                   "train/prompts_per_s": (done - start_step) * global_batch / max(train_seconds, 1e-9)}
-        bar.update(done, f"loss {metrics['train/loss']:.4f}  acc {metrics['train/accuracy']:.2f}")
-        if is_due(done, cfg.run.eval_every, cfg.run.steps):
-            metrics.update(held_out(done))
-        if is_due(done, cfg.run.log_every, cfg.run.steps):
-            log.log(done, metrics)
-        if is_due(done, cfg.run.save_every, cfg.run.steps):
-            if acc.is_main_process:
-                save_checkpoint(out, done, raw_model, optimizer, scheduler, {}, cfg.run.keep_checkpoints)
-            acc.wait_for_everyone()
+                   "train/grad_norm": grad_norm, "train/skipped": float(skipped), "train/lr": run.scheduler.get_last_lr()[0],
+                   "train/prompts_per_s": (done - run.start_step) * global_batch / max(train_seconds, 1e-9)}
+        run.bar.update(done, f"loss {metrics['train/loss']:.4f}  acc {metrics['train/accuracy']:.2f}")
+        metrics = run.finish_step(done, metrics, held_out)
 
     # 5. Normalise on reference responses, then save a plain sequence-classification folder.
-    if start_step == cfg.run.steps:
+    if run.start_step == cfg.run.steps:
         metrics = held_out(cfg.run.steps)
     if acc.is_main_process:
-        final = raw_model.merge_and_unload() if cfg.model.lora else raw_model
+        final = run.raw_model.merge_and_unload() if cfg.model.lora else run.raw_model
         if cfg.normalize:
             with acc.autocast():
                 mean, std = reference_stats(final, tokenizer, cfg, train_rankings, encoder)
@@ -382,8 +363,5 @@ def train(cfg: RMConfig) -> Path:
         final.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         mark_complete(out, {"stage": "rm", "steps": cfg.run.steps, **metrics})
-    bar.close()
-    log.close()
-    acc.wait_for_everyone()
+    run.close()
     return out
-

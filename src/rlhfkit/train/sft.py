@@ -23,8 +23,7 @@ from rlhfkit.eval.gold import gold_evaluate
 from rlhfkit.losses import sft_loss_sum
 from rlhfkit.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
 from rlhfkit.train.loop import (
-    DataOrder, MetricsLog, Progress, build_optimizer, build_scheduler, is_due, make_accelerator, mark_complete,
-    micro_batches, optimizer_step, prepare_out_dir, resume_step, save_checkpoint, sync_gradients,
+    make_accelerator, mark_complete, optimizer_step, prepare_out_dir, start_training, sync_gradients,
 )
 
 
@@ -90,89 +89,67 @@ def train(cfg: SFTConfig) -> Path:
     total_params, trainable = count_parameters(model)
     say(f"model {cfg.model.name}: {total_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable")
 
-    # 3. Optimizer, schedule, and exact resume from the last checkpoint.
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.run.steps)
-    start_step = resume_step(out, cfg.run, model, optimizer, scheduler, say)
-    if start_step is None:
+    # 3. Optimizer, schedule, exact resume from the last checkpoint, DDP.
+    run = start_training(acc, out, model, cfg.optim, cfg.run, cfg.batch, len(train_examples), "sft")
+    if run is None:
         return out
-    model = acc.prepare(model)
-    raw_model = acc.unwrap_model(model)
-    model.train()
-
-    world_size, rank = acc.num_processes, acc.process_index
-    global_batch = cfg.batch.global_batch(world_size)
-    order = DataOrder(len(train_examples), cfg.run.seed)
-    log = MetricsLog(out, acc.is_main_process, resume_step=start_step)
-    bar = Progress(cfg.run.steps, start_step, "sft", acc.is_main_process)
     pad_id = tokenizer.pad_token_id
 
     def evaluate(step: int) -> dict[str, float]:
         if not acc.is_main_process:
             return {}
         with acc.autocast():
-            metrics = {"eval/loss": eval_loss(raw_model, eval_examples, pad_id, cfg.eval.batch_size)}
+            metrics = {"eval/loss": eval_loss(run.raw_model, eval_examples, pad_id, cfg.eval.batch_size)}
         if gold_prompts:
             report = gold_evaluate(
-                raw_model, tokenizer, World(seed=cfg.data.world_seed), gold_prompts,
+                run.raw_model, tokenizer, World(seed=cfg.data.world_seed), gold_prompts,
                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, precision=cfg.model.precision,
             )
             metrics.update(report.metrics())
             with (out / "samples.jsonl").open("a") as f:
                 for p, g, s in list(zip(report.prompts, report.generations, report.scores))[: cfg.eval.samples]:
                     f.write(json.dumps({"step": step, "prompt": p.messages[-1].content, "response": g.text, "gold": s}) + "\n")
-                    bar.print(f"  [step {step}] {p.messages[-1].content!r} -> {g.text!r} (gold {s:.2f})")
-        bar.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/gold/" not in k))
+                    run.bar.print(f"  [step {step}] {p.messages[-1].content!r} -> {g.text!r} (gold {s:.2f})")
+        run.bar.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if "/gold/" not in k))
         return metrics
 
-    if start_step == 0 and cfg.eval.at_start:
-        log.log(0, evaluate(0))
+    if run.start_step == 0 and cfg.eval.at_start:
+        run.log.log(0, evaluate(0))
 
     # 4. Training loop. Every micro-batch's summed NLL is divided by the loss-token count of the
     # whole global batch (and multiplied by world size, since DDP averages gradients), so
     # accumulation and data parallelism reproduce the single-big-batch gradient exactly.
+    world_size = acc.num_processes
     train_seconds, tokens_seen, metrics = 0.0, 0, {}
-    for step in range(start_step, cfg.run.steps):
+    for step in range(run.start_step, cfg.run.steps):
         t_step = time.perf_counter()
-        indices = order.batch(step, global_batch)
+        indices, mine = run.step_batches(step)
         n_loss_tokens = count_loss_tokens([train_examples[i] for i in indices])
         tokens_seen += sum(len(train_examples[i]) for i in indices)
-        mine = micro_batches(indices, cfg.batch, rank, world_size)
         loss_sum = torch.zeros(())
         for m, micro in enumerate(mine):
             batch = collate_for_training([train_examples[i] for i in micro], pad_id)
-            last = m == len(mine) - 1  # gradients are all-reduced only on the last micro-batch
-            with sync_gradients(acc, model, last):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            with sync_gradients(acc, run.model, last=m == len(mine) - 1):
+                logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 nll, _ = sft_loss_sum(logits, batch["labels"])
                 acc.backward(nll / n_loss_tokens * world_size)
             loss_sum += nll.detach()
-        grad_norm, skipped = optimizer_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
+        grad_norm, skipped = optimizer_step(run.model, run.optimizer, run.scheduler, cfg.optim.max_grad_norm)
         done = step + 1
         if skipped:
-            bar.print(f"step {done}: non-finite gradient norm, update skipped")
-
+            run.bar.print(f"step {done}: non-finite gradient norm, update skipped")
         loss = float(acc.reduce(loss_sum, reduction="sum")) / n_loss_tokens
         train_seconds += time.perf_counter() - t_step  # throughput excludes evaluation and saving
-        metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/skipped": float(skipped), "train/lr": scheduler.get_last_lr()[0],
-                   "train/tokens_per_s": tokens_seen / max(train_seconds, 1e-9)}
-        bar.update(done, f"loss {loss:.4f}  {metrics['train/tokens_per_s']:.0f} tok/s")
-        if is_due(done, cfg.run.eval_every, cfg.run.steps):
-            metrics.update(evaluate(done))
-        if is_due(done, cfg.run.log_every, cfg.run.steps):
-            log.log(done, metrics)
-        if is_due(done, cfg.run.save_every, cfg.run.steps):
-            if acc.is_main_process:
-                save_checkpoint(out, done, raw_model, optimizer, scheduler, {}, cfg.run.keep_checkpoints)
-            acc.wait_for_everyone()
+        metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/skipped": float(skipped),
+                   "train/lr": run.scheduler.get_last_lr()[0], "train/tokens_per_s": tokens_seen / max(train_seconds, 1e-9)}
+        run.bar.update(done, f"loss {loss:.4f}  {metrics['train/tokens_per_s']:.0f} tok/s")
+        metrics = run.finish_step(done, metrics, evaluate)
 
     # 5. The Hugging Face model folder, then the completion marker (written last).
-    if start_step == cfg.run.steps:  # resumed from the final checkpoint: only the save was lost
+    if run.start_step == cfg.run.steps:  # resumed from the final checkpoint: only the save was lost
         metrics = evaluate(cfg.run.steps)
     if acc.is_main_process:
-        save_model(raw_model, tokenizer, out)
+        save_model(run.raw_model, tokenizer, out)
         mark_complete(out, {"stage": "sft", "steps": cfg.run.steps, **metrics})
-    bar.close()
-    log.close()
-    acc.wait_for_everyone()
+    run.close()
     return out
