@@ -92,3 +92,53 @@ def center_penalty(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean squared reward per prompt, (B, K) -> (B,): keeps rewards near 0 (Eisenstein et al. 2023),
     so the RM's offset does not drift; mixed in with a small coefficient."""
     return (rewards.pow(2) * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+
+
+# --- PPO (Schulman et al. 2017, as used by InstructGPT and the N+ paper) --------------------------
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate per token, (B, T) -> (B, T) loss (0 on masked tokens) and diagnostics.
+
+    loss_t = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - clip, 1 + clip)), ratio = exp(logp - old).
+    Diagnostics (masked means, detached): clipfrac (share of tokens where the clipped term is
+    the larger), approx_kl (k3 estimate of KL(old || new), N+ detail), ratio mean.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = torch.maximum(unclipped, clipped) * mask
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        stats = {
+            "clipfrac": ((clipped > unclipped).float() * mask).sum() / n,
+            "approx_kl": ((torch.expm1(log_ratio) - log_ratio) * mask).sum() / n,
+            "ratio": (ratio * mask).sum() / n,
+        }
+    return loss, stats
+
+
+def ppo_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss per token: 0.5 * max((V - R)^2, (V_clipped - R)^2), (B, T) -> (B, T).
+
+    V_clipped = old_V + clip(V - old_V, -clip, clip) keeps the value function near the one that
+    computed the advantages (N+ detail: value clipping, as in OpenAI's lm-human-preferences).
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped_sq, clipped_sq = (values - returns) ** 2, (clipped_values - returns) ** 2
+    loss = 0.5 * torch.maximum(unclipped_sq, clipped_sq) * mask
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        stats = {"value_clipfrac": ((clipped_sq > unclipped_sq).float() * mask).sum() / n}
+    return loss, stats
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy of the sampling distribution, (B, T, V) -> (B, T), in fp32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
