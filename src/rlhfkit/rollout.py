@@ -85,3 +85,54 @@ def cut_at_stop(row: list[int], stop: list[int], tokenizer: PreTrainedTokenizerB
             kept = row[: pos + 1]
             return Generation(tokenizer.decode(kept[:-1], skip_special_tokens=True), kept, True)
     return Generation(tokenizer.decode(row, skip_special_tokens=True), row, False)
+
+
+# --- teacher-forced scoring of sampled responses (PPO step 3: recompute logprobs) -------------
+
+
+@dataclass
+class Sequences:
+    """Prompts left-padded to width P and responses right-padded to width R, joined: (B, P + R).
+
+    ``response_mask`` (B, R) is 1 on response tokens up to and including the first stop token.
+    ``position_ids`` count real tokens only, so a left-padded prompt sees the same positions as an
+    unpadded one (otherwise padding would change every logprob).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_width: int
+
+
+def join(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Sequences:
+    p_ids, p_mask = left_pad(prompts, pad_id)
+    width = max(1, max(len(r) for r in responses))
+    r_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    r_mask = torch.zeros((len(responses), width), dtype=torch.long)
+    for i, r in enumerate(responses):
+        r_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        r_mask[i, : len(r)] = 1
+    attention_mask = torch.cat([p_mask, r_mask], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return Sequences(torch.cat([p_ids, r_ids], dim=1), attention_mask, position_ids, r_mask, p_ids.shape[1])
+
+
+def response_logits(model, seqs: Sequences) -> torch.Tensor:
+    """Logits that predict each response token, (B, R, V): position P-1+t predicts token P+t."""
+    out = model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, position_ids=seqs.position_ids)
+    return out.logits[:, seqs.prompt_width - 1 : -1]
+
+
+def response_logprobs(model, seqs: Sequences, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(response token) under ``model``, with logits divided by the sampling temperature
+    (N+ detail: the sampled distribution is softmax(logits / T), so the logprobs must be too).
+    (B, R), 0 on padding."""
+    from rlhfkit.losses import token_logprobs
+
+    logits = response_logits(model, seqs)
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    targets = seqs.input_ids[:, seqs.prompt_width :].masked_fill(seqs.response_mask == 0, -100)
+    return token_logprobs(logits, targets)

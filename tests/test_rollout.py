@@ -1,0 +1,41 @@
+"""Generation and teacher-forced scoring of responses on the tiny model."""
+
+import torch
+
+from rlhfkit.data.records import user
+from rlhfkit.data.tokenize import end_of_turn_id, prompt_ids
+from rlhfkit.models import build_tiny_model
+from rlhfkit.rollout import generate, join, response_logprobs
+
+
+def test_generation_stops_at_end_of_turn_and_marks_unfinished(tiny_tokenizer):
+    model = build_tiny_model(tiny_tokenizer)
+    gens = generate(model, tiny_tokenizer, [user("hi"), user("What is 2 + 2?")], max_new_tokens=6,
+                    temperature=1.0, generator_seed=0)
+    eot = end_of_turn_id(tiny_tokenizer)
+    for g in gens:
+        assert g.finished == (g.token_ids[-1] == eot) and eot not in g.token_ids[:-1]
+        assert len(g.token_ids) <= 6
+    again = generate(model, tiny_tokenizer, [user("hi"), user("What is 2 + 2?")], max_new_tokens=6,
+                     temperature=1.0, generator_seed=0)
+    assert [g.token_ids for g in gens] == [g.token_ids for g in again]  # seeded sampling is reproducible
+
+
+def test_batched_logprobs_equal_unpadded_one_at_a_time(tiny_tokenizer):
+    """Left-padded prompts + right-padded responses, with position ids from the mask, give the
+    same response logprobs as each sequence alone (and 0 on padding)."""
+    torch.manual_seed(0)
+    model = build_tiny_model(tiny_tokenizer).eval()
+    prompts = [prompt_ids(tiny_tokenizer, user(t)) for t in ("hi", "What is 12 + 30? Answer with just the number.")]
+    responses = [[70, 71, 72, 73, end_of_turn_id(tiny_tokenizer)], [80, 81]]
+    with torch.no_grad():
+        batched = response_logprobs(model, join(prompts, responses, tiny_tokenizer.pad_token_id), temperature=0.7)
+        for i in range(2):
+            alone = response_logprobs(model, join([prompts[i]], [responses[i]], tiny_tokenizer.pad_token_id), 0.7)
+            n = len(responses[i])
+            assert torch.allclose(batched[i, :n], alone[0, :n], atol=1e-5)
+            assert (batched[i, n:] == 0).all()
+    # the temperature is applied: T=0.7 logprobs differ from T=1 ones
+    with torch.no_grad():
+        t1 = response_logprobs(model, join(prompts, responses, tiny_tokenizer.pad_token_id), temperature=1.0)
+    assert not torch.allclose(t1, batched)
