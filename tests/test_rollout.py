@@ -1,5 +1,6 @@
 """Generation and teacher-forced scoring of responses on the tiny model."""
 
+import pytest
 import torch
 
 from rlhfkit.data.records import user
@@ -21,11 +22,21 @@ def test_generation_stops_at_end_of_turn_and_marks_unfinished(tiny_tokenizer):
     assert [g.token_ids for g in gens] == [g.token_ids for g in again]  # seeded sampling is reproducible
 
 
-def test_batched_logprobs_equal_unpadded_one_at_a_time(tiny_tokenizer):
-    """Left-padded prompts + right-padded responses, with position ids from the mask, give the
-    same response logprobs as each sequence alone (and 0 on padding)."""
+def tiny_gpt2(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(0)
-    model = build_tiny_model(tiny_tokenizer).eval()
+    return GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=2,
+                                      pad_token_id=tokenizer.pad_token_id))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batched_logprobs_equal_unpadded_one_at_a_time(tiny_tokenizer, arch):
+    """Left-padded prompts + right-padded responses, with position ids from the mask, give the
+    same response logprobs as each sequence alone (and 0 on padding). GPT-2's absolute positions
+    catch wrong position ids; Llama's rotary ones are shift-invariant."""
+    torch.manual_seed(0)
+    model = (build_tiny_model(tiny_tokenizer) if arch == "llama" else tiny_gpt2(tiny_tokenizer)).eval()
     prompts = [prompt_ids(tiny_tokenizer, user(t)) for t in ("hi", "What is 12 + 30? Answer with just the number.")]
     responses = [[70, 71, 72, 73, end_of_turn_id(tiny_tokenizer)], [80, 81]]
     with torch.no_grad():
