@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from rlhfkit.config import RMConfig, SFTConfig, from_dict, load_recipe_section
+from rlhfkit.config import PPOConfig, RMConfig, SFTConfig, from_dict, load_recipe_section
 from rlhfkit.errors import RlhfkitError
 
 
@@ -72,6 +72,7 @@ COMMANDS: dict[str, tuple[type, str, str | None, str]] = {
     "sft": (SFTConfig, "rlhfkit.train.sft:train", "sft", "supervised fine-tuning on demonstrations"),
     "rm": (RMConfig, "rlhfkit.train.rm:train", "rm", "reward model from comparisons and K-wise rankings"),
     "rm score": (RMScoreConfig, "rlhfkit.cli:rm_score", None, "score prompt/response records with a reward model"),
+    "ppo": (PPOConfig, "rlhfkit.train.ppo:train", "ppo", "PPO against a reward model with a per-token KL penalty"),
     "world export": (WorldExportConfig, "rlhfkit.cli:world_export", None, "write the built-in task world as data files"),
 }
 

@@ -210,6 +210,73 @@ class RMConfig:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
 
 
+@dataclass
+class PPOAlgoConfig:
+    """PPO and its RLHF details (InstructGPT §3.5/App. C; the N+ implementation details)."""
+
+    prompts_per_step: int = 16
+    """Prompts sampled per PPO iteration (one response each)."""
+    minibatch_size: int = 8
+    """Rollouts per PPO update; prompts_per_step must be a multiple of it."""
+    epochs: int = 4
+    """PPO epochs over each iteration's rollouts."""
+    temperature: float = 1.0
+    """Sampling temperature; logprobs are recomputed with the same temperature."""
+    max_new_tokens: int = 48
+    """Response length limit; responses that never end get `missing_eos_penalty`."""
+    clip: float = 0.2
+    """Policy ratio clip."""
+    value_clip: float = 0.2
+    """Value clip around the rollout-time values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    kl_coef: float = 0.05
+    """Initial per-token KL penalty coefficient (beta)."""
+    kl_target: float = 0.0
+    """Adaptive KL: target KL per sequence (0 = fixed coefficient)."""
+    kl_horizon: int = 10000
+    """Adaptive KL horizon in samples."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator in the reward."""
+    missing_eos_penalty: float = -1.0
+    """Score given instead of the RM score to a response that never produced EOS (0 disables)."""
+    whiten_rewards: bool = False
+    """Scale per-token rewards to unit variance before GAE (the mean is kept)."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO against a reward model with a per-token KL penalty to the SFT policy."""
+
+    recipe: str = ""
+    """Recipe name or YAML path whose `ppo:` section fills these defaults."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy to train (usually the SFT output); also the frozen reference."""
+    reward: str = "gold"
+    """Reward: a reward-model folder, `gold` (the world's gold judge), or `module:function` taking (prompts, responses)."""
+    value_model: str = ""
+    """Value model initialisation: empty = the reward-model folder (or, for other rewards, the policy with a new head)."""
+    prompts: str = "world"
+    """Training prompts: `world` or a file of prompt records."""
+    world_prompts: int = 2000
+    """World training prompts."""
+    world_seed: int = 0
+    """Seed of the world's prompt generator."""
+    algo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/ppo", steps=50, eval_every=0))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> None:
+        require_positive(self, "algo.prompts_per_step", "algo.minibatch_size", "algo.epochs", "algo.max_new_tokens",
+                         "run.steps", "run.save_every")
+        exact_div(self.algo.prompts_per_step, self.algo.minibatch_size, "algo.prompts_per_step / algo.minibatch_size")
+
+
 def require_positive(cfg: Any, *fields: str) -> None:
     """Fail before any work when a size is zero or negative, naming the flag."""
     for name in fields:

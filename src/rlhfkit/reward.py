@@ -49,9 +49,11 @@ def backbone_is_encoder(name: str, trust_remote_code: bool = False) -> bool:
         raise RlhfkitError(f"cannot load a reward-model backbone config from '{name}': {e}") from None
 
 
-def build_reward_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0, trust_remote_code: bool = False):
+def build_reward_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0, trust_remote_code: bool = False,
+                       keep_head: bool = False):
     """A sequence-classification model with one output, its head initialised as in the N+ paper
-    (normal, std = 1 / sqrt(hidden + 1)) so initial rewards are small and comparable."""
+    (normal, std = 1 / sqrt(hidden + 1)) so initial rewards are small and comparable.
+    ``keep_head`` keeps a trained head (a value model initialised from a reward model)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if name == TINY:
@@ -68,10 +70,10 @@ def build_reward_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int 
             except OSError as e:
                 raise RlhfkitError(f"cannot load a reward-model backbone from '{name}': {e}") from None
         head = _head(model)
-        hidden = head.weight.shape[1]
-        torch.nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1))
-        if head.bias is not None:
-            torch.nn.init.zeros_(head.bias)
+        if not keep_head:
+            torch.nn.init.normal_(head.weight, std=1 / math.sqrt(head.weight.shape[1] + 1))
+            if head.bias is not None:
+                torch.nn.init.zeros_(head.bias)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -220,20 +220,20 @@ def save_checkpoint(
     return final
 
 
-def resume_step(out: Path, run: RunConfig, model, optimizer, scheduler, say) -> int | None:
-    """The step to start from: 0, the last checkpoint's step, or None when the run is complete."""
+def resume_state(out: Path, run: RunConfig, model, optimizer, scheduler, say) -> dict | None:
+    """The saved state to continue from ({"step": 0} for a fresh start), or None when complete."""
     if not run.resume:
-        return 0
+        return {"step": 0}
     if (out / COMPLETE).exists():
         say(f"{out} is already complete; nothing to resume")
         return None
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         say(f"no checkpoint in {out}; starting from step 0")
-        return 0
-    step = load_checkpoint(ckpt, model, optimizer, scheduler)["step"]
-    say(f"resumed from {ckpt} at step {step}")
-    return step
+        return {"step": 0}
+    state = load_checkpoint(ckpt, model, optimizer, scheduler)
+    say(f"resumed from {ckpt} at step {state['step']}")
+    return state
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -360,6 +360,7 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     start_step: int
+    state: dict  # what the checkpoint held besides weights (stage extras such as the KL coefficient)
     order: DataOrder
     log: MetricsLog
     bar: Progress
@@ -373,15 +374,17 @@ class TrainingRun:
         indices = self.order.batch(step, self.global_batch)
         return indices, micro_batches(indices, self.batch, self.acc.process_index, self.acc.num_processes)
 
-    def finish_step(self, done: int, metrics: dict[str, float], evaluate) -> dict[str, float]:
-        """Evaluate, log and checkpoint when due; returns the step's metrics (with eval ones)."""
+    def finish_step(self, done: int, metrics: dict[str, float], evaluate, extra_state=dict) -> dict[str, float]:
+        """Evaluate, log and checkpoint when due; returns the step's metrics (with eval ones).
+        ``extra_state()`` gives stage state to checkpoint beside the weights (JSON-able)."""
         if is_due(done, self.run.eval_every, self.run.steps):
             metrics.update(evaluate(done))
         if is_due(done, self.run.log_every, self.run.steps):
             self.log.log(done, metrics)
         if is_due(done, self.run.save_every, self.run.steps):
             if self.acc.is_main_process:
-                save_checkpoint(self.out, done, self.raw_model, self.optimizer, self.scheduler, {}, self.run.keep_checkpoints)
+                save_checkpoint(self.out, done, self.raw_model, self.optimizer, self.scheduler, extra_state(),
+                                self.run.keep_checkpoints)
             self.acc.wait_for_everyone()
         return metrics
 
@@ -392,19 +395,21 @@ class TrainingRun:
 
 
 def start_training(acc: Accelerator, out: Path, model: torch.nn.Module, optim: OptimConfig, run: RunConfig,
-                   batch: BatchConfig, n_examples: int, name: str) -> TrainingRun | None:
+                   batch: BatchConfig, n_examples: int, name: str, schedule_steps: int = 0) -> TrainingRun | None:
     """Optimizer, schedule, exact resume, DDP wrapping, metrics and progress bar for one stage.
-    Returns None when ``--run.resume`` finds the stage already complete."""
+    ``schedule_steps``: optimizer steps in the whole run when a stage takes several per step
+    (PPO); default ``run.steps``. Returns None when ``--run.resume`` finds the stage complete."""
     optimizer = build_optimizer(model.parameters(), optim)
-    scheduler = build_scheduler(optimizer, optim, run.steps)
-    start = resume_step(out, run, model, optimizer, scheduler, acc.print)
-    if start is None:
+    scheduler = build_scheduler(optimizer, optim, schedule_steps or run.steps)
+    state = resume_state(out, run, model, optimizer, scheduler, acc.print)
+    if state is None:
         return None
+    start = state["step"]
     prepared = acc.prepare(model)
     prepared.train()
     return TrainingRun(
         acc=acc, out=out, run=run, batch=batch, model=prepared, raw_model=acc.unwrap_model(prepared),
-        optimizer=optimizer, scheduler=scheduler, start_step=start, order=DataOrder(n_examples, run.seed),
+        optimizer=optimizer, scheduler=scheduler, start_step=start, state=state, order=DataOrder(n_examples, run.seed),
         log=MetricsLog(out, acc.is_main_process, resume_step=start),
         bar=Progress(run.steps, start, name, acc.is_main_process),
     )

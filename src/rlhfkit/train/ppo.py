@@ -1,0 +1,238 @@
+"""PPO against a reward model with a per-token KL penalty to the SFT policy (InstructGPT §3.5).
+
+Each iteration, top to bottom: 1. sample prompts, 2. roll out one response each (KV cache, stop at
+EOS), 3. recompute logprobs (temperature-scaled), reference logprobs and values with forward
+passes, 4. score (reward model at the EOS; a fixed penalty when no EOS), 5. per-token
+KL-penalised rewards, GAE, whitened advantages, 6. PPO epochs over minibatches (clipped policy
+and value losses), 7. adapt the KL coefficient, log. Every tensor is (B, R) over response tokens,
+masked after the first EOS.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate.utils import set_seed
+
+from rlhfkit.advantages import KLController, gae, kl_penalised_rewards, masked_mean, masked_var, masked_whiten
+from rlhfkit.config import BatchConfig, PPOConfig
+from rlhfkit.data.records import Prompt, messages_to_dicts
+from rlhfkit.data.tokenize import prompt_ids
+from rlhfkit.data.world import World
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.eval.gold import gold_evaluate
+from rlhfkit.losses import entropy_from_logits, ppo_policy_loss, ppo_value_loss, token_logprobs
+from rlhfkit.models import load_model, load_tokenizer, save_model
+from rlhfkit.reward import RewardModel, build_reward_model
+from rlhfkit.rollout import Sequences, generate, join, response_logits
+from rlhfkit.train.loop import make_accelerator, mark_complete, optimizer_step, prepare_out_dir, start_training
+
+RewardFn = Callable[[list[Prompt], list[str]], list[float]]
+
+
+# --- models and rewards -----------------------------------------------------------------------
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The two trained models under one optimizer and one checkpoint."""
+
+    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+
+def reward_function(cfg: PPOConfig) -> RewardFn:
+    """The reward: a reward-model folder, the world's gold judge, or a user's `module:function`."""
+    if cfg.reward == "gold":
+        world = World(seed=cfg.world_seed)
+        return lambda prompts, texts: [s.score for s in world.judge_many(prompts, texts)]
+    if ":" in cfg.reward and not Path(cfg.reward).exists():
+        module, name = cfg.reward.split(":", 1)
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise RlhfkitError(f"reward '{cfg.reward}': cannot import {name} from {module} ({e})") from None
+        return lambda prompts, texts: [float(x) for x in fn([messages_to_dicts(p.messages) for p in prompts], texts)]
+    rm = RewardModel.load(cfg.reward, precision=cfg.model.precision)
+    return lambda prompts, texts: rm.score([p.messages for p in prompts], texts)
+
+
+def value_model(cfg: PPOConfig, tokenizer) -> torch.nn.Module:
+    """Initialised from the reward model (N+ detail) unless told otherwise; for gold or function
+    rewards, the policy's backbone with a fresh scalar head."""
+    source = cfg.value_model or (cfg.reward if Path(cfg.reward).is_dir() else cfg.model.name)
+    return build_reward_model(source, tokenizer, cfg.run.seed, keep_head=Path(source).is_dir() and source == cfg.reward)
+
+
+def token_values(model: torch.nn.Module, seqs: Sequences) -> torch.Tensor:
+    """V(prompt + response[:t]) for every response position t, (B, R): the value head applied to
+    the hidden state that predicts response token t (aligned with the logprobs)."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
+                      position_ids=seqs.position_ids).last_hidden_state
+    return model.score(hidden[:, seqs.prompt_width - 1 : -1]).squeeze(-1).float()
+
+
+def logprobs_and_entropy(model, seqs: Sequences, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = response_logits(model, seqs)
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    targets = seqs.input_ids[:, seqs.prompt_width :].masked_fill(seqs.response_mask == 0, -100)
+    return token_logprobs(logits, targets), entropy_from_logits(logits)
+
+
+def select(seqs: Sequences, rows: torch.Tensor) -> Sequences:
+    return Sequences(seqs.input_ids[rows], seqs.attention_mask[rows], seqs.position_ids[rows],
+                     seqs.response_mask[rows], seqs.prompt_width)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns): how much of the return the critic explains."""
+    var_returns = masked_var(returns, mask)
+    return float(1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8))
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+
+def train(cfg: PPOConfig) -> Path:
+    cfg.check()
+    acc = make_accelerator(cfg.model.precision)
+    if acc.num_processes > 1:
+        raise RlhfkitError("rlhfkit ppo runs in one process for now; launch it without accelerate/torchrun")
+    set_seed(cfg.run.seed)
+    out = prepare_out_dir(cfg.run, cfg, acc.is_main_process)
+    algo, say = cfg.algo, acc.print
+
+    # Models: the policy (trained), the frozen reference (the same SFT weights), the value model.
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    policy = load_model(cfg.model, tokenizer, seed=cfg.run.seed)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    models = PolicyAndValue(policy, value_model(cfg, tokenizer))
+    score_fn = reward_function(cfg)
+    world = World(seed=cfg.world_seed)
+    if cfg.prompts != "world":
+        from rlhfkit.data.formats import read_prompts
+
+        prompts, report = read_prompts(cfg.prompts)
+        say(report.summary())
+    else:
+        prompts = world.prompts(cfg.world_prompts, "train")
+    encoded = [prompt_ids(tokenizer, p.messages) for p in prompts]
+    gold_prompts = world.prompts(cfg.eval.gold_prompts, "eval") if cfg.prompts == "world" else []
+
+    updates_per_step = algo.epochs * (algo.prompts_per_step // algo.minibatch_size)
+    run = start_training(acc, out, models, cfg.optim, cfg.run, BatchConfig(micro_batch_size=algo.prompts_per_step),
+                         len(prompts), "ppo", schedule_steps=cfg.run.steps * updates_per_step)
+    if run is None:
+        return out
+    kl_ctl = KLController(run.state.get("kl_coef", algo.kl_coef), algo.kl_target or None, algo.kl_horizon)
+    pad_id = tokenizer.pad_token_id
+
+    def evaluate(step: int) -> dict[str, float]:
+        if not gold_prompts:
+            return {}
+        with acc.autocast():
+            report = gold_evaluate(policy, tokenizer, world, gold_prompts, max_new_tokens=algo.max_new_tokens,
+                                   batch_size=cfg.eval.batch_size, precision=cfg.model.precision)
+        run.bar.print(f"step {step}: eval/gold_score={report.score:.4f} eos={report.eos_fraction:.2f}")
+        return report.metrics()
+
+    if run.start_step == 0 and cfg.eval.at_start:
+        run.log.log(0, evaluate(0))
+
+    metrics: dict[str, float] = {}
+    for step in range(run.start_step, cfg.run.steps):
+        t0 = time.perf_counter()
+        # 1-2. Prompts and rollouts (a per-step seed: resuming replays the same samples).
+        indices, _ = run.step_batches(step)
+        batch_prompts = [prompts[i] for i in indices]
+        with acc.autocast():
+            gens = generate(policy, tokenizer, [p.messages for p in batch_prompts], algo.max_new_tokens,
+                            temperature=algo.temperature, batch_size=algo.prompts_per_step,
+                            precision=cfg.model.precision, generator_seed=cfg.run.seed * 1_000_003 + step)
+        seqs = join([encoded[i] for i in indices], [g.token_ids for g in gens], pad_id)
+        mask = seqs.response_mask.float()  # 1 up to and including the first EOS
+
+        # 3. Logprobs (same temperature as sampling), reference logprobs and values, no grad.
+        with torch.no_grad(), acc.autocast():
+            logprobs, entropy = logprobs_and_entropy(policy, seqs, algo.temperature)
+            ref_logprobs, _ = logprobs_and_entropy(reference, seqs, algo.temperature)
+            values = token_values(models.value, seqs) * mask
+
+        # 4. Scores at the EOS; the "EOS trick" replaces the score of responses that never ended.
+        texts = [g.text for g in gens]
+        raw_scores = torch.tensor(score_fn(batch_prompts, texts), dtype=torch.float32)
+        finished = torch.tensor([g.finished for g in gens])
+        scores = raw_scores.clone()
+        if algo.missing_eos_penalty:
+            scores[~finished] = algo.missing_eos_penalty
+
+        # 5. Per-token KL-penalised rewards, GAE (gamma, lambda), whitened advantages.
+        rewards, kl = kl_penalised_rewards(scores, logprobs, ref_logprobs, mask, kl_ctl.value, algo.kl_estimator)
+        if algo.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, values, mask, algo.gamma, algo.lam)
+        advantages = masked_whiten(advantages, mask)
+
+        # 6. PPO epochs over shuffled minibatches.
+        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "ratio", "vf_clipfrac")}
+        shuffle = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
+        for epoch in range(algo.epochs):
+            for rows in torch.randperm(len(gens), generator=shuffle).split(algo.minibatch_size):
+                sub, m = select(seqs, rows), mask[rows]
+                with acc.autocast():
+                    new_logprobs, _ = logprobs_and_entropy(policy, sub, algo.temperature)
+                    new_values = token_values(models.value, sub)
+                pg, pg_stats = ppo_policy_loss(new_logprobs, logprobs[rows], advantages[rows], m, algo.clip)
+                vf, vf_stats = ppo_value_loss(new_values, values[rows], returns[rows], m, algo.value_clip)
+                loss = masked_mean(pg, m) + algo.vf_coef * masked_mean(vf, m)
+                if not stats["ratio"]:  # first minibatch: no update yet, so the ratio must be 1
+                    first_ratio = float(pg_stats["ratio"])
+                    if abs(first_ratio - 1) > 1e-3:
+                        run.bar.print(f"warning: step {step + 1}: ratio {first_ratio:.4f} != 1 before the first update: "
+                                      "rollout and training forwards disagree (dropout? temperature? padding?)")
+                if not torch.isfinite(loss):
+                    run.bar.print(f"step {step + 1}: non-finite PPO loss, minibatch skipped")
+                    continue
+                loss.backward()
+                optimizer_step(run.model, run.optimizer, run.scheduler, cfg.optim.max_grad_norm)
+                stats["pg_loss"].append(float(masked_mean(pg.detach(), m)))
+                stats["vf_loss"].append(float(masked_mean(vf.detach(), m)))
+                stats["vf_clipfrac"].append(float(vf_stats["value_clipfrac"]))
+                for key in ("clipfrac", "approx_kl", "ratio"):
+                    stats[key].append(float(pg_stats[key]))
+
+        # 7. KL controller, metrics.
+        seq_kl = (kl * mask).sum(-1)
+        if float(seq_kl.mean()) < 0:
+            run.bar.print(f"warning: step {step + 1}: mean KL to the reference is negative ({float(seq_kl.mean()):.4f})")
+        kl_ctl.update(float(seq_kl.mean()), len(gens))
+        done = step + 1
+        metrics = {
+            "ppo/score": float(raw_scores.mean()), "ppo/kl": float(seq_kl.mean()), "ppo/kl_coef": kl_ctl.value,
+            "ppo/reward": float((scores - seq_kl * kl_ctl.value).mean()),
+            "ppo/entropy": float(masked_mean(entropy, mask)), "ppo/response_tokens": float(mask.sum(-1).mean()),
+            "ppo/eos_fraction": float(finished.float().mean()),
+            "ppo/explained_variance": explained_variance(values, returns, mask),
+            "ppo/seconds_per_step": time.perf_counter() - t0, "ppo/ratio_first_minibatch": first_ratio,
+            **{f"ppo/{k}": sum(v) / max(len(v), 1) for k, v in stats.items()},
+        }
+        if cfg.prompts == "world":
+            metrics["ppo/gold_score"] = sum(s.score for s in world.judge_many(batch_prompts, texts)) / len(texts)
+        run.bar.update(done, f"score {metrics['ppo/score']:.3f}  kl {metrics['ppo/kl']:.3f}")
+        metrics = run.finish_step(done, metrics, evaluate, extra_state=lambda: {"kl_coef": kl_ctl.value})
+
+    # Save the policy as a plain model folder and the value model beside it.
+    if run.start_step == cfg.run.steps:
+        metrics = evaluate(cfg.run.steps)
+    save_model(policy, tokenizer, out)
+    models.value.save_pretrained(out / "value_model", safe_serialization=True)
+    mark_complete(out, {"stage": "ppo", "steps": cfg.run.steps, **metrics})
+    run.close()
+    return out
