@@ -21,6 +21,11 @@ STAGES = {
             "--eval.no-at-start", "--data.world-examples", "400", "--batch.micro-batch-size", "8"],
     "rm": ["rm", "--recipe", "tiny", "--run.steps", "24", "--run.save-every", "4", "--data.world-prompts", "200",
            "--data.world-eval-prompts", "0", "--batch.micro-batch-size", "4"],
+    # PPO from the random tiny model with the gold judge as reward: the state to restore is the
+    # policy, the value model, the optimizer, the KL controller and the per-step sampling seeds.
+    "ppo": ["ppo", "--recipe", "tiny", "--model.name", "tiny", "--reward", "gold", "--algo.kl-target", "1.0",
+            "--run.steps", "16", "--run.save-every", "4", "--eval.gold-prompts", "0", "--eval.no-at-start",
+            "--algo.prompts-per-step", "8", "--algo.minibatch-size", "4", "--algo.max-new-tokens", "8"],
 }
 
 
@@ -31,8 +36,10 @@ def run_cli(args: list[str]) -> subprocess.Popen:
 
 
 def losses(out: Path) -> list[float]:
-    return [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-            if "train/loss" in line]
+    """The per-step training signal: train/loss (SFT, RM) or the PPO score, KL and KL coefficient."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = ("train/loss", "ppo/score", "ppo/kl", "ppo/kl_coef", "ppo/pg_loss")
+    return [[r[k] for k in keys if k in r] for r in rows if "train/loss" in r or "ppo/score" in r]
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
