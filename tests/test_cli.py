@@ -71,3 +71,12 @@ def test_world_export_then_sft_with_lora_on_the_exported_file(tmp_path, capsys):
     # LoRA is merged into a plain model on save: loadable without PEFT, no adapter keys
     model = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_stages_with_different_precisions_run_in_one_process(tmp_path):
+    """accelerate's process-wide state must not pin the first stage's mixed precision."""
+    common = ["--recipe", "tiny", "--run.steps", "1", "--eval.gold-prompts", "0", "--eval.no-at-start",
+              "--data.world-examples", "32"]
+    sft.train(parse("sft", [*common, "--run.out", str(tmp_path / "a")]))
+    out = sft.train(parse("sft", [*common, "--model.precision", "bf16", "--run.out", str(tmp_path / "b")]))
+    assert (out / "complete.json").exists()

@@ -28,8 +28,29 @@ COMPLETE = "complete.json"  # written last: its presence means the stage finishe
 
 
 def make_accelerator(precision: str) -> Accelerator:
-    """One Accelerator per stage. Under ``accelerate launch``/torchrun it sets up DDP (gloo on CPU)."""
+    """One Accelerator per stage. Under ``accelerate launch``/torchrun it sets up DDP (gloo on CPU).
+
+    accelerate keeps its settings in a process-wide singleton and refuses a second Accelerator
+    with another mixed precision, which several stages in one process (a pipeline, a notebook,
+    the test suite) need. We clear the per-accelerator part and keep the process group.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+
+
+def begin_stage(cfg: Any) -> tuple[Accelerator, Path]:
+    """Every stage's first lines: check the config, set up processes and seeds, claim ``run.out``."""
+    from accelerate.utils import set_seed
+
+    cfg.check()
+    acc = make_accelerator(cfg.model.precision)
+    set_seed(cfg.run.seed)
+    out = prepare_out_dir(cfg.run, cfg, acc.is_main_process)
+    acc.wait_for_everyone()
+    return acc, out
 
 
 # --- optimizer and schedule -------------------------------------------------------------------

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from accelerate.utils import set_seed
 
 from rlhfkit.advantages import KLController, gae, kl_penalised_rewards, masked_mean, masked_var, masked_whiten
 from rlhfkit.config import BatchConfig, PPOConfig
@@ -30,7 +29,7 @@ from rlhfkit.losses import entropy_from_logits, ppo_policy_loss, ppo_value_loss,
 from rlhfkit.models import load_model, load_tokenizer, save_model
 from rlhfkit.reward import RewardModel, build_reward_model
 from rlhfkit.rollout import Sequences, generate, join, response_logits
-from rlhfkit.train.loop import make_accelerator, mark_complete, optimizer_step, prepare_out_dir, start_training
+from rlhfkit.train.loop import begin_stage, mark_complete, optimizer_step, start_training
 
 RewardFn = Callable[[list[Prompt], list[str]], list[float]]
 
@@ -101,12 +100,9 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 def train(cfg: PPOConfig) -> Path:
-    cfg.check()
-    acc = make_accelerator(cfg.model.precision)
+    acc, out = begin_stage(cfg)
     if acc.num_processes > 1:
         raise RlhfkitError("rlhfkit ppo runs in one process for now; launch it without accelerate/torchrun")
-    set_seed(cfg.run.seed)
-    out = prepare_out_dir(cfg.run, cfg, acc.is_main_process)
     algo, say = cfg.algo, acc.print
 
     # Models: the policy (trained), the frozen reference (the same SFT weights), the value model.

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 
 from rlhfkit.config import RMConfig, RMDataConfig
 from rlhfkit.data.formats import read_records
@@ -29,7 +28,7 @@ from rlhfkit.models import apply_lora, load_model, load_tokenizer
 from rlhfkit.reward import MEAN_KEY, STD_KEY, backbone_is_encoder, build_reward_model, encode, rewards_of
 from rlhfkit.rollout import generate
 from rlhfkit.train.loop import (
-    make_accelerator, mark_complete, optimizer_step, prepare_out_dir, start_training, sync_gradients,
+    begin_stage, mark_complete, optimizer_step, start_training, sync_gradients,
 )
 
 
@@ -274,11 +273,7 @@ def reference_stats(model, tokenizer, cfg: RMConfig, train: list[Ranking], encod
 
 
 def train(cfg: RMConfig) -> Path:
-    cfg.check()
-    acc = make_accelerator(cfg.model.precision)
-    set_seed(cfg.run.seed)
-    out = prepare_out_dir(cfg.run, cfg, acc.is_main_process)
-    acc.wait_for_everyone()
+    acc, out = begin_stage(cfg)
     say = acc.print
 
     # 1-2. Rankings -> groups of token ids (every completion of a prompt stays together).

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import set_seed
 
 from rlhfkit.config import DataConfig, SFTConfig
 from rlhfkit.data.formats import read_demonstrations
@@ -23,7 +22,7 @@ from rlhfkit.eval.gold import gold_evaluate
 from rlhfkit.losses import sft_loss_sum
 from rlhfkit.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
 from rlhfkit.train.loop import (
-    make_accelerator, mark_complete, optimizer_step, prepare_out_dir, start_training, sync_gradients,
+    begin_stage, mark_complete, optimizer_step, start_training, sync_gradients,
 )
 
 
@@ -68,11 +67,7 @@ def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int) -> f
 
 
 def train(cfg: SFTConfig) -> Path:
-    cfg.check()
-    acc = make_accelerator(cfg.model.precision)
-    set_seed(cfg.run.seed)
-    out = prepare_out_dir(cfg.run, cfg, acc.is_main_process)
-    acc.wait_for_everyone()
+    acc, out = begin_stage(cfg)
     say = acc.print
 
     # 1. Data: demonstrations -> (prompt, response) token ids; the loss covers response tokens.
