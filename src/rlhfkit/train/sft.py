@@ -76,6 +76,8 @@ def train(cfg: SFTConfig) -> Path:
     train_examples, trunc = tokenize_demonstrations(tokenizer, train_demos, cfg.data.max_seq_len)
     eval_examples, _ = tokenize_demonstrations(tokenizer, eval_demos, cfg.data.max_seq_len)
     say(f"train: {trunc.summary(cfg.data.max_seq_len)}; eval: {len(eval_examples)} examples")
+    if cfg.eval.gold_prompts and not gold_prompts:
+        say("gold-judge evaluation needs the built-in world's prompts (--data.train world); reporting eval loss only")
 
     # 2. Model (dropout off), optionally with LoRA adapters.
     model = load_model(cfg.model, tokenizer, seed=cfg.run.seed)
