@@ -24,7 +24,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhfkit.data.records import Messages, user
-from rlhfkit.data.tokenize import fit, prompt_ids, response_ids
+from rlhfkit.data.tokenize import fit, prompt_ids, response_ids, right_pad
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import TINY, build_tiny_model, disable_dropout, ensure_pad_token, resolve
 from rlhfkit.rollout import autocast
@@ -105,19 +105,9 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: Messages, response: str, 
     return ids
 
 
-def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
 def rewards_of(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
     """Raw scalar rewards (N,) of right-padded sequences, read at each one's last real token."""
-    ids, mask = pad_right(sequences, pad_id)
+    ids, mask = right_pad(sequences, pad_id)
     device = next(model.parameters()).device
     return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
 

@@ -13,7 +13,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.data.records import Messages
-from rlhfkit.data.tokenize import end_of_turn_id, left_pad, prompt_ids
+from rlhfkit.data.tokenize import end_of_turn_id, left_pad, prompt_ids, right_pad
 
 
 @dataclass
@@ -108,12 +108,7 @@ class Sequences:
 
 def join(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Sequences:
     p_ids, p_mask = left_pad(prompts, pad_id)
-    width = max(1, max(len(r) for r in responses))
-    r_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
-    r_mask = torch.zeros((len(responses), width), dtype=torch.long)
-    for i, r in enumerate(responses):
-        r_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        r_mask[i, : len(r)] = 1
+    r_ids, r_mask = right_pad(responses, pad_id)
     attention_mask = torch.cat([p_mask, r_mask], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return Sequences(torch.cat([p_ids, r_ids], dim=1), attention_mask, position_ids, r_mask, p_ids.shape[1])

@@ -7,6 +7,8 @@ user message and multi-turn transcripts keep their history.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -102,3 +104,10 @@ Record = Prompt | Demonstration | Comparison | Ranking
 
 def messages_to_dicts(messages: Messages) -> list[dict]:
     return [m.to_dict() for m in messages]
+
+
+def prompt_bucket(messages: Messages) -> float:
+    """A stable number in [0, 1) from the prompt text, for held-out splits: the same prompt always
+    lands on the same side, so no prompt is both trained on and evaluated."""
+    text = json.dumps(messages_to_dicts(messages))
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 16**8

@@ -141,16 +141,22 @@ def collate_for_training(examples: list[Example], pad_id: int) -> dict[str, torc
     response positions and IGNORE (-100) at prompt and padding positions. Labels are not shifted:
     the loss shifts them (position t predicts label t+1).
     """
-    width = max(len(ex) for ex in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    input_ids, attention_mask = right_pad([ex.input_ids for ex in examples], pad_id)
+    labels = torch.full_like(input_ids, IGNORE)
     for i, ex in enumerate(examples):
-        n, p = len(ex), len(ex.prompt)
-        input_ids[i, :n] = torch.tensor(ex.input_ids)
-        attention_mask[i, :n] = 1
-        labels[i, p:n] = torch.tensor(ex.response)
+        labels[i, len(ex.prompt) : len(ex)] = torch.tensor(ex.response)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` (B, T): sequences start at column 0."""
+    width = max(1, max(len(s) for s in sequences))
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, : len(seq)] = 1
+    return input_ids, attention_mask
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,6 @@ Read top to bottom: 1. rankings (the world's simulated labelers over policy samp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -20,7 +19,7 @@ import torch
 
 from rlhfkit.config import RMConfig, RMDataConfig
 from rlhfkit.data.formats import read_records
-from rlhfkit.data.records import Comparison, Message, Ranking, messages_to_dicts
+from rlhfkit.data.records import Comparison, Message, Ranking, messages_to_dicts, prompt_bucket
 from rlhfkit.data.world import Labeler, World
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.losses import center_penalty, ranking_loss
@@ -71,12 +70,6 @@ def read_rankings_file(source: str, data: RMDataConfig) -> list[Ranking]:
     return [as_ranking(r) for r in records]
 
 
-def prompt_bucket(ranking: Ranking) -> float:
-    """A stable number in [0, 1) from the prompt text: the same prompt always lands on one side."""
-    text = json.dumps(messages_to_dicts(ranking.prompt))
-    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 16**8
-
-
 def load_rankings(cfg: RMConfig, out: Path) -> tuple[list[Ranking], list[Ranking]]:
     """Train and held-out rankings. Sampled world data is cached in OUT/data so a resumed run
     trains on exactly the same rankings without sampling again."""
@@ -93,8 +86,8 @@ def load_rankings(cfg: RMConfig, out: Path) -> tuple[list[Ranking], list[Ranking
     if data.eval:
         held = read_rankings_file(data.eval, data)
     else:
-        held = [r for r in train if prompt_bucket(r) < data.eval_fraction]
-        train = [r for r in train if prompt_bucket(r) >= data.eval_fraction]
+        held = [r for r in train if prompt_bucket(r.prompt) < data.eval_fraction]
+        train = [r for r in train if prompt_bucket(r.prompt) >= data.eval_fraction]
     if data.max_examples:
         train = train[: data.max_examples]
     if data.max_eval_examples:
@@ -203,8 +196,9 @@ def evaluate(model, groups: list[Group], pad_id: int, batch_size: int) -> dict[s
             by_k[len(g.seqs)][1] += pairs
         for g, row in zip(batch, rewards.tolist()):
             if g.gold is not None:
-                sums["gold_correct"] += gold_agreement(row[: len(g.seqs)], g.gold)[0]
-                sums["gold_pairs"] += gold_agreement(row[: len(g.seqs)], g.gold)[1]
+                correct, pairs = gold_agreement(row[: len(g.seqs)], g.gold)
+                sums["gold_correct"] += correct
+                sums["gold_pairs"] += pairs
                 rho = spearman_rho(row[: len(g.seqs)], g.gold)
                 if rho is not None:
                     spearman.append(rho)

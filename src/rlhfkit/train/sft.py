@@ -6,7 +6,6 @@ Read top to bottom: 1. data, 2. model, 3. optimizer and resume, 4. the training 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 
 from rlhfkit.config import DataConfig, SFTConfig
 from rlhfkit.data.formats import read_demonstrations
-from rlhfkit.data.records import Demonstration, Prompt
+from rlhfkit.data.records import Demonstration, Prompt, prompt_bucket
 from rlhfkit.data.tokenize import Example, collate_for_training, count_loss_tokens, tokenize_demonstrations
 from rlhfkit.data.world import World
 from rlhfkit.eval.gold import gold_evaluate
@@ -41,15 +40,12 @@ def load_data(data: DataConfig, gold_prompts: int) -> tuple[list[Demonstration],
         held_out, eval_report = read_demonstrations(data.eval, format=data.format, skip_bad=data.skip_bad)
         print(eval_report.summary())
     else:  # hold out by prompt hash, so the same prompt never lands on both sides
-        is_eval = [_bucket(d) < data.eval_fraction for d in train]
+        is_eval = [prompt_bucket(d.prompt) < data.eval_fraction for d in train]
         held_out = [d for d, e in zip(train, is_eval) if e]
         train = [d for d, e in zip(train, is_eval) if not e]
     return train, held_out[: data.eval_examples], []
 
 
-def _bucket(demo: Demonstration) -> float:
-    text = json.dumps([m.to_dict() for m in demo.prompt])
-    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 16**8
 
 
 def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int) -> float:
