@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from rlhfkit.data.records import Messages, user
+from rlhfkit.data.records import Message, Messages, user
 from rlhfkit.data.tokenize import fit, prompt_ids, response_ids, right_pad
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import TINY, build_tiny_model, disable_dropout, ensure_pad_token, resolve
@@ -186,8 +186,6 @@ def score_file(model_path: str, input_path: str, out_path: str, batch_size: int 
         if isinstance(prompt, str):
             prompt = user(prompt)
         elif isinstance(prompt, list) and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in prompt):
-            from rlhfkit.data.records import Message
-
             prompt = tuple(Message(m["role"], m["content"]) for m in prompt)
         else:
             raise DataError(input_path, line, "prompt", "expected a string or a list of {role, content} messages")
