@@ -429,3 +429,26 @@ def test_prompt_dict_round_trip_and_plain_string_prompts():
     assert prompt_from_dict({"prompt": "hi"}).messages == user("hi")
     with pytest.raises(ValueError, match="'prompt'"):
         prompt_from_dict({"messages": []})
+
+
+def test_imperfect_demonstrations_keep_the_answer_but_lose_style():
+    """imperfect=1: every non-refusal demonstration is rewritten in a worse style; the gold score
+    falls below a clean demo's 1.0, and the content stays right (gold 'correct' = 1) except for
+    descriptions, where the rambling tail counts against the word budget."""
+    world = World(seed=0)
+    clean = world.demonstrations(60, "train")
+    assert world.demonstrations(60, "train", imperfect=0.0) == clean
+    worse = world.demonstrations(60, "train", imperfect=1.0)
+    for c, w in zip(clean, worse):
+        prompt = Prompt(c.prompt, meta=c.meta)
+        if c.meta["kind"] == "refuse":
+            assert w.response == c.response
+            continue
+        assert w.response != c.response
+        gold = world.judge(prompt, w.response)
+        assert gold.score < 1.0, (w.response, gold)
+        if c.meta["kind"] != "describe":
+            assert gold.breakdown["correct"] == 1.0, (w.response, gold)
+    half = world.demonstrations(200, "train", imperfect=0.5)
+    changed = sum(a.response != b.response for a, b in zip(half, world.demonstrations(200, "train")))
+    assert 70 < changed < 110

@@ -52,6 +52,8 @@ class DataConfig:
     """Number of built-in world demonstrations to train on (when train = `world`)."""
     world_seed: int = 0
     """Seed of the built-in world's prompt generator."""
+    world_imperfect: float = 0.0
+    """Share of world demonstrations written in a worse style (right answer, but chatty, off-format or rambling), as human demonstrations often are."""
     eval_fraction: float = 0.05
     """Share of a user file held out for eval loss, chosen by a hash of the prompt."""
     eval_examples: int = 128
@@ -246,6 +248,12 @@ class PPOAlgoConfig:
     """Score given instead of the RM score to a response that never produced EOS (0 disables)."""
     whiten_rewards: bool = False
     """Scale per-token rewards to unit variance before GAE (the mean is kept)."""
+    ptx_coef: float = 0.0
+    """PPO-ptx (InstructGPT gamma): weight of an SFT loss on demonstrations mixed into every update (0 = off)."""
+    ptx_data: str = "world"
+    """PPO-ptx demonstrations: `world` or a demonstrations file."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the policy weights, updated once per PPO step and saved to OUT/ema (0 = off)."""
 
 
 @dataclass
@@ -275,6 +283,10 @@ class PPOConfig:
         require_positive(self, "algo.prompts_per_step", "algo.minibatch_size", "algo.epochs", "algo.max_new_tokens",
                          "run.steps", "run.save_every")
         exact_div(self.algo.prompts_per_step, self.algo.minibatch_size, "algo.prompts_per_step / algo.minibatch_size")
+        if not 0 <= self.algo.ema_decay < 1:
+            raise ConfigError(f"algo.ema_decay must be in [0, 1), got {self.algo.ema_decay}")
+        if self.algo.ptx_coef < 0:
+            raise ConfigError(f"algo.ptx_coef must be >= 0, got {self.algo.ptx_coef}")
 
 
 def require_positive(cfg: Any, *fields: str) -> None:

@@ -700,6 +700,14 @@ def _off_format(meta: dict, answer: str) -> str:
     return f"The answer is {answer}."
 
 
+def _imperfect_styles(meta: dict, answer: str, rng: random.Random) -> list[str]:
+    """The right answer written the ways a hurried or over-friendly demonstrator writes it (for
+    descriptions a rambling tail also breaks the word budget, so those lose correctness too)."""
+    styles = [_chatty(answer, rng), f"{answer}\n\n{' '.join(rng.sample(CLOSERS, 2))}"]
+    off = _off_format(meta, answer)
+    return styles + [off] if off != answer else styles
+
+
 def _refusal_pool(rng: random.Random) -> list[str]:
     return [
         REFUSAL,
@@ -789,8 +797,18 @@ class World:
     def demonstrate(self, prompt: Prompt) -> str:
         return demonstrate(prompt)
 
-    def demonstrations(self, n: int, split: str = "train") -> list[Demonstration]:
-        return [Demonstration(p.messages, demonstrate(p), meta=p.meta) for p in self.prompts(n, split)]
+    def demonstrations(self, n: int, split: str = "train", imperfect: float = 0.0) -> list[Demonstration]:
+        """Demonstrations of the first n prompts. ``imperfect``: the share written in a worse style
+        (the right answer, but chatty, off-format or rambling), chosen per prompt by a seeded coin,
+        as in human demonstration data; preference learning can then improve on SFT."""
+        out = []
+        for index, p in enumerate(self.prompts(n, split)):
+            response = demonstrate(p)
+            rng = random.Random(f"{self.seed}:imperfect:{index}")
+            if rng.random() < imperfect and p.meta["kind"] != "refuse":
+                response = rng.choice(_imperfect_styles(p.meta, response, rng))
+            out.append(Demonstration(p.messages, response, meta=p.meta))
+        return out
 
     def candidates(self, prompt: Prompt, k: int, rng: random.Random) -> list[str]:
         return candidates(prompt, k, rng)

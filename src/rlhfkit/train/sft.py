@@ -30,7 +30,7 @@ def load_data(data: DataConfig, gold_prompts: int) -> tuple[list[Demonstration],
     if data.train == "world":
         world = World(seed=data.world_seed)
         return (
-            world.demonstrations(data.world_examples, split="train"),
+            world.demonstrations(data.world_examples, split="train", imperfect=data.world_imperfect),
             world.demonstrations(data.eval_examples, split="eval"),
             world.prompts(gold_prompts, split="eval"),
         )
