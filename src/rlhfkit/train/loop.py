@@ -219,7 +219,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    out: Path, step: int, model: torch.nn.Module, optimizer, scheduler, extra: dict, keep: int
+    out: Path, step: int, model: torch.nn.Module, optimizer, scheduler, extra: dict, keep: int,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically (a temp folder renamed at the end), so a kill -9
     mid-write leaves the previous checkpoint as the latest valid one."""
@@ -232,6 +233,8 @@ def save_checkpoint(
     opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+    if extra_tensors:  # stage tensors beyond weights and optimizer (PPO's EMA weights)
+        save_file({k: v.contiguous() for k, v in extra_tensors.items()}, tmp / "extra.safetensors")
     state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), **extra}
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
@@ -273,6 +276,8 @@ def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer, scheduler) ->
     optimizer.load_state_dict(unflatten_optimizer_state(load_file(ckpt / "optimizer.safetensors"), state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch"])
+    if (ckpt / "extra.safetensors").exists():
+        state["tensors"] = load_file(ckpt / "extra.safetensors")
     return state
 
 
@@ -395,9 +400,11 @@ class TrainingRun:
         indices = self.order.batch(step, self.global_batch)
         return indices, micro_batches(indices, self.batch, self.acc.process_index, self.acc.num_processes)
 
-    def finish_step(self, done: int, metrics: dict[str, float], evaluate, extra_state=dict) -> dict[str, float]:
+    def finish_step(self, done: int, metrics: dict[str, float], evaluate, extra_state=dict,
+                    extra_tensors=dict) -> dict[str, float]:
         """Evaluate, log and checkpoint when due; returns the step's metrics (with eval ones).
-        ``extra_state()`` gives stage state to checkpoint beside the weights (JSON-able)."""
+        ``extra_state()`` gives stage state to checkpoint beside the weights (JSON-able) and
+        ``extra_tensors()`` stage tensors; both come back in ``state`` on resume."""
         if is_due(done, self.run.eval_every, self.run.steps):
             metrics.update(evaluate(done))
         if is_due(done, self.run.log_every, self.run.steps):
@@ -405,7 +412,7 @@ class TrainingRun:
         if is_due(done, self.run.save_every, self.run.steps):
             if self.acc.is_main_process:
                 save_checkpoint(self.out, done, self.raw_model, self.optimizer, self.scheduler, extra_state(),
-                                self.run.keep_checkpoints)
+                                self.run.keep_checkpoints, extra_tensors())
             self.acc.wait_for_everyone()
         return metrics
 
