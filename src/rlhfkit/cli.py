@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     if name not in COMMANDS:
         print(f"rlhfkit: unknown command '{argv[0]}'\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
+    # Our own progress bar reports the work; transformers' per-load/per-save bars are noise here.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     try:
         cfg = parse(name, argv[1:])
         resolve_function(COMMANDS[name][1])(cfg)

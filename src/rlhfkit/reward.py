@@ -17,10 +17,12 @@ After training, the stage stores the mean and std of the RM's scores on referenc
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
 import torch
+from transformers import logging as transformers_logging
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhfkit.data.records import Message, Messages, user
@@ -49,6 +51,17 @@ def backbone_is_encoder(name: str, trust_remote_code: bool = False) -> bool:
         raise RlhfkitError(f"cannot load a reward-model backbone config from '{name}': {e}") from None
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' warnings (restored afterwards)."""
+    previous = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(previous)
+
+
 def build_reward_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0, trust_remote_code: bool = False,
                        keep_head: bool = False):
     """A sequence-classification model with one output, its head initialised as in the N+ paper
@@ -64,9 +77,10 @@ def build_reward_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int 
             model = LlamaForSequenceClassification(config)
         else:
             try:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    resolve(name), num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
-                )
+                with quiet_transformers():  # the head is missing from a causal LM by design; no load report
+                    model = AutoModelForSequenceClassification.from_pretrained(
+                        resolve(name), num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
+                    )
             except OSError as e:
                 raise RlhfkitError(f"cannot load a reward-model backbone from '{name}': {e}") from None
         head = _head(model)
