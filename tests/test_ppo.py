@@ -4,14 +4,21 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhfkit.cli import parse
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.models import load_tokenizer
 from rlhfkit.train import ppo, sft
 
 
 def short_answer(prompts, responses):
     """A reward the tiny policy can visibly learn in seconds: 1 for answers of <= 2 characters."""
     return [1.0 if len(r.strip()) <= 2 else 0.0 for r in responses]
+
+
+def no_reward(prompts, responses):
+    return [0.0] * len(responses)
 
 
 def ppo_rows(out: Path) -> list[dict]:
@@ -31,11 +38,14 @@ def run_ppo(tiny_sft: Path, out: Path, *flags: str) -> list[dict]:
     return ppo_rows(ppo.train(parse("ppo", args)))
 
 
-def test_first_step_has_zero_kl_and_unit_ratio(tiny_sft, tmp_path):
+@pytest.mark.parametrize("variant", [[], ["--algo.kl-estimator", "k3"], ["--algo.whiten-rewards"],
+                                     ["--model.lora"]], ids=["k1", "k3", "whiten", "lora"])
+def test_first_step_has_zero_kl_and_unit_ratio(tiny_sft, tmp_path, variant):
     """Before any update the policy is the reference (KL exactly 0) and the recomputed logprobs
-    equal the rollout's (ratio 1 on the first minibatch)."""
-    first = run_ppo(tiny_sft, tmp_path / "ppo", "--run.steps", "1")[0]
-    assert first["ppo/kl"] == 0.0
+    equal the rollout's (ratio 1 on the first minibatch); with LoRA the reference is the policy
+    with its adapters disabled, which is the same function while the adapters are zero."""
+    first = run_ppo(tiny_sft, tmp_path / "ppo", "--run.steps", "1", *variant)[0]
+    assert first["ppo/kl"] == pytest.approx(0.0, abs=1e-6)
     assert first["ppo/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-5)
     assert 0 < first["ppo/eos_fraction"] <= 1 and first["ppo/response_tokens"] > 0
 
@@ -45,3 +55,75 @@ def test_ppo_raises_its_reward(tiny_sft, tmp_path):
     first, last = [r["ppo/score"] for r in rows[:5]], [r["ppo/score"] for r in rows[-5:]]
     assert sum(last) / 5 > sum(first) / 5 + 0.15, (first, last)
     assert rows[-1]["ppo/kl"] > 0  # it moved away from the reference, and the penalty saw it
+
+
+def test_gold_reward_raises_held_out_gold_score(tmp_path):
+    """The gold judge as the reward (no reward model to exploit): PPO on an SFT policy trained on
+    imperfect demonstrations (half chatty, off-format or rambling) must lift the held-out greedy
+    gold score. Measured on this setup: 0.32 -> 0.41 after 30 steps."""
+    base = sft.train(parse("sft", ["--recipe", "tiny", "--data.world-imperfect", "0.5", "--eval.gold-prompts", "0",
+                                   "--run.out", str(tmp_path / "sft")]))
+    out = tmp_path / "ppo"
+    ppo.train(parse("ppo", ["--recipe", "tiny", "--model.name", str(base), "--reward", "gold", "--optim.lr", "2e-4",
+                            "--run.steps", "30", "--eval.gold-prompts", "150", "--run.out", str(out)]))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/gold_score" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
+    assert evals[-1]["eval/gold_score"] > evals[0]["eval/gold_score"] + 0.05, evals
+    final = evals[-1]
+    assert final["eval/vs_sft_win_rate"] > 0.5 and final["eval/vs_sft_sampled_win_rate"] > 0.5, final
+
+
+def test_lora_reference_is_the_policy_with_adapters_disabled(tiny_sft, tmp_path):
+    """Once LoRA training moves the adapters the policy leaves its reference, so the KL becomes
+    positive (were the reference computed with adapters on, it would stay 0); the saved policy
+    is merged and differs from the SFT weights."""
+    rows = run_ppo(tiny_sft, tmp_path / "ppo", "--model.lora", "--run.steps", "6", "--optim.lr", "3e-3")
+    assert rows[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert max(r["ppo/kl"] for r in rows[1:]) > 0.01
+    from safetensors.torch import load_file
+
+    before, after = load_file(tiny_sft / "model.safetensors"), load_file(tmp_path / "ppo" / "model.safetensors")
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ptx_loss_alone_teaches_the_demonstrations(tiny_sft, tmp_path):
+    """With a zero reward and no KL penalty the PPO terms carry no signal, so PPO-ptx is plain SFT
+    on world demonstrations: its loss must fall."""
+    rows = run_ppo(tiny_sft, tmp_path / "ppo", "--reward", "test_ppo:no_reward", "--algo.kl-coef", "0",
+                   "--algo.ptx-coef", "1.0", "--run.steps", "8", "--optim.lr", "2e-3")
+    ptx = [r["ppo/ptx_loss"] for r in rows]
+    assert ptx[0] > 0 and sum(ptx[-3:]) / 3 < sum(ptx[:3]) / 3 - 0.1, ptx
+
+
+def test_ema_tracks_the_policy():
+    """decay 0.75: after the weights jump from 0 to 1, the average moves a quarter of the way per
+    update: 0.25, then 0.4375 (= 0.25 + 0.25 * 0.75)."""
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = ppo.EMA(model, decay=0.75)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)
+    assert torch.allclose(ema.shadow["weight"], torch.full((1, 2), 0.25))
+    ema.update(model)
+    assert torch.allclose(ema.shadow["weight"], torch.full((1, 2), 0.4375))
+    restored = ppo.EMA(model, decay=0.75, saved=ema.tensors())
+    assert torch.equal(restored.shadow["weight"], ema.shadow["weight"])
+    assert torch.equal(ema.averaged_copy(model).weight, ema.shadow["weight"])
+
+
+def test_prompts_from_a_file(tiny_sft, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say the number {i}."}) + "\n" for i in range(10)))
+    rows = run_ppo(tiny_sft, tmp_path / "ppo", "--prompts", str(prompts), "--run.steps", "1",
+                   "--algo.prompts-per-step", "8", "--algo.minibatch-size", "4")
+    assert len(rows) == 1 and "ppo/gold_score" not in rows[0]
+
+
+def test_value_model_with_another_tokenizer_is_refused(tiny_sft, tmp_path):
+    other = load_tokenizer(str(tiny_sft))
+    other.add_special_tokens({"additional_special_tokens": ["<|other|>"]})
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(RlhfkitError, match="different tokenizer"):
+        run_ppo(tiny_sft, tmp_path / "ppo", "--value-model", str(tmp_path / "other"), "--run.steps", "1")

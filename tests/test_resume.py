@@ -22,8 +22,10 @@ STAGES = {
     "rm": ["rm", "--recipe", "tiny", "--run.steps", "24", "--run.save-every", "4", "--data.world-prompts", "200",
            "--data.world-eval-prompts", "0", "--batch.micro-batch-size", "4"],
     # PPO from the random tiny model with the gold judge as reward: the state to restore is the
-    # policy, the value model, the optimizer, the KL controller and the per-step sampling seeds.
+    # policy, the value model, the optimizer, the KL controller, the EMA weights, the PPO-ptx data
+    # position and the per-step sampling seeds.
     "ppo": ["ppo", "--recipe", "tiny", "--model.name", "tiny", "--reward", "gold", "--algo.kl-target", "1.0",
+            "--algo.ema-decay", "0.8", "--algo.ptx-coef", "0.1",
             "--run.steps", "16", "--run.save-every", "4", "--eval.gold-prompts", "0", "--eval.no-at-start",
             "--algo.prompts-per-step", "8", "--algo.minibatch-size", "4", "--algo.max-new-tokens", "8"],
 }
@@ -38,7 +40,7 @@ def run_cli(args: list[str]) -> subprocess.Popen:
 def losses(out: Path) -> list[float]:
     """The per-step training signal: train/loss (SFT, RM) or the PPO score, KL and KL coefficient."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    keys = ("train/loss", "ppo/score", "ppo/kl", "ppo/kl_coef", "ppo/pg_loss")
+    keys = ("train/loss", "ppo/score", "ppo/kl", "ppo/kl_coef", "ppo/pg_loss", "ppo/ptx_loss")
     return [[r[k] for k in keys if k in r] for r in rows if "train/loss" in r or "ppo/score" in r]
 
 
@@ -62,9 +64,14 @@ def test_kill9_then_resume_gives_identical_weights(stage, tmp_path):
     assert resumed.returncode == 0, out_resumed
     assert straight.returncode == 0, out_straight
     assert "resumed from" in out_resumed
-    a = load_file(tmp_path / "straight" / "model.safetensors")
-    b = load_file(tmp_path / "killed" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    for weights in ("model.safetensors", "ema/model.safetensors"):
+        if not (tmp_path / "straight" / weights).exists():
+            continue
+        a = load_file(tmp_path / "straight" / weights)
+        b = load_file(tmp_path / "killed" / weights)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (weights, key)
+    if stage == "ppo":
+        assert (tmp_path / "killed" / "ema" / "model.safetensors").exists()
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")

@@ -10,6 +10,7 @@ masked after the first EOS.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import time
@@ -20,16 +21,18 @@ import torch
 
 from rlhfkit.advantages import KLController, gae, kl_penalised_rewards, masked_mean, masked_var, masked_whiten
 from rlhfkit.config import BatchConfig, PPOConfig
+from rlhfkit.data.formats import read_demonstrations, read_prompts
 from rlhfkit.data.records import Prompt, messages_to_dicts
-from rlhfkit.data.tokenize import prompt_ids
+from rlhfkit.data.tokenize import Example, collate_for_training, prompt_ids, tokenize_demonstrations
 from rlhfkit.data.world import World
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.eval.gold import gold_evaluate
-from rlhfkit.losses import entropy_from_logits, ppo_policy_loss, ppo_value_loss, token_logprobs
-from rlhfkit.models import load_model, load_tokenizer, save_model
-from rlhfkit.reward import RewardModel, build_reward_model
+from rlhfkit.eval.gold import GoldReport, gold_evaluate
+from rlhfkit.eval.winrate import gold_pair_judge, win_rate
+from rlhfkit.losses import entropy_from_logits, ppo_policy_loss, ppo_value_loss, sft_loss_sum, token_logprobs
+from rlhfkit.models import TINY, apply_lora, load_model, load_tokenizer, resolve, save_model
+from rlhfkit.reward import MEAN_KEY, RewardModel, build_reward_model
 from rlhfkit.rollout import Sequences, generate, join, response_logits
-from rlhfkit.train.loop import begin_stage, mark_complete, optimizer_step, start_training
+from rlhfkit.train.loop import DataOrder, begin_stage, mark_complete, optimizer_step, start_training
 
 RewardFn = Callable[[list[Prompt], list[str]], list[float]]
 
@@ -63,18 +66,61 @@ def reward_function(cfg: PPOConfig) -> RewardFn:
 
 def value_model(cfg: PPOConfig, tokenizer) -> torch.nn.Module:
     """Initialised from the reward model (N+ detail) unless told otherwise; for gold or function
-    rewards, the policy's backbone with a fresh scalar head."""
+    rewards, the policy's backbone with a fresh scalar head. It reads the policy's token ids, so
+    its tokenizer must be the policy's."""
     source = cfg.value_model or (cfg.reward if Path(cfg.reward).is_dir() else cfg.model.name)
-    return build_reward_model(source, tokenizer, cfg.run.seed, keep_head=Path(source).is_dir() and source == cfg.reward)
+    check_same_tokenizer(source, cfg.model.name, tokenizer)
+    from_reward_model = Path(source).is_dir() and source == cfg.reward
+    model = build_reward_model(source, tokenizer, cfg.run.seed, keep_head=from_reward_model)
+    if from_reward_model:
+        shift_head(model, float(getattr(model.config, MEAN_KEY, 0.0) or 0.0))
+    return apply_lora(model, cfg.model, task_type="SEQ_CLS") if cfg.model.lora else model
+
+
+def shift_head(model, offset: float) -> None:
+    """Start the value head on the reward's scale: PPO sees normalised scores (raw - mean), so a
+    value model copied from the raw reward model would be off by ``mean`` everywhere. A constant
+    value error is not harmless: GAE weights it by lambda^(T-t), so early tokens would look
+    better than late ones (measured: the EOS token was pushed down and responses grew)."""
+    head = model.score
+    if head.bias is None:
+        biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+        with torch.no_grad():
+            biased.weight.copy_(head.weight)
+            biased.bias.zero_()
+        model.score = head = biased
+    with torch.no_grad():
+        head.bias -= offset
+
+
+def check_same_tokenizer(source: str, policy_name: str, policy_tokenizer) -> None:
+    """Fail early, naming both models, when the value model would read ids from another vocabulary."""
+    if source == policy_name or source == TINY or not (Path(resolve(source)) / "tokenizer_config.json").exists():
+        return
+    theirs = load_tokenizer(source)
+    if theirs.get_vocab() != policy_tokenizer.get_vocab():
+        raise RlhfkitError(
+            f"value model '{source}' has a different tokenizer from the policy '{policy_name}' "
+            f"({len(theirs)} vs {len(policy_tokenizer)} tokens); the value model reads the policy's token ids, "
+            "so pass --value-model with a model that shares the policy's tokenizer (e.g. the policy itself)")
 
 
 def token_values(model: torch.nn.Module, seqs: Sequences) -> torch.Tensor:
     """V(prompt + response[:t]) for every response position t, (B, R): the value head applied to
     the hidden state that predicts response token t (aligned with the logprobs)."""
-    backbone = getattr(model, model.base_model_prefix)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA: adapters stay active
+    backbone = getattr(inner, inner.base_model_prefix)
     hidden = backbone(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
                       position_ids=seqs.position_ids).last_hidden_state
-    return model.score(hidden[:, seqs.prompt_width - 1 : -1]).squeeze(-1).float()
+    return inner.score(hidden[:, seqs.prompt_width - 1 : -1]).squeeze(-1).float()
+
+
+def ptx_batch_loss(policy, examples: list[Example], pad_id: int) -> torch.Tensor:
+    """Mean NLL of the demonstrations' response tokens."""
+    batch = collate_for_training(examples, pad_id)
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    nll, n = sft_loss_sum(logits, batch["labels"])
+    return nll / max(n, 1)
 
 
 def logprobs_and_entropy(model, seqs: Sequences, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +129,65 @@ def logprobs_and_entropy(model, seqs: Sequences, temperature: float) -> tuple[to
         logits = logits / temperature
     targets = seqs.input_ids[:, seqs.prompt_width :].masked_fill(seqs.response_mask == 0, -100)
     return token_logprobs(logits, targets), entropy_from_logits(logits)
+
+
+@contextlib.contextmanager
+def frozen_reference(policy, reference):
+    """The frozen SFT policy: its own copy, or, with LoRA, the policy itself with the adapters
+    disabled (the same weights, no second model in memory)."""
+    if reference is not None:
+        yield reference
+    else:
+        with policy.disable_adapter():
+            yield policy
+
+
+def reference_logprobs(policy, reference, seqs: Sequences, temperature: float) -> torch.Tensor:
+    with frozen_reference(policy, reference) as ref:
+        return logprobs_and_entropy(ref, seqs, temperature)[0]
+
+
+class EMA:
+    """An exponential moving average of the trainable policy weights (InstructGPT keeps one),
+    updated once per PPO step; checkpointed with the run and saved as a model in OUT/ema."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, saved: dict[str, torch.Tensor] | None = None):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        for key, value in (saved or {}).items():
+            if key.startswith("ema."):
+                self.shadow[key[4:]].copy_(value)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, p in model.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(p.detach(), 1.0 - self.decay)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"ema.{name}": t for name, t in self.shadow.items()}
+
+    def averaged_copy(self, model: torch.nn.Module) -> torch.nn.Module:
+        averaged = copy.deepcopy(model)
+        params = dict(averaged.named_parameters())
+        with torch.no_grad():
+            for name, t in self.shadow.items():
+                params[name].copy_(t)
+        return averaged
+
+
+def ptx_examples(cfg: PPOConfig, tokenizer) -> list[Example]:
+    """Demonstrations for PPO-ptx: the SFT-style loss keeps the policy close to good answers
+    while PPO chases the reward (InstructGPT mixes in pretraining data the same way)."""
+    if cfg.algo.ptx_data == "world":
+        demos = World(seed=cfg.world_seed).demonstrations(cfg.world_prompts, "train")
+    else:
+        demos, report = read_demonstrations(cfg.algo.ptx_data)
+        print(report.summary())
+    return tokenize_demonstrations(tokenizer, demos, PTX_MAX_LEN)[0]
+
+
+PTX_MAX_LEN = 1024
 
 
 def select(seqs: Sequences, rows: torch.Tensor) -> Sequences:
@@ -108,13 +213,15 @@ def train(cfg: PPOConfig) -> Path:
     # Models: the policy (trained), the frozen reference (the same SFT weights), the value model.
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     policy = load_model(cfg.model, tokenizer, seed=cfg.run.seed)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if cfg.model.lora:  # the reference is the same model with its adapters disabled
+        policy, reference = apply_lora(policy, cfg.model), None
+    else:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
     models = PolicyAndValue(policy, value_model(cfg, tokenizer))
     score_fn = reward_function(cfg)
     world = World(seed=cfg.world_seed)
+    ptx = ptx_examples(cfg, tokenizer) if algo.ptx_coef > 0 else []
     if cfg.prompts != "world":
-        from rlhfkit.data.formats import read_prompts
-
         prompts, report = read_prompts(cfg.prompts)
         say(report.summary())
     else:
@@ -128,16 +235,35 @@ def train(cfg: PPOConfig) -> Path:
     if run is None:
         return out
     kl_ctl = KLController(run.state.get("kl_coef", algo.kl_coef), algo.kl_target or None, algo.kl_horizon)
+    ema = EMA(policy, algo.ema_decay, run.state.get("tensors")) if algo.ema_decay else None
+    ptx_order = DataOrder(len(ptx), cfg.run.seed + 1)
     pad_id = tokenizer.pad_token_id
 
+    def answers(model, temperature: float) -> GoldReport:
+        with acc.autocast():
+            return gold_evaluate(model, tokenizer, world, gold_prompts, max_new_tokens=algo.max_new_tokens,
+                                 batch_size=cfg.eval.batch_size, precision=cfg.model.precision, temperature=temperature)
+
     def evaluate(step: int) -> dict[str, float]:
+        """Greedy gold score; at the end also the gold win rate against the SFT reference, greedy
+        and sampled at the training temperature (each pair judged in both orders, ties half)."""
         if not gold_prompts:
             return {}
-        with acc.autocast():
-            report = gold_evaluate(policy, tokenizer, world, gold_prompts, max_new_tokens=algo.max_new_tokens,
-                                   batch_size=cfg.eval.batch_size, precision=cfg.model.precision)
+        report = answers(policy, 0.0)
         run.bar.print(f"step {step}: eval/gold_score={report.score:.4f} eos={report.eos_fraction:.2f}")
-        return report.metrics()
+        metrics = report.metrics()
+        if step == cfg.run.steps:
+            judge = gold_pair_judge(world)
+            for name, temperature in (("", 0.0), ("_sampled", algo.temperature)):
+                with frozen_reference(policy, reference) as ref:
+                    theirs = answers(ref, temperature)
+                ours = report if temperature == 0 else answers(policy, temperature)
+                result = win_rate(judge, gold_prompts, [g.text for g in ours.generations],
+                                  [g.text for g in theirs.generations])
+                metrics.update(result.metrics(f"eval/vs_sft{name}_"))
+                metrics[f"eval/sft{name}_gold_score"] = theirs.score
+                run.bar.print(f"gold win rate vs SFT{name.replace('_', ', ')}: {result}")
+        return metrics
 
     if run.start_step == 0 and cfg.eval.at_start:
         run.log.log(0, evaluate(0))
@@ -158,7 +284,7 @@ def train(cfg: PPOConfig) -> Path:
         # 3. Logprobs (same temperature as sampling), reference logprobs and values, no grad.
         with torch.no_grad(), acc.autocast():
             logprobs, entropy = logprobs_and_entropy(policy, seqs, algo.temperature)
-            ref_logprobs, _ = logprobs_and_entropy(reference, seqs, algo.temperature)
+            ref_logprobs = reference_logprobs(policy, reference, seqs, algo.temperature)
             values = token_values(models.value, seqs) * mask
 
         # 4. Scores at the EOS; the "EOS trick" replaces the score of responses that never ended.
@@ -177,17 +303,23 @@ def train(cfg: PPOConfig) -> Path:
         advantages = masked_whiten(advantages, mask)
 
         # 6. PPO epochs over shuffled minibatches.
-        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "ratio", "vf_clipfrac")}
+        # Optional PPO-ptx: an SFT loss on demonstrations in every update (InstructGPT eq. 2, gamma).
+        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "ratio",
+                                                         "vf_clipfrac", "ptx_loss")}
         shuffle = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
+        update = step * updates_per_step
         for epoch in range(algo.epochs):
             for rows in torch.randperm(len(gens), generator=shuffle).split(algo.minibatch_size):
                 sub, m = select(seqs, rows), mask[rows]
                 with acc.autocast():
                     new_logprobs, _ = logprobs_and_entropy(policy, sub, algo.temperature)
                     new_values = token_values(models.value, sub)
+                    ptx_loss = ptx_batch_loss(policy, [ptx[i] for i in ptx_order.batch(update, algo.minibatch_size)],
+                                              pad_id) if ptx else torch.zeros(())
+                update += 1
                 pg, pg_stats = ppo_policy_loss(new_logprobs, logprobs[rows], advantages[rows], m, algo.clip)
                 vf, vf_stats = ppo_value_loss(new_values, values[rows], returns[rows], m, algo.value_clip)
-                loss = masked_mean(pg, m) + algo.vf_coef * masked_mean(vf, m)
+                loss = masked_mean(pg, m) + algo.vf_coef * masked_mean(vf, m) + algo.ptx_coef * ptx_loss
                 if not stats["ratio"]:  # first minibatch: no update yet, so the ratio must be 1
                     first_ratio = float(pg_stats["ratio"])
                     if abs(first_ratio - 1) > 1e-3:
@@ -201,10 +333,13 @@ def train(cfg: PPOConfig) -> Path:
                 stats["pg_loss"].append(float(masked_mean(pg.detach(), m)))
                 stats["vf_loss"].append(float(masked_mean(vf.detach(), m)))
                 stats["vf_clipfrac"].append(float(vf_stats["value_clipfrac"]))
+                stats["ptx_loss"].append(float(ptx_loss.detach()))
                 for key in ("clipfrac", "approx_kl", "ratio"):
                     stats[key].append(float(pg_stats[key]))
 
-        # 7. KL controller, metrics.
+        # 7. EMA, KL controller, metrics.
+        if ema is not None:
+            ema.update(policy)
         seq_kl = (kl * mask).sum(-1)
         if float(seq_kl.mean()) < 0:
             run.bar.print(f"warning: step {step + 1}: mean KL to the reference is negative ({float(seq_kl.mean()):.4f})")
@@ -222,13 +357,17 @@ def train(cfg: PPOConfig) -> Path:
         if cfg.prompts == "world":
             metrics["ppo/gold_score"] = sum(s.score for s in world.judge_many(batch_prompts, texts)) / len(texts)
         run.bar.update(done, f"score {metrics['ppo/score']:.3f}  kl {metrics['ppo/kl']:.3f}")
-        metrics = run.finish_step(done, metrics, evaluate, extra_state=lambda: {"kl_coef": kl_ctl.value})
+        metrics = run.finish_step(done, metrics, evaluate, extra_state=lambda: {"kl_coef": kl_ctl.value},
+                                  extra_tensors=lambda: ema.tensors() if ema is not None else {})
 
     # Save the policy as a plain model folder and the value model beside it.
     if run.start_step == cfg.run.steps:
         metrics = evaluate(cfg.run.steps)
     save_model(policy, tokenizer, out)
-    models.value.save_pretrained(out / "value_model", safe_serialization=True)
+    value = models.value.merge_and_unload() if cfg.model.lora else models.value
+    value.save_pretrained(out / "value_model", safe_serialization=True)
+    if ema is not None:
+        save_model(ema.averaged_copy(policy), tokenizer, out / "ema")
     mark_complete(out, {"stage": "ppo", "steps": cfg.run.steps, **metrics})
     run.close()
     return out
