@@ -127,3 +127,24 @@ def test_value_model_with_another_tokenizer_is_refused(tiny_sft, tmp_path):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(RlhfkitError, match="different tokenizer"):
         run_ppo(tiny_sft, tmp_path / "ppo", "--value-model", str(tmp_path / "other"), "--run.steps", "1")
+
+
+def test_value_model_from_a_reward_model_starts_on_the_normalised_scale(tiny_sft, tmp_path, tiny_tokenizer):
+    """PPO optimises normalised scores (raw - stored mean), so the value model copied from the RM
+    must predict raw - mean at every position, not raw."""
+    from rlhfkit.data.records import user
+    from rlhfkit.data.tokenize import prompt_ids, response_ids
+    from rlhfkit.reward import MEAN_KEY, build_reward_model
+    from rlhfkit.rollout import join
+
+    rm = build_reward_model(str(tiny_sft), tiny_tokenizer, seed=3)
+    setattr(rm.config, MEAN_KEY, 3.0)
+    rm.save_pretrained(tmp_path / "rm")
+    tiny_tokenizer.save_pretrained(tmp_path / "rm")
+    cfg = parse("ppo", ["--recipe", "tiny", "--model.name", str(tiny_sft), "--reward", str(tmp_path / "rm")])
+    value = ppo.value_model(cfg, tiny_tokenizer)
+    seqs = join([prompt_ids(tiny_tokenizer, user("What is 2+3?"))], [response_ids(tiny_tokenizer, "5")],
+                tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = ppo.token_values(rm, seqs) - 3.0
+        assert torch.allclose(ppo.token_values(value, seqs), expected, atol=1e-5)
