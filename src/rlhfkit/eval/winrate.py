@@ -72,6 +72,10 @@ def win_rate(judge: PairJudge, prompts: list[Prompt], responses_a: list[str], re
         win_rate=sum(per_pair) / n, low=low, high=high,
         wins=sum(p > 0.5 for p in per_pair), ties=sum(p == 0.5 for p in per_pair),
         losses=sum(p < 0.5 for p in per_pair),
-        position_consistency=sum((x > 0.5) == (y < 0.5) and (x == 0.5) == (y == 0.5)
-                                 for x, y in zip(a_first, b_first)) / n,
+        position_consistency=sum(_verdict(x) == -_verdict(y) for x, y in zip(a_first, b_first)) / n,
     )
+
+
+def _verdict(preference: float) -> int:
+    """+1 first preferred, -1 second preferred, 0 tie."""
+    return (preference > 0.5) - (preference < 0.5)
