@@ -176,6 +176,9 @@ class EMA:
         return averaged
 
 
+PTX_MAX_LEN = 1024  # demonstration tokens per PPO-ptx example (longer ones lose old context first)
+
+
 def ptx_examples(cfg: PPOConfig, tokenizer) -> list[Example]:
     """Demonstrations for PPO-ptx: the SFT-style loss keeps the policy close to good answers
     while PPO chases the reward (InstructGPT mixes in pretraining data the same way)."""
@@ -185,9 +188,6 @@ def ptx_examples(cfg: PPOConfig, tokenizer) -> list[Example]:
         demos, report = read_demonstrations(cfg.algo.ptx_data)
         print(report.summary())
     return tokenize_demonstrations(tokenizer, demos, PTX_MAX_LEN)[0]
-
-
-PTX_MAX_LEN = 1024
 
 
 def select(seqs: Sequences, rows: torch.Tensor) -> Sequences:
