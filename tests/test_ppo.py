@@ -148,3 +148,10 @@ def test_value_model_from_a_reward_model_starts_on_the_normalised_scale(tiny_sft
     with torch.no_grad():
         expected = ppo.token_values(rm, seqs) - 3.0
         assert torch.allclose(ppo.token_values(value, seqs), expected, atol=1e-5)
+
+    # Saved the way a PPO run saves it, then loaded back as a value model: the same values.
+    ppo.save_value_model(value, tmp_path / "value_model")
+    again = ppo.value_model(parse("ppo", ["--recipe", "tiny", "--model.name", str(tiny_sft), "--reward", "gold",
+                                          "--value-model", str(tmp_path / "value_model")]), tiny_tokenizer)
+    with torch.no_grad():
+        assert torch.allclose(ppo.token_values(again, seqs), expected, atol=1e-5)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -67,14 +68,41 @@ def reward_function(cfg: PPOConfig) -> RewardFn:
 def value_model(cfg: PPOConfig, tokenizer) -> torch.nn.Module:
     """Initialised from the reward model (N+ detail) unless told otherwise; for gold or function
     rewards, the policy's backbone with a fresh scalar head. It reads the policy's token ids, so
-    its tokenizer must be the policy's."""
+    its tokenizer must be the policy's. A folder with a trained scalar head (a reward model, or a
+    value model saved by an earlier PPO run) keeps it, shifted onto PPO's normalised scale."""
     source = cfg.value_model or (cfg.reward if Path(cfg.reward).is_dir() else cfg.model.name)
     check_same_tokenizer(source, cfg.model.name, tokenizer)
-    from_reward_model = Path(source).is_dir() and source == cfg.reward
-    model = build_reward_model(source, tokenizer, cfg.run.seed, keep_head=from_reward_model)
-    if from_reward_model:
-        shift_head(model, float(getattr(model.config, MEAN_KEY, 0.0) or 0.0))
+    stored_mean = trained_head_mean(source)
+    model = build_reward_model(source, tokenizer, cfg.run.seed, keep_head=stored_mean is not None)
+    if stored_mean is not None:
+        shift_head(model, stored_mean)
     return apply_lora(model, cfg.model, task_type="SEQ_CLS") if cfg.model.lora else model
+
+
+def trained_head_mean(source: str) -> float | None:
+    """The reward mean stored by the RM stage (or by ``save_value_model``) in a model folder's
+    config; None for folders without a trained scalar head (an SFT model, a hub id)."""
+    config = Path(source) / "config.json"
+    if not config.is_file():
+        return None
+    mean = json.loads(config.read_text()).get(MEAN_KEY)
+    return None if mean is None else float(mean)
+
+
+def save_value_model(value: torch.nn.Module, path: Path) -> None:
+    """Save the value model so that loading it the way PPO loads a reward model gives back the
+    same values: the head's bias (which models like Llama's classifier cannot hold) is folded
+    into the stored mean, since V = w.h + b = w.h - (-b)."""
+    head = value.score
+    bias = float(head.bias.item()) if head.bias is not None else 0.0
+    plain = torch.nn.Linear(head.in_features, head.out_features, bias=False)
+    plain.weight = head.weight
+    value.score = plain
+    setattr(value.config, MEAN_KEY, -bias)
+    try:
+        value.save_pretrained(path, safe_serialization=True)
+    finally:
+        value.score = head
 
 
 def shift_head(model, offset: float) -> None:
@@ -365,7 +393,7 @@ def train(cfg: PPOConfig) -> Path:
         metrics = evaluate(cfg.run.steps)
     save_model(policy, tokenizer, out)
     value = models.value.merge_and_unload() if cfg.model.lora else models.value
-    value.save_pretrained(out / "value_model", safe_serialization=True)
+    save_value_model(value, out / "value_model")
     if ema is not None:
         save_model(ema.averaged_copy(policy), tokenizer, out / "ema")
     mark_complete(out, {"stage": "ppo", "steps": cfg.run.steps, **metrics})
