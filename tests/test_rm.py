@@ -103,6 +103,22 @@ def test_rm_on_policy_samples_from_a_causal_lm(tmp_path):
     assert "eval/accuracy_k3" in rows(out)[-1]
 
 
+def test_mixed_rankings_hold_policy_samples_then_world_candidates():
+    """`mixed`: per prompt, K - K//2 policy samples followed by K//2 synthetic candidates, all
+    ranked together by one labeler draw."""
+    import random
+
+    from rlhfkit.config import ModelConfig
+
+    data = parse("rm", ["--recipe", "tiny", "--data.responses", "mixed", "--data.k", "4",
+                        "--data.max-new-tokens", "6"]).data
+    rankings = rm.sample_world_rankings(data, ModelConfig(name="tiny"), "train", 5, seed=0)
+    world = World(seed=data.world_seed)
+    for i, (prompt, ranking) in enumerate(zip(world.prompts(5, "train"), rankings)):
+        assert len(ranking.completions) == 4 and sorted(set(ranking.ranks)) == list(range(len(set(ranking.completions))))
+        assert list(ranking.completions[2:]) == world.candidates(prompt, 2, random.Random(f"0:train:{i}"))
+
+
 def test_rm_with_an_encoder_backbone(tmp_path):
     """A BERT-style backbone scores the decoded conversation with its own tokenizer."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors

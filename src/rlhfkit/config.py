@@ -171,8 +171,9 @@ class RMDataConfig:
     """Seed of the world's prompt generator."""
     k: int = 4
     """Completions per world prompt (InstructGPT used K = 4..9)."""
-    responses: Literal["policy", "candidates"] = "policy"
-    """World completions: sampled from `policy`, or the world's synthetic candidates of varied quality."""
+    responses: Literal["policy", "candidates", "mixed"] = "policy"
+    """World completions: sampled from `policy`, the world's synthetic candidates of varied quality, or
+    `mixed` (half of each per prompt: on-policy data plus the failure modes the policy rarely shows)."""
     policy: str = ""
     """Model that samples world completions (default: the backbone, `model.name`)."""
     temperature: float = 1.0

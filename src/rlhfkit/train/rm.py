@@ -35,21 +35,26 @@ from rlhfkit.train.loop import (
 
 
 def sample_world_rankings(data: RMDataConfig, model_cfg, split: str, n: int, seed: int) -> list[Ranking]:
-    """K completions per world prompt sampled from the policy, ranked by simulated labelers."""
+    """K completions per world prompt (sampled from the policy, synthetic candidates, or half of
+    each), ranked by simulated labelers."""
     world = World(seed=data.world_seed)
     prompts = world.prompts(n, split)
     labeler = Labeler(temperature=data.labeler_temperature, seed=seed)
-    if data.responses == "candidates":
-        groups = [world.candidates(p, data.k, random.Random(f"{seed}:{split}:{i}")) for i, p in enumerate(prompts)]
-    else:
+    n_policy = {"candidates": 0, "policy": data.k, "mixed": data.k - data.k // 2}[data.responses]
+    sampled: list[list[str]] = [[] for _ in prompts]
+    if n_policy:
         policy_name = data.policy or model_cfg.name
         tokenizer = load_tokenizer(policy_name, model_cfg.trust_remote_code)
         policy = load_model(model_cfg, tokenizer, seed=seed, path=policy_name)
-        print(f"sampling {data.k} completions for {n} {split} prompts from {policy_name}")
-        flat = generate(policy, tokenizer, [p.messages for p in prompts for _ in range(data.k)], data.max_new_tokens,
+        print(f"sampling {n_policy} completions for {n} {split} prompts from {policy_name}")
+        flat = generate(policy, tokenizer, [p.messages for p in prompts for _ in range(n_policy)], data.max_new_tokens,
                         temperature=data.temperature, batch_size=32, precision=model_cfg.precision,
                         generator_seed=seed + (1 if split == "eval" else 0))
-        groups = [[g.text for g in flat[i * data.k : (i + 1) * data.k]] for i in range(n)]
+        sampled = [[g.text for g in flat[i * n_policy : (i + 1) * n_policy]] for i in range(n)]
+    # Synthetic candidates cover what the policy rarely writes (complying with a harmful request,
+    # a confident wrong answer), so a "mixed" reward model is harder to exploit off-distribution.
+    groups = [s + world.candidates(p, data.k - n_policy, random.Random(f"{seed}:{split}:{i}"))
+              for i, (p, s) in enumerate(zip(prompts, sampled))]
     return [labeler.rank(p, g, random.Random(f"{seed}:{split}:rank:{i}")) for i, (p, g) in enumerate(zip(prompts, groups))]
 
 
