@@ -51,3 +51,20 @@ def test_optimizer_state_round_trips_through_flat_tensors():
         for key, value in state.items():
             assert torch.equal(opt2.state_dict()["state"][pid][key], value)
     assert opt2.param_groups[0]["betas"] == opt.param_groups[0]["betas"]
+
+
+def test_resume_refuses_changed_settings_but_not_a_moved_folder_or_more_steps(tmp_path):
+    """A resumed run must be the uninterrupted one: a changed learning rate is refused, naming it;
+    a longer run, or the same run copied to another folder, resumes."""
+    import pytest
+
+    from rlhfkit.cli import parse
+    from rlhfkit.config import save_config
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.train.loop import check_same_config
+
+    saved = tmp_path / "config.yaml"
+    save_config(parse("sft", ["--recipe", "tiny", "--run.out", "a", "--run.steps", "10"]), saved)
+    check_same_config(saved, parse("sft", ["--recipe", "tiny", "--run.out", "b", "--run.steps", "20", "--run.resume"]))
+    with pytest.raises(RlhfkitError, match="optim.lr"):
+        check_same_config(saved, parse("sft", ["--recipe", "tiny", "--run.out", "a", "--optim.lr", "0.1"]))

@@ -180,7 +180,8 @@ def check_same_config(saved: Path, cfg: Any) -> None:
     import yaml
 
     old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
-    ignore = {("run", "resume"), ("run", "overwrite"), ("run", "steps")}
+    # Where the folder lives does not change the weights: a moved or copied run resumes.
+    ignore = {("run", "resume"), ("run", "overwrite"), ("run", "steps"), ("run", "out")}
     diffs = [
         f"{sec}.{key}: {old[sec].get(key)!r} -> {value!r}"
         for sec, body in new.items()
