@@ -97,12 +97,14 @@ def save_value_model(value: torch.nn.Module, path: Path) -> None:
     bias = float(head.bias.item()) if head.bias is not None else 0.0
     plain = torch.nn.Linear(head.in_features, head.out_features, bias=False)
     plain.weight = head.weight
+    stored_mean = getattr(value.config, MEAN_KEY, None)
     value.score = plain
     setattr(value.config, MEAN_KEY, -bias)
     try:
         value.save_pretrained(path, safe_serialization=True)
-    finally:
+    finally:  # the live model is left as it was
         value.score = head
+        setattr(value.config, MEAN_KEY, stored_mean)
 
 
 def shift_head(model, offset: float) -> None:
