@@ -6,7 +6,7 @@ import torch
 from rlhfkit.data.records import user
 from rlhfkit.data.tokenize import end_of_turn_id, prompt_ids
 from rlhfkit.models import build_tiny_model
-from rlhfkit.rollout import generate, join, response_logprobs
+from rlhfkit.rollout import generate, join, response_logits, response_logprobs
 
 
 def test_generation_stops_at_end_of_turn_and_marks_unfinished(tiny_tokenizer):
@@ -50,3 +50,25 @@ def test_batched_logprobs_equal_unpadded_one_at_a_time(tiny_tokenizer, arch):
     with torch.no_grad():
         t1 = response_logprobs(model, join(prompts, responses, tiny_tokenizer.pad_token_id), temperature=1.0)
     assert not torch.allclose(t1, batched)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "lora"])
+def test_response_logits_equal_the_full_forward_sliced(tiny_tokenizer, arch):
+    """Only the response positions go through the LM head; they must be exactly the positions
+    P-1 .. P+R-2 of a full forward pass (an off-by-one would score each token with the logits
+    of its neighbour)."""
+    torch.manual_seed(0)
+    model = tiny_gpt2(tiny_tokenizer) if arch == "gpt2" else build_tiny_model(tiny_tokenizer)
+    if arch == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.eval()
+    prompts = [prompt_ids(tiny_tokenizer, user(t)) for t in ("hi", "What is 12 + 30? Answer with just the number.")]
+    seqs = join(prompts, [[70, 71, 72, end_of_turn_id(tiny_tokenizer)], [80]], tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        full = model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
+                     position_ids=seqs.position_ids).logits
+        kept = response_logits(model, seqs)
+    assert kept.shape == (2, 4, full.shape[-1])
+    torch.testing.assert_close(kept, full[:, seqs.prompt_width - 1 : -1])
