@@ -8,6 +8,8 @@ distributed) batch to the caller, which knows the true token count.
 
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 import torch.nn.functional as F
 
@@ -142,3 +144,76 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Per-token entropy of the sampling distribution, (B, T, V) -> (B, T), in fp32."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+# --- DPO family (direct preference optimisation, no reward model) ---------------------------------
+
+
+class DPOLoss(str, Enum):
+    """DPO loss variants. Each knows what it needs, so the trainer asks instead of branching on names."""
+
+    SIGMOID = "sigmoid"
+    """DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * (chosen log-ratio - rejected log-ratio))."""
+    IPO = "ipo"
+    """IPO (Azar et al. 2023, eq. 17): (h - 1/(2 beta))^2 on per-token average log-ratios, as the IPO
+    authors and TRL compute it; a squared loss that does not push the margin to infinity."""
+    CONSERVATIVE = "cdpo"
+    """Conservative DPO (Mitchell 2023): the sigmoid loss with labels flipped with probability
+    ``label_smoothing``, for noisy preferences."""
+    SIMPO = "simpo"
+    """SimPO (Meng et al. 2024): reference-free; the implicit reward is beta times the per-token
+    average logprob, with a target margin ``simpo_gamma``."""
+
+    @property
+    def needs_reference(self) -> bool:
+        return self is not DPOLoss.SIMPO
+
+    @property
+    def length_normalised(self) -> bool:
+        return self in (DPOLoss.IPO, DPOLoss.SIMPO)
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float,
+    variant: DPOLoss = DPOLoss.SIGMOID,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair DPO-family loss, (B,) -> (B,), and detached per-pair diagnostics.
+
+    Args:
+        chosen_logps, rejected_logps: (B,) summed response logprobs under the policy.
+        ref_chosen_logps, ref_rejected_logps: (B,) the same under the frozen reference (None for
+            reference-free variants).
+        chosen_lengths, rejected_lengths: (B,) response tokens, for length-normalised variants.
+    Returns:
+        loss (B,); stats with rewards_chosen / rewards_rejected (B,): the implicit rewards
+        beta * log(pi / pi_ref) (beta * mean logprob for SimPO), whose difference is the margin.
+    At the start of training, policy = reference, so every log-ratio is 0 and the sigmoid loss is
+    ln 2 whatever beta is (a test anchors this).
+    """
+    if variant.needs_reference:
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError(f"DPO loss '{variant.value}' needs reference logprobs")
+        chosen, rejected = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+    else:
+        chosen, rejected = chosen_logps, rejected_logps
+    if variant.length_normalised:
+        chosen, rejected = chosen / chosen_lengths.clamp(min=1), rejected / rejected_lengths.clamp(min=1)
+    margin = chosen - rejected
+    if variant is DPOLoss.SIGMOID:
+        loss = -F.logsigmoid(beta * margin)
+    elif variant is DPOLoss.CONSERVATIVE:
+        loss = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
+    elif variant is DPOLoss.IPO:
+        loss = (margin - 1 / (2 * beta)) ** 2
+    else:  # SIMPO
+        loss = -F.logsigmoid(beta * margin - simpo_gamma)
+    stats = {"rewards_chosen": (beta * chosen).detach(), "rewards_rejected": (beta * rejected).detach()}
+    return loss, stats
