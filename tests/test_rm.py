@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoModelForSequenceClassification
 
 from rlhfkit.cli import main, parse
+from rlhfkit.data.preferences import sample_world_rankings
 from rlhfkit.data.world import World
 from rlhfkit.reward import RewardModel
 from rlhfkit.train import rm
@@ -112,7 +113,7 @@ def test_mixed_rankings_hold_policy_samples_then_world_candidates():
 
     data = parse("rm", ["--recipe", "tiny", "--data.responses", "mixed", "--data.k", "4",
                         "--data.max-new-tokens", "6"]).data
-    rankings = rm.sample_world_rankings(data, ModelConfig(name="tiny"), "train", 5, seed=0)
+    rankings = sample_world_rankings(data, ModelConfig(name="tiny"), "train", 5, seed=0)
     world = World(seed=data.world_seed)
     for i, (prompt, ranking) in enumerate(zip(world.prompts(5, "train"), rankings)):
         assert len(ranking.completions) == 4 and sorted(set(ranking.ranks)) == list(range(len(set(ranking.completions))))

@@ -145,7 +145,9 @@ class SFTConfig:
 
 
 @dataclass
-class RMDataConfig:
+class PreferenceDataConfig:
+    """Comparisons and rankings: what the reward model and the DPO family learn from."""
+
     train: str = "world"
     """`world` (rankings of sampled responses by simulated labelers) or a file/folder/hub dataset of
     comparisons or rankings (hh-rlhf, prompt/chosen/rejected, prompt/completions/ranking)."""
@@ -191,7 +193,7 @@ class RMConfig:
     recipe: str = ""
     """Recipe name or YAML path whose `rm:` section fills these defaults."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: RMDataConfig = field(default_factory=RMDataConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
     batch: BatchConfig = field(default_factory=lambda: BatchConfig(micro_batch_size=4))
     """micro_batch_size counts prompts (each with all its K completions in one forward)."""

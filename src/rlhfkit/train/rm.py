@@ -8,8 +8,6 @@ Read top to bottom: 1. rankings (the world's simulated labelers over policy samp
 
 from __future__ import annotations
 
-import json
-import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -17,106 +15,28 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import RMConfig, RMDataConfig
-from rlhfkit.data.formats import read_records
-from rlhfkit.data.records import Comparison, Message, Ranking, messages_to_dicts, prompt_bucket
-from rlhfkit.data.world import Labeler, World
+from rlhfkit.config import RMConfig
+from rlhfkit.data.preferences import load_rankings
+from rlhfkit.data.records import Ranking
+from rlhfkit.data.world import World
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.losses import center_penalty, ranking_loss
-from rlhfkit.models import apply_lora, load_model, load_tokenizer
-from rlhfkit.reward import MEAN_KEY, STD_KEY, backbone_is_encoder, build_reward_model, encode, rewards_of
-from rlhfkit.rollout import generate
-from rlhfkit.train.loop import (
-    begin_stage, mark_complete, optimizer_step, start_training, sync_gradients,
+from rlhfkit.models import apply_lora, load_tokenizer
+from rlhfkit.reward import (
+    MEAN_KEY,
+    STD_KEY,
+    backbone_is_encoder,
+    build_reward_model,
+    encode,
+    rewards_of,
 )
-
-
-# --- 1. rankings --------------------------------------------------------------------------------
-
-
-def sample_world_rankings(data: RMDataConfig, model_cfg, split: str, n: int, seed: int) -> list[Ranking]:
-    """K completions per world prompt (sampled from the policy, synthetic candidates, or half of
-    each), ranked by simulated labelers."""
-    world = World(seed=data.world_seed)
-    prompts = world.prompts(n, split)
-    labeler = Labeler(temperature=data.labeler_temperature, seed=seed)
-    n_policy = {"candidates": 0, "policy": data.k, "mixed": data.k - data.k // 2}[data.responses]
-    sampled: list[list[str]] = [[] for _ in prompts]
-    if n_policy:
-        policy_name = data.policy or model_cfg.name
-        tokenizer = load_tokenizer(policy_name, model_cfg.trust_remote_code)
-        policy = load_model(model_cfg, tokenizer, seed=seed, path=policy_name)
-        print(f"sampling {n_policy} completions for {n} {split} prompts from {policy_name}")
-        flat = generate(policy, tokenizer, [p.messages for p in prompts for _ in range(n_policy)], data.max_new_tokens,
-                        temperature=data.temperature, batch_size=32, precision=model_cfg.precision,
-                        generator_seed=seed + (1 if split == "eval" else 0))
-        sampled = [[g.text for g in flat[i * n_policy : (i + 1) * n_policy]] for i in range(n)]
-    # Synthetic candidates cover what the policy rarely writes (complying with a harmful request,
-    # a confident wrong answer), so a "mixed" reward model is harder to exploit off-distribution.
-    groups = [s + world.candidates(p, data.k - n_policy, random.Random(f"{seed}:{split}:{i}"))
-              for i, (p, s) in enumerate(zip(prompts, sampled))]
-    return [labeler.rank(p, g, random.Random(f"{seed}:{split}:rank:{i}")) for i, (p, g) in enumerate(zip(prompts, groups))]
-
-
-def as_ranking(record: Comparison | Ranking) -> Ranking:
-    """A comparison is a ranking of two; its margin travels in meta."""
-    if isinstance(record, Ranking):
-        return record
-    meta = {**record.meta, "margin": record.margin} if record.margin is not None else record.meta
-    return Ranking(record.prompt, (record.chosen, record.rejected), (0, 1), meta=meta)
-
-
-def read_rankings_file(source: str, data: RMDataConfig) -> list[Ranking]:
-    records, report = read_records(source, format=data.format, skip_bad=data.skip_bad)
-    print(report.summary())
-    bad = [r for r in records if not isinstance(r, (Comparison, Ranking))]
-    if bad:
-        raise RlhfkitError(f"{source}: holds {type(bad[0]).__name__} records; the reward model needs comparisons or rankings")
-    return [as_ranking(r) for r in records]
-
-
-def load_rankings(cfg: RMConfig, out: Path) -> tuple[list[Ranking], list[Ranking]]:
-    """Train and held-out rankings. Sampled world data is cached in OUT/data so a resumed run
-    trains on exactly the same rankings without sampling again."""
-    data = cfg.data
-    if data.train == "world":
-        cache = {split: out / "data" / f"{split}_rankings.jsonl" for split in ("train", "eval")}
-        if not all(p.exists() for p in cache.values()):
-            train = sample_world_rankings(data, cfg.model, "train", data.world_prompts, cfg.run.seed)
-            held = sample_world_rankings(data, cfg.model, "eval", data.world_eval_prompts, cfg.run.seed)
-            for split, rankings in (("train", train), ("eval", held)):
-                write_rankings(rankings, cache[split])
-        return read_cached_rankings(cache["train"]), read_cached_rankings(cache["eval"])
-    train = read_rankings_file(data.train, data)
-    if data.eval:
-        held = read_rankings_file(data.eval, data)
-    else:
-        held = [r for r in train if prompt_bucket(r.prompt) < data.eval_fraction]
-        train = [r for r in train if prompt_bucket(r.prompt) >= data.eval_fraction]
-    if data.max_examples:
-        train = train[: data.max_examples]
-    if data.max_eval_examples:
-        held = held[: data.max_eval_examples]
-    return train, held
-
-
-def read_cached_rankings(path: Path) -> list[Ranking]:
-    """Our own cache, read back as written: sampled completions may legitimately be empty (the
-    policy ended at once), which the strict user-data reader would reject."""
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return [Ranking(tuple(Message(**m) for m in r["prompt"]), tuple(r["completions"]), tuple(r["ranking"]), meta=r["meta"])
-            for r in rows]
-
-
-def write_rankings(rankings: list[Ranking], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        for r in rankings:
-            row = {"prompt": messages_to_dicts(r.prompt), "completions": list(r.completions), "ranking": list(r.ranks), "meta": r.meta}
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
-
+from rlhfkit.train.loop import (
+    begin_stage,
+    mark_complete,
+    optimizer_step,
+    start_training,
+    sync_gradients,
+)
 
 # --- 2. groups of tokenized completions ---------------------------------------------------------
 
@@ -277,7 +197,7 @@ def train(cfg: RMConfig) -> Path:
 
     # 1-2. Rankings -> groups of token ids (every completion of a prompt stays together).
     if acc.is_main_process:
-        train_rankings, eval_rankings = load_rankings(cfg, out)
+        train_rankings, eval_rankings = load_rankings(cfg.data, cfg.model, cfg.run.seed, out)
     acc.wait_for_everyone()
     if not acc.is_main_process:
         train_rankings, eval_rankings = load_rankings(cfg, out)  # reads the main process's cache

@@ -1,0 +1,108 @@
+"""Preference data for the reward model and the DPO family: comparisons and K-wise rankings from
+a file, or from the built-in world (completions sampled from a policy and/or the world's synthetic
+candidates, ranked by simulated labelers). Sampled world data is cached in the stage's folder so a
+resumed run sees exactly the same rankings.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from rlhfkit.config import ModelConfig, PreferenceDataConfig
+from rlhfkit.data.formats import read_records
+from rlhfkit.data.records import (
+    Comparison,
+    Message,
+    Ranking,
+    messages_to_dicts,
+    prompt_bucket,
+)
+from rlhfkit.data.world import Labeler, World
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.models import load_model, load_tokenizer
+from rlhfkit.rollout import generate
+
+
+def sample_world_rankings(data: PreferenceDataConfig, model_cfg: ModelConfig, split: str, n: int, seed: int) -> list[Ranking]:
+    """K completions per world prompt (sampled from the policy, synthetic candidates, or half of
+    each), ranked by simulated labelers."""
+    world = World(seed=data.world_seed)
+    prompts = world.prompts(n, split)
+    labeler = Labeler(temperature=data.labeler_temperature, seed=seed)
+    n_policy = {"candidates": 0, "policy": data.k, "mixed": data.k - data.k // 2}[data.responses]
+    sampled: list[list[str]] = [[] for _ in prompts]
+    if n_policy:
+        policy_name = data.policy or model_cfg.name
+        tokenizer = load_tokenizer(policy_name, model_cfg.trust_remote_code)
+        policy = load_model(model_cfg, tokenizer, seed=seed, path=policy_name)
+        print(f"sampling {n_policy} completions for {n} {split} prompts from {policy_name}")
+        flat = generate(policy, tokenizer, [p.messages for p in prompts for _ in range(n_policy)], data.max_new_tokens,
+                        temperature=data.temperature, batch_size=32, precision=model_cfg.precision,
+                        generator_seed=seed + (1 if split == "eval" else 0))
+        sampled = [[g.text for g in flat[i * n_policy : (i + 1) * n_policy]] for i in range(n)]
+    # Synthetic candidates cover what the policy rarely writes (complying with a harmful request,
+    # a confident wrong answer), so a "mixed" reward model is harder to exploit off-distribution.
+    groups = [s + world.candidates(p, data.k - n_policy, random.Random(f"{seed}:{split}:{i}"))
+              for i, (p, s) in enumerate(zip(prompts, sampled))]
+    return [labeler.rank(p, g, random.Random(f"{seed}:{split}:rank:{i}")) for i, (p, g) in enumerate(zip(prompts, groups))]
+
+
+def as_ranking(record: Comparison | Ranking) -> Ranking:
+    """A comparison is a ranking of two; its margin travels in meta."""
+    if isinstance(record, Ranking):
+        return record
+    meta = {**record.meta, "margin": record.margin} if record.margin is not None else record.meta
+    return Ranking(record.prompt, (record.chosen, record.rejected), (0, 1), meta=meta)
+
+
+def read_rankings_file(source: str, data: PreferenceDataConfig) -> list[Ranking]:
+    records, report = read_records(source, format=data.format, skip_bad=data.skip_bad)
+    print(report.summary())
+    bad = [r for r in records if not isinstance(r, (Comparison, Ranking))]
+    if bad:
+        raise RlhfkitError(f"{source}: holds {type(bad[0]).__name__} records; the reward model needs comparisons or rankings")
+    return [as_ranking(r) for r in records]
+
+
+def load_rankings(data: PreferenceDataConfig, model_cfg: ModelConfig, seed: int, out: Path) -> tuple[list[Ranking], list[Ranking]]:
+    """Train and held-out rankings. Sampled world data is cached in OUT/data so a resumed run
+    trains on exactly the same rankings without sampling again."""
+    if data.train == "world":
+        cache = {split: out / "data" / f"{split}_rankings.jsonl" for split in ("train", "eval")}
+        if not all(p.exists() for p in cache.values()):
+            train = sample_world_rankings(data, model_cfg, "train", data.world_prompts, seed)
+            held = sample_world_rankings(data, model_cfg, "eval", data.world_eval_prompts, seed)
+            for split, rankings in (("train", train), ("eval", held)):
+                write_rankings(rankings, cache[split])
+        return read_cached_rankings(cache["train"]), read_cached_rankings(cache["eval"])
+    train = read_rankings_file(data.train, data)
+    if data.eval:
+        held = read_rankings_file(data.eval, data)
+    else:
+        held = [r for r in train if prompt_bucket(r.prompt) < data.eval_fraction]
+        train = [r for r in train if prompt_bucket(r.prompt) >= data.eval_fraction]
+    if data.max_examples:
+        train = train[: data.max_examples]
+    if data.max_eval_examples:
+        held = held[: data.max_eval_examples]
+    return train, held
+
+
+def read_cached_rankings(path: Path) -> list[Ranking]:
+    """Our own cache, read back as written: sampled completions may legitimately be empty (the
+    policy ended at once), which the strict user-data reader would reject."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [Ranking(tuple(Message(**m) for m in r["prompt"]), tuple(r["completions"]), tuple(r["ranking"]), meta=r["meta"])
+            for r in rows]
+
+
+def write_rankings(rankings: list[Ranking], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        for r in rankings:
+            row = {"prompt": messages_to_dicts(r.prompt), "completions": list(r.completions), "ranking": list(r.ranks), "meta": r.meta}
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
