@@ -9,7 +9,7 @@ import torch
 from rlhfkit.cli import parse
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import load_tokenizer
-from rlhfkit.train import ppo, rm, sft
+from rlhfkit.train import ppo, sft
 
 
 def short_answer(prompts, responses):
@@ -57,15 +57,6 @@ def test_ppo_raises_its_reward(tiny_sft, tmp_path):
     assert rows[-1]["ppo/kl"] > 0  # it moved away from the reference, and the penalty saw it
 
 
-@pytest.fixture(scope="module")
-def imperfect_sft(tmp_path_factory) -> Path:
-    """A tiny SFT policy trained on imperfect demonstrations (half chatty, off-format or rambling,
-    as real demonstration data is): there is style for preference learning to improve on."""
-    out = tmp_path_factory.mktemp("imperfect") / "sft"
-    return sft.train(parse("sft", ["--recipe", "tiny", "--data.world-imperfect", "0.5", "--eval.gold-prompts", "0",
-                                   "--run.out", str(out)]))
-
-
 def assert_beats_sft(out: Path, margin: float) -> None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/gold_score" in r]
@@ -84,7 +75,7 @@ def test_gold_reward_raises_held_out_gold_score(imperfect_sft, tmp_path):
     assert_beats_sft(out, margin=0.05)
 
 
-def test_reward_model_from_the_rm_stage_raises_held_out_gold_score(imperfect_sft, tmp_path):
+def test_reward_model_from_the_rm_stage_raises_held_out_gold_score(imperfect_sft, tiny_mixed_rm, tmp_path):
     """The classic pipeline: a reward model initialised from the SFT policy, trained on rankings
     by simulated labelers of the policy's own samples mixed with synthetic candidates; PPO against
     it must beat SFT on the gold judge (which PPO never sees). Measured with a larger RM run (400
@@ -92,11 +83,8 @@ def test_reward_model_from_the_rm_stage_raises_held_out_gold_score(imperfect_sft
     flat (the RM cannot check answers a 0.9M model gets wrong, but it learns the labelers' taste
     for plain, on-format answers). Without the candidates (an RM on policy samples only) PPO
     learned to stop refusing harmful requests and gold fell 0.32 -> 0.29."""
-    reward_model = rm.train(parse("rm", ["--recipe", "tiny", "--model.name", str(imperfect_sft), "--data.responses",
-                                         "mixed", "--data.world-prompts", "300", "--data.world-eval-prompts", "0",
-                                         "--run.steps", "60", "--run.out", str(tmp_path / "rm")]))
     out = tmp_path / "ppo"
-    ppo.train(parse("ppo", ["--recipe", "tiny", "--model.name", str(imperfect_sft), "--reward", str(reward_model),
+    ppo.train(parse("ppo", ["--recipe", "tiny", "--model.name", str(imperfect_sft), "--reward", str(tiny_mixed_rm),
                             "--optim.lr", "5e-5", "--algo.kl-coef", "0.05", "--run.steps", "30",
                             "--eval.gold-prompts", "150", "--run.out", str(out)]))
     assert_beats_sft(out, margin=0.04)

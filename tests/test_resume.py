@@ -28,7 +28,23 @@ STAGES = {
             "--algo.ema-decay", "0.8", "--algo.ptx-coef", "0.1",
             "--run.steps", "16", "--run.save-every", "4", "--eval.gold-prompts", "0", "--eval.no-at-start",
             "--algo.prompts-per-step", "8", "--algo.minibatch-size", "4", "--algo.max-new-tokens", "8"],
+    # DPO from the random tiny model on world candidates (no sampling): the precomputed reference
+    # logprobs must be read back, since the resumed policy is no longer the reference.
+    "dpo": ["dpo", "--recipe", "tiny", "--model.name", "tiny", "--data.responses", "candidates",
+            "--data.world-prompts", "60", "--data.world-eval-prompts", "0", "--run.steps", "16", "--run.save-every", "4",
+            "--eval.gold-prompts", "0", "--eval.no-at-start", "--batch.micro-batch-size", "8"],
+    # GRPO with a KL term (a reference copy) and per-step sampling seeds.
+    "grpo": ["grpo", "--recipe", "tiny", "--model.name", "tiny", "--reward", "gold", "--algo.kl-coef", "0.05",
+             "--run.steps", "16", "--run.save-every", "4", "--eval.gold-prompts", "0", "--eval.no-at-start",
+             "--algo.prompts-per-step", "4", "--algo.max-new-tokens", "8"],
+    # Online DPO killed inside its second round: round 1 is skipped on resume, round 2 resumes from
+    # its checkpoint, round 3 runs afresh from round 2's model.
+    "online-dpo": ["online-dpo", "--recipe", "tiny", "--model.name", "tiny", "--reward", "gold",
+                   "--online.prompts-per-iteration", "16", "--online.max-new-tokens", "8", "--run.steps", "8",
+                   "--run.save-every", "2", "--eval.gold-prompts", "0", "--eval.no-at-start", "--batch.micro-batch-size", "4"],
 }
+# Where each stage's checkpoints appear, and the step to kill after.
+KILL_AFTER = {"online-dpo": ("iter_2/checkpoints", 4)}
 
 
 def run_cli(args: list[str]) -> subprocess.Popen:
@@ -40,8 +56,9 @@ def run_cli(args: list[str]) -> subprocess.Popen:
 def losses(out: Path) -> list[float]:
     """The per-step training signal: train/loss (SFT, RM) or the PPO score, KL and KL coefficient."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    keys = ("train/loss", "ppo/score", "ppo/kl", "ppo/kl_coef", "ppo/pg_loss", "ppo/ptx_loss")
-    return [[r[k] for k in keys if k in r] for r in rows if "train/loss" in r or "ppo/score" in r]
+    keys = ("train/loss", "ppo/score", "ppo/kl", "ppo/kl_coef", "ppo/pg_loss", "ppo/ptx_loss", "dpo/loss",
+            "grpo/reward", "grpo/kl", "online/reward_mean")
+    return [[r[k] for k in keys if k in r] for r in rows if any(k in r for k in keys)]
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -49,9 +66,10 @@ def test_kill9_then_resume_gives_identical_weights(stage, tmp_path):
     args = STAGES[stage]
     straight = run_cli([*args, "--run.out", str(tmp_path / "straight")])
     interrupted = run_cli([*args, "--run.out", str(tmp_path / "killed")])
-    ckpts = tmp_path / "killed" / "checkpoints"
+    where, after = KILL_AFTER.get(stage, ("checkpoints", 8))
+    ckpts = tmp_path / "killed" / where
     deadline = time.time() + 180
-    while not [p for p in ckpts.glob("step-*") if int(p.name.split("-")[1]) >= 8]:
+    while not [p for p in ckpts.glob("step-*") if int(p.name.split("-")[1]) >= after]:
         assert interrupted.poll() is None, interrupted.stdout.read()
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)

@@ -139,3 +139,31 @@ class KLController:
             return
         error = max(-0.2, min(0.2, current_kl / self.target - 1.0))
         self.value *= 1.0 + error * n_samples / self.horizon
+
+
+# --- group baselines (GRPO, RLOO): no value model, the other samples of a prompt are the baseline --
+
+
+def group_advantages(rewards: torch.Tensor, baseline: Literal["grpo", "rloo"], eps: float = 1e-4) -> torch.Tensor:
+    """Advantage of each of G samples per prompt, (P, G) -> (P, G).
+
+    grpo: (r - mean of the group) / (std of the group + eps)  (DeepSeekMath, Shao et al. 2024, §4.1;
+        std with Bessel's correction, as TRL computes it).
+    rloo: r - mean of the *other* G-1 samples = G/(G-1) (r - group mean)  (Ahmadian et al. 2024,
+        REINFORCE leave-one-out: an unbiased baseline, since it does not use the sample itself).
+    A group whose rewards are all equal gets advantage 0 under both: it teaches nothing.
+    """
+    g = rewards.shape[-1]
+    if g < 2:
+        raise ValueError(f"group baselines need at least 2 samples per prompt, got {g}")
+    centered = rewards - rewards.mean(-1, keepdim=True)
+    if baseline == "grpo":
+        return centered / (rewards.std(-1, keepdim=True) + eps)
+    if baseline == "rloo":
+        return centered * g / (g - 1)
+    raise ValueError(f"unknown baseline {baseline!r} (expected 'grpo' or 'rloo')")
+
+
+def equal_reward_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """(P, G) -> (P,) bool: groups whose samples all got the same reward (zero advantage)."""
+    return (rewards == rewards[:, :1]).all(-1)

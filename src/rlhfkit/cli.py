@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from rlhfkit.config import PPOConfig, RMConfig, SFTConfig, from_dict, load_recipe_section
+from rlhfkit.config import BestOfNConfig, DPOConfig, GRPOConfig, OnlineDPOConfig, PPOConfig, RMConfig, SFTConfig, from_dict, load_recipe_section
 from rlhfkit.errors import RlhfkitError
 
 
@@ -73,6 +73,11 @@ COMMANDS: dict[str, tuple[type, str, str | None, str]] = {
     "rm": (RMConfig, "rlhfkit.train.rm:train", "rm", "reward model from comparisons and K-wise rankings"),
     "rm score": (RMScoreConfig, "rlhfkit.cli:rm_score", None, "score prompt/response records with a reward model"),
     "ppo": (PPOConfig, "rlhfkit.train.ppo:train", "ppo", "PPO against a reward model with a per-token KL penalty"),
+    "dpo": (DPOConfig, "rlhfkit.train.dpo:train", "dpo", "DPO (or IPO, cDPO, SimPO) on comparisons and rankings"),
+    "online-dpo": (OnlineDPOConfig, "rlhfkit.train.online_dpo:train", "online-dpo",
+                   "online iterative DPO: sample N, rank with the reward, best vs worst, DPO, repeat"),
+    "grpo": (GRPOConfig, "rlhfkit.train.grpo:train", "grpo", "GRPO / RLOO: group-baseline policy gradient against a reward"),
+    "bon": (BestOfNConfig, "rlhfkit.eval.bon:best_of_n", None, "best-of-N sampling with a reward (a baseline, or SFT data)"),
     "world export": (WorldExportConfig, "rlhfkit.cli:world_export", None, "write the built-in task world as data files"),
 }
 

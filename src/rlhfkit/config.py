@@ -292,6 +292,195 @@ class PPOConfig:
             raise ConfigError(f"algo.ptx_coef must be >= 0, got {self.algo.ptx_coef}")
 
 
+@dataclass
+class DPOAlgoConfig:
+    """The DPO family (losses.DPOLoss): what the loss is and how rankings become pairs."""
+
+    loss: Literal["sigmoid", "ipo", "cdpo", "simpo"] = "sigmoid"
+    """`sigmoid` (DPO), `ipo`, `cdpo` (conservative: label smoothing), `simpo` (reference-free)."""
+    beta: float = 0.1
+    """Strength of the implicit KL to the reference (IPO: its tau; SimPO: the reward scale)."""
+    label_smoothing: float = 0.0
+    """cdpo: the probability that a preference label is flipped, in [0, 0.5)."""
+    simpo_gamma: float = 0.5
+    """simpo: the target reward margin."""
+    pairs: Literal["all", "best_worst"] = "all"
+    """A ranking of K becomes all its untied pairs, or its best vs its worst completion."""
+    precompute_reference: bool = True
+    """Reference logprobs of every pair once, before training, saved with the run: no reference
+    model in memory while training. Off: a frozen copy (or, with LoRA, the adapters disabled)
+    scores each batch."""
+
+
+@dataclass
+class DPOConfig:
+    """DPO and its variants: learn from preferences directly, with no reward model."""
+
+    recipe: str = ""
+    """Recipe name or YAML path whose `dpo:` section fills these defaults."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy to train (usually the SFT output); also the frozen reference."""
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    algo: DPOAlgoConfig = field(default_factory=DPOAlgoConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=5))
+    batch: BatchConfig = field(default_factory=lambda: BatchConfig(micro_batch_size=8))
+    """micro_batch_size counts pairs (chosen and rejected go through one forward together)."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/dpo", steps=100, eval_every=0))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> None:
+        require_positive(self, "batch.micro_batch_size", "batch.grad_accum", "run.steps", "run.save_every",
+                         "data.max_seq_len", "algo.beta")
+        if not 0.0 <= self.algo.label_smoothing < 0.5:
+            raise ConfigError(f"algo.label_smoothing must be in [0, 0.5), got {self.algo.label_smoothing}")
+        if self.data.k < 2:
+            raise ConfigError(f"data.k must be at least 2 to make pairs, got {self.data.k}")
+
+
+@dataclass
+class OnlineAlgoConfig:
+    """The RLHFlow "Online RLHF" loop: sample N, rank with the reward, best vs worst, DPO, repeat."""
+
+    iterations: int = 3
+    """Rounds of (sample -> score -> pair -> DPO); each starts from the previous round's model."""
+    prompts_per_iteration: int = 256
+    """Fresh prompts per round (round i uses the i-th slice of the training prompts)."""
+    samples_per_prompt: int = 4
+    """N responses sampled per prompt from the current policy."""
+    pairing: Literal["best_worst", "best_random", "random"] = "best_worst"
+    """Which two of the N become the pair: the highest vs the lowest reward, the highest vs a random
+    lower one, or two random ones with different rewards (the higher is chosen)."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    max_new_tokens: int = 48
+    """Response length limit."""
+
+
+@dataclass
+class OnlineDPOConfig:
+    """Online iterative DPO: each round's pairs come from the current policy, ranked by a reward."""
+
+    recipe: str = ""
+    """Recipe name or YAML path whose `online-dpo:` section fills these defaults."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The starting policy (usually the SFT output)."""
+    reward: str = "gold"
+    """Ranks the samples: a reward-model folder, `gold` (the world's gold judge), or `module:function`."""
+    prompts: str = "world"
+    """Training prompts: `world` or a file of prompt records."""
+    world_seed: int = 0
+    """Seed of the world's prompt generator."""
+    max_seq_len: int = 256
+    """Prompt + response tokens in DPO training."""
+    online: OnlineAlgoConfig = field(default_factory=OnlineAlgoConfig)
+    dpo: DPOAlgoConfig = field(default_factory=DPOAlgoConfig)
+    """The DPO loss of each round (its reference is the round's starting model; `pairs` is unused)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=5))
+    batch: BatchConfig = field(default_factory=lambda: BatchConfig(micro_batch_size=8))
+    """micro_batch_size counts pairs."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/online_dpo", steps=30, eval_every=0))
+    """`steps` are DPO steps per round; each round is a folder OUT/iter_<i>."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> None:
+        require_positive(self, "online.iterations", "online.prompts_per_iteration", "online.max_new_tokens",
+                         "batch.micro_batch_size", "batch.grad_accum", "run.steps", "run.save_every", "max_seq_len",
+                         "dpo.beta")
+        if self.online.samples_per_prompt < 2:
+            raise ConfigError(f"online.samples_per_prompt must be at least 2 to make a pair, got {self.online.samples_per_prompt}")
+        if not 0.0 <= self.dpo.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.dpo.label_smoothing}")
+
+
+@dataclass
+class GRPOAlgoConfig:
+    """Policy gradient with a group baseline: G samples per prompt, no value model."""
+
+    prompts_per_step: int = 8
+    """Prompts per update."""
+    group_size: int = 4
+    """Samples per prompt (G); the group's other samples are the baseline."""
+    baseline: Literal["grpo", "rloo"] = "grpo"
+    """`grpo`: (r - group mean) / group std; `rloo`: r - mean of the other G-1 samples."""
+    loss_aggregation: Literal["token", "sequence"] = "token"
+    """`token`: every token of the batch weighs the same (DAPO); `sequence`: each response's token
+    mean, then the mean over responses (the GRPO paper)."""
+    kl_coef: float = 0.0
+    """k3 KL to the reference in the loss (GRPO used 0.04; 0 keeps no reference model)."""
+    temperature: float = 1.0
+    """Sampling temperature; logprobs are computed at the same temperature."""
+    max_new_tokens: int = 48
+    """Response length limit."""
+    micro_batch_size: int = 16
+    """Responses per forward/backward (the update still covers the whole step)."""
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO / RLOO against a reward: sample a group per prompt, reinforce the better-than-group answers."""
+
+    recipe: str = ""
+    """Recipe name or YAML path whose `grpo:` section fills these defaults."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy to train (usually the SFT output)."""
+    reward: str = "gold"
+    """A reward-model folder, `gold` (the world's gold judge), or `module:function` taking (prompts, responses)."""
+    prompts: str = "world"
+    """Training prompts: `world` or a file of prompt records."""
+    world_prompts: int = 2000
+    """World training prompts."""
+    world_seed: int = 0
+    """Seed of the world's prompt generator."""
+    algo: GRPOAlgoConfig = field(default_factory=GRPOAlgoConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant"))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/grpo", steps=50, eval_every=0))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> None:
+        require_positive(self, "algo.prompts_per_step", "algo.max_new_tokens", "algo.micro_batch_size", "run.steps",
+                         "run.save_every")
+        if self.algo.group_size < 2:
+            raise ConfigError(f"algo.group_size must be at least 2 (the group is the baseline), got {self.algo.group_size}")
+        if self.algo.kl_coef < 0:
+            raise ConfigError(f"algo.kl_coef must be >= 0, got {self.algo.kl_coef}")
+
+
+@dataclass
+class BestOfNConfig:
+    """Best-of-N: sample N responses per prompt and keep the one the reward scores highest."""
+
+    model: str = "tiny"
+    """The policy that samples (a model folder or built-in name)."""
+    reward: str = "gold"
+    """Picks the best: a reward-model folder, `gold` (the world's gold judge), or `module:function`."""
+    n: int = 4
+    """Samples per prompt."""
+    prompts: str = "world"
+    """`world` (held-out world prompts, judged by the gold judge too) or a file of prompt records."""
+    split: Literal["train", "eval"] = "eval"
+    """World split: `eval` for an inference-time baseline, `train` to make rejection-sampling SFT data."""
+    num_prompts: int = 128
+    """World prompts to answer (a prompts file is read whole)."""
+    out: str = "bon.jsonl"
+    """Output JSONL: prompt, completion (the best sample, so the file is SFT data), reward, and every
+    sample with its reward."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    max_new_tokens: int = 48
+    """Response length limit."""
+    batch_size: int = 32
+    """Prompts per generation batch."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """`bf16` autocast for sampling and scoring."""
+    seed: int = 0
+    """Sampling seed."""
+
+    def check(self) -> None:
+        require_positive(self, "n", "num_prompts", "max_new_tokens", "batch_size")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be positive to sample {self.n} different responses, got {self.temperature}")
+
+
 def require_positive(cfg: Any, *fields: str) -> None:
     """Fail before any work when a size is zero or negative, naming the flag."""
     for name in fields:

@@ -217,3 +217,47 @@ def dpo_loss(
         loss = -F.logsigmoid(beta * margin - simpo_gamma)
     stats = {"rewards_chosen": (beta * chosen).detach(), "rewards_rejected": (beta * rejected).detach()}
     return loss, stats
+
+
+# --- GRPO / RLOO (policy gradient with a group baseline) ------------------------------------------
+
+
+def policy_gradient_loss(
+    logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+    ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token on-policy loss with a sequence-level advantage, (B, T) -> (B, T), 0 on masked tokens.
+
+    loss_t = -A * exp(logp_t - sg(logp_t)) + kl_coef * k3_t. The ratio to the sampling policy is
+    exactly 1 (one update per batch of samples, so PPO's clip never acts), while its gradient is
+    A * grad logp_t: REINFORCE with the group baseline, as TRL's GRPO writes it. The optional KL
+    term is the k3 estimator against the reference, added to the loss rather than the reward
+    (GRPO's choice). ``advantages`` (B,) is broadcast over each response's tokens.
+    """
+    ratio = torch.exp(logprobs - logprobs.detach())
+    loss = -advantages.unsqueeze(-1) * ratio
+    stats: dict[str, torch.Tensor] = {}
+    if ref_logprobs is not None and kl_coef:
+        log_ratio = ref_logprobs - logprobs
+        kl = torch.expm1(log_ratio) - log_ratio  # k3 of KL(policy || reference), >= 0
+        loss = loss + kl_coef * kl
+        with torch.no_grad():
+            stats["kl"] = (kl * mask).sum() / mask.sum().clamp(min=1)
+    return loss * mask, stats
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, level: str, n_tokens: int, n_sequences: int) -> torch.Tensor:
+    """Reduce a (B, T) per-token loss to this micro-batch's share of the whole batch's loss.
+
+    token: sum over every token / tokens in the whole batch (each token weighs the same; DAPO,
+        Dr. GRPO: long answers are not down-weighted).
+    sequence: per-response token mean, summed / responses in the whole batch (GRPO's original
+        1/|o_i| weighting, which favours short correct and long wrong answers).
+    ``n_tokens`` / ``n_sequences`` count the whole (accumulated) batch, so micro-batching does not
+    change the gradient.
+    """
+    if level == "token":
+        return per_token.sum() / max(n_tokens, 1)
+    if level == "sequence":
+        return (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / max(n_sequences, 1)
+    raise ValueError(f"unknown loss aggregation {level!r} (expected 'token' or 'sequence')")

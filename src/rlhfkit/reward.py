@@ -18,14 +18,16 @@ After training, the stage stores the mean and std of the RM's scores on referenc
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import logging as transformers_logging
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from rlhfkit.data.records import Message, Messages, user
+from rlhfkit.data.records import Message, Messages, Prompt, messages_to_dicts, user
 from rlhfkit.data.tokenize import fit, prompt_ids, response_ids, right_pad
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import TINY, build_tiny_model, disable_dropout, ensure_pad_token, resolve
@@ -213,3 +215,27 @@ def score_file(model_path: str, input_path: str, out_path: str, batch_size: int 
             f.write(json.dumps({**row, "reward": score}) + "\n")
     os.replace(tmp, out_path)
     return len(rows)
+
+
+RewardFn = Callable[[list[Prompt], list[str]], list[float]]
+"""(prompts, responses) -> one reward each."""
+
+
+def reward_function(spec: str, world_seed: int = 0, precision: str = "fp32") -> RewardFn:
+    """The reward of an RL stage: a reward-model folder, ``gold`` (the built-in world's gold judge,
+    to study over-optimisation without a learned RM), or a user's ``module:function`` taking
+    (prompts as lists of message dicts, responses) and returning one number per response."""
+    if spec == "gold":
+        from rlhfkit.data.world import World
+
+        world = World(seed=world_seed)
+        return lambda prompts, texts: [s.score for s in world.judge_many(prompts, texts)]
+    if ":" in spec and not Path(spec).exists():
+        module, name = spec.split(":", 1)
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise RlhfkitError(f"reward '{spec}': cannot import {name} from {module} ({e})") from None
+        return lambda prompts, texts: [float(x) for x in fn([messages_to_dicts(p.messages) for p in prompts], texts)]
+    rm = RewardModel.load(spec, precision=precision)
+    return lambda prompts, texts: rm.score([p.messages for p in prompts], texts)

@@ -115,6 +115,12 @@ def join(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> S
     return Sequences(torch.cat([p_ids, r_ids], dim=1), attention_mask, position_ids, r_mask, p_ids.shape[1])
 
 
+def select(seqs: Sequences, rows: torch.Tensor) -> Sequences:
+    """The sequences at ``rows`` (a minibatch), keeping the shared prompt width."""
+    return Sequences(seqs.input_ids[rows], seqs.attention_mask[rows], seqs.position_ids[rows],
+                     seqs.response_mask[rows], seqs.prompt_width)
+
+
 def response_logits(model, seqs: Sequences) -> torch.Tensor:
     """Logits that predict each response token, (B, R, V): position P-1+t predicts token P+t.
 

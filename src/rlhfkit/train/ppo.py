@@ -10,33 +10,25 @@ masked after the first EOS.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import importlib
 import json
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from rlhfkit.advantages import KLController, gae, kl_penalised_rewards, masked_mean, masked_var, masked_whiten
 from rlhfkit.config import BatchConfig, PPOConfig
 from rlhfkit.data.formats import read_demonstrations, read_prompts
-from rlhfkit.data.records import Prompt, messages_to_dicts
 from rlhfkit.data.tokenize import Example, collate_for_training, prompt_ids, tokenize_demonstrations
 from rlhfkit.data.world import World
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.eval.gold import GoldReport, gold_evaluate
-from rlhfkit.eval.winrate import gold_pair_judge, win_rate
+from rlhfkit.eval.policy import PolicyEvaluator, frozen_reference
 from rlhfkit.losses import entropy_from_logits, ppo_policy_loss, ppo_value_loss, sft_loss_sum, token_logprobs
 from rlhfkit.models import TINY, apply_lora, load_model, load_tokenizer, resolve, save_model
-from rlhfkit.reward import MEAN_KEY, RewardModel, build_reward_model
-from rlhfkit.rollout import Sequences, generate, join, response_logits
+from rlhfkit.reward import MEAN_KEY, build_reward_model, reward_function
+from rlhfkit.rollout import Sequences, generate, join, response_logits, select
 from rlhfkit.train.loop import DataOrder, begin_stage, mark_complete, optimizer_step, start_training
-
-RewardFn = Callable[[list[Prompt], list[str]], list[float]]
-
 
 # --- models and rewards -----------------------------------------------------------------------
 
@@ -47,22 +39,6 @@ class PolicyAndValue(torch.nn.Module):
     def __init__(self, policy: torch.nn.Module, value: torch.nn.Module):
         super().__init__()
         self.policy, self.value = policy, value
-
-
-def reward_function(cfg: PPOConfig) -> RewardFn:
-    """The reward: a reward-model folder, the world's gold judge, or a user's `module:function`."""
-    if cfg.reward == "gold":
-        world = World(seed=cfg.world_seed)
-        return lambda prompts, texts: [s.score for s in world.judge_many(prompts, texts)]
-    if ":" in cfg.reward and not Path(cfg.reward).exists():
-        module, name = cfg.reward.split(":", 1)
-        try:
-            fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as e:
-            raise RlhfkitError(f"reward '{cfg.reward}': cannot import {name} from {module} ({e})") from None
-        return lambda prompts, texts: [float(x) for x in fn([messages_to_dicts(p.messages) for p in prompts], texts)]
-    rm = RewardModel.load(cfg.reward, precision=cfg.model.precision)
-    return lambda prompts, texts: rm.score([p.messages for p in prompts], texts)
 
 
 def value_model(cfg: PPOConfig, tokenizer) -> torch.nn.Module:
@@ -161,17 +137,6 @@ def logprobs_and_entropy(model, seqs: Sequences, temperature: float) -> tuple[to
     return token_logprobs(logits, targets), entropy_from_logits(logits)
 
 
-@contextlib.contextmanager
-def frozen_reference(policy, reference):
-    """The frozen SFT policy: its own copy, or, with LoRA, the policy itself with the adapters
-    disabled (the same weights, no second model in memory)."""
-    if reference is not None:
-        yield reference
-    else:
-        with policy.disable_adapter():
-            yield policy
-
-
 def reference_logprobs(policy, reference, seqs: Sequences, temperature: float) -> torch.Tensor:
     with frozen_reference(policy, reference) as ref:
         return logprobs_and_entropy(ref, seqs, temperature)[0]
@@ -220,11 +185,6 @@ def ptx_examples(cfg: PPOConfig, tokenizer) -> list[Example]:
     return tokenize_demonstrations(tokenizer, demos, PTX_MAX_LEN)[0]
 
 
-def select(seqs: Sequences, rows: torch.Tensor) -> Sequences:
-    return Sequences(seqs.input_ids[rows], seqs.attention_mask[rows], seqs.position_ids[rows],
-                     seqs.response_mask[rows], seqs.prompt_width)
-
-
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     """1 - Var(returns - values) / Var(returns): how much of the return the critic explains."""
     var_returns = masked_var(returns, mask)
@@ -248,7 +208,7 @@ def train(cfg: PPOConfig) -> Path:
     else:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
     models = PolicyAndValue(policy, value_model(cfg, tokenizer))
-    score_fn = reward_function(cfg)
+    score_fn = reward_function(cfg.reward, cfg.world_seed, cfg.model.precision)
     world = World(seed=cfg.world_seed)
     ptx = ptx_examples(cfg, tokenizer) if algo.ptx_coef > 0 else []
     if cfg.prompts != "world":
@@ -269,31 +229,12 @@ def train(cfg: PPOConfig) -> Path:
     ptx_order = DataOrder(len(ptx), cfg.run.seed + 1)
     pad_id = tokenizer.pad_token_id
 
-    def answers(model, temperature: float) -> GoldReport:
-        with acc.autocast():
-            return gold_evaluate(model, tokenizer, world, gold_prompts, max_new_tokens=algo.max_new_tokens,
-                                 batch_size=cfg.eval.batch_size, precision=cfg.model.precision, temperature=temperature)
+    evaluator = PolicyEvaluator(policy, lambda: frozen_reference(policy, reference), tokenizer, world, gold_prompts,
+                                algo.max_new_tokens, cfg.eval.batch_size, cfg.model.precision, algo.temperature,
+                                acc.autocast, run.bar.print)
 
     def evaluate(step: int) -> dict[str, float]:
-        """Greedy gold score; at the end also the gold win rate against the SFT reference, greedy
-        and sampled at the training temperature (each pair judged in both orders, ties half)."""
-        if not gold_prompts:
-            return {}
-        report = answers(policy, 0.0)
-        run.bar.print(f"step {step}: eval/gold_score={report.score:.4f} eos={report.eos_fraction:.2f}")
-        metrics = report.metrics()
-        if step == cfg.run.steps:
-            judge = gold_pair_judge(world)
-            for name, temperature in (("", 0.0), ("_sampled", algo.temperature)):
-                with frozen_reference(policy, reference) as ref:
-                    theirs = answers(ref, temperature)
-                ours = report if temperature == 0 else answers(policy, temperature)
-                result = win_rate(judge, gold_prompts, [g.text for g in ours.generations],
-                                  [g.text for g in theirs.generations])
-                metrics.update(result.metrics(f"eval/vs_sft{name}_"))
-                metrics[f"eval/sft{name}_gold_score"] = theirs.score
-                run.bar.print(f"gold win rate vs SFT{name.replace('_', ', ')}: {result}")
-        return metrics
+        return evaluator(step, final=step == cfg.run.steps)
 
     if run.start_step == 0 and cfg.eval.at_start:
         run.log.log(0, evaluate(0))

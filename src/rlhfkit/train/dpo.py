@@ -1,0 +1,236 @@
+"""DPO: learn from preferences directly, with no reward model and no sampling (Rafailov et al. 2023).
+
+Read top to bottom: 1. preference pairs (rankings expanded to all untied pairs, or best vs worst),
+2. the policy (optionally LoRA), 3. reference logprobs, once up front and saved with the run (or
+per batch from a frozen copy / the LoRA base), 4. the loop: chosen and rejected in one forward,
+the DPO-family loss, 5. evaluate (held-out pairs, gold judge, win rate vs SFT) and save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhfkit.config import DPOConfig
+from rlhfkit.data.preferences import load_rankings
+from rlhfkit.data.records import Comparison, Ranking
+from rlhfkit.data.tokenize import fit, prompt_ids, response_ids
+from rlhfkit.data.world import World
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.eval.policy import PolicyEvaluator, frozen_reference, remember_reference_answers
+from rlhfkit.losses import DPOLoss, dpo_loss
+from rlhfkit.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
+from rlhfkit.rollout import join, response_logprobs
+from rlhfkit.train.loop import begin_stage, mark_complete, optimizer_step, start_training, sync_gradients
+
+# --- 1. pairs -----------------------------------------------------------------------------------
+
+
+def to_comparisons(rankings: list[Ranking], mode: str) -> list[Comparison]:
+    """Rankings as (chosen, rejected) pairs: every untied pair, or best vs worst per prompt."""
+    if mode == "best_worst":
+        return [c for c in (r.best_worst() for r in rankings) if c is not None]
+    return [c for r in rankings for c in r.to_comparisons()]
+
+
+@dataclass
+class Pair:
+    """One comparison as token ids; both responses end with the end-of-turn token."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+def tokenize_pairs(tokenizer, comparisons: list[Comparison], max_len: int) -> list[Pair]:
+    """Truncate like SFT (old context first, then the response tail), with one prompt cut for both
+    sides, so chosen and rejected answer exactly the same context."""
+    pairs = []
+    for c in comparisons:
+        prompt, chosen, rejected = prompt_ids(tokenizer, c.prompt), response_ids(tokenizer, c.chosen), response_ids(tokenizer, c.rejected)
+        kept = fit(prompt, max(chosen, rejected, key=len), max_len).prompt
+        room = max_len - len(kept)
+        pairs.append(Pair(kept, chosen[:room], rejected[:room]))
+    return pairs
+
+
+def sequence_logprobs(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response logprobs of chosen then rejected, in one forward: (2B,) each, and response
+    lengths (2B,). Rows 0..B-1 are the chosen responses, B..2B-1 the rejected ones."""
+    seqs = join([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    logps = response_logprobs(model, seqs)  # (2B, R), 0 on padding
+    return logps.sum(-1), seqs.response_mask.sum(-1).float()
+
+
+# --- 3. reference logprobs ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reference_table(model, pairs: list[Pair], pad_id: int, batch_size: int) -> torch.Tensor:
+    """(N, 2) reference logprobs of every pair's chosen and rejected response."""
+    model.eval()
+    rows = []
+    for start in range(0, len(pairs), batch_size):
+        logps, _ = sequence_logprobs(model, pairs[start : start + batch_size], pad_id)
+        rows.append(torch.stack(logps.float().chunk(2), dim=1))
+    return torch.cat(rows) if rows else torch.zeros(0, 2)
+
+
+def cached_reference(path: Path, compute) -> torch.Tensor:
+    """Reference logprobs saved with the run: a resumed run no longer has the reference weights
+    (the policy has moved), so it must read them back rather than recompute."""
+    if path.exists():
+        return load_file(path)["logps"]
+    table = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"logps": table.contiguous()}, str(path.with_suffix(".tmp")))
+    path.with_suffix(".tmp").replace(path)
+    return table
+
+
+def pair_metrics(loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-pair sums: loss, implicit rewards, their margin, and whether chosen out-scores rejected."""
+    chosen, rejected = stats["rewards_chosen"], stats["rewards_rejected"]
+    return {"loss": loss.detach().sum(), "rewards_chosen": chosen.sum(), "rewards_rejected": rejected.sum(),
+            "margin": (chosen - rejected).sum(), "accuracy": (chosen > rejected).float().sum()}
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+
+def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]] | None = None) -> Path:
+    """``comparisons``: (train, held-out) pairs made by the caller (online DPO's iterations);
+    otherwise they come from ``cfg.data``."""
+    acc, out = begin_stage(cfg)
+    algo, say = cfg.algo, acc.print
+    variant = DPOLoss(algo.loss)
+
+    # 1. Rankings (a file, or world prompts answered by the policy and ranked by simulated
+    # labelers; cached in OUT/data) -> pairs -> token ids.
+    if comparisons is None:
+        if acc.is_main_process:
+            train_rankings, eval_rankings = load_rankings(cfg.data, cfg.model, cfg.run.seed, out)
+        acc.wait_for_everyone()
+        if not acc.is_main_process:  # reads the main process's cache
+            train_rankings, eval_rankings = load_rankings(cfg.data, cfg.model, cfg.run.seed, out)
+        comparisons = to_comparisons(train_rankings, algo.pairs), to_comparisons(eval_rankings, algo.pairs)
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    train_pairs = tokenize_pairs(tokenizer, comparisons[0], cfg.data.max_seq_len)
+    eval_pairs = tokenize_pairs(tokenizer, comparisons[1], cfg.data.max_seq_len)
+    if not train_pairs:
+        raise RlhfkitError(f"no preference pairs in {cfg.data.train} (every ranking was a tie?)")
+    say(f"dpo data: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs ({algo.pairs}); loss {variant.value}")
+
+    # 2. The policy; the reference is the same starting weights.
+    policy = load_model(cfg.model, tokenizer, seed=cfg.run.seed)
+    if cfg.model.lora:
+        policy = apply_lora(policy, cfg.model)
+    total_params, trainable = count_parameters(policy)
+    say(f"model {cfg.model.name}: {total_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable")
+    pad_id = tokenizer.pad_token_id
+    world = World(seed=cfg.data.world_seed)
+    gold_prompts = world.prompts(cfg.eval.gold_prompts, "eval") if cfg.data.train == "world" else []
+
+    # 3. Reference logprobs. Up front: computed by the starting policy (LoRA: adapters off),
+    # saved with the run. Otherwise a frozen copy (LoRA: the base) scores each batch.
+    reference = None
+    if variant.needs_reference and not algo.precompute_reference and not cfg.model.lora:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    run = start_training(acc, out, policy, cfg.optim, cfg.run, cfg.batch, len(train_pairs), "dpo")
+    if run is None:
+        return out
+    keeps_reference = reference is not None or cfg.model.lora
+    evaluator = PolicyEvaluator(run.raw_model, (lambda: frozen_reference(run.raw_model, reference)) if keeps_reference else None,
+                                tokenizer, world, gold_prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                cfg.model.precision, 1.0, acc.autocast, run.bar.print)
+    ref_tables = {"train": None, "eval": None}
+    if variant.needs_reference and algo.precompute_reference:
+        for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
+            def compute(pairs=pairs):
+                starting = frozen_reference(run.raw_model, None) if cfg.model.lora else contextlib.nullcontext(run.raw_model)
+                with acc.autocast(), starting as ref:
+                    return reference_table(ref, pairs, pad_id, cfg.eval.batch_size)
+            if run.start_step and not (out / "data" / f"{split}_reference_logps.safetensors").exists():
+                raise RlhfkitError(f"{out}: resuming needs data/{split}_reference_logps.safetensors, which is missing")
+            ref_tables[split] = cached_reference(out / "data" / f"{split}_reference_logps.safetensors", compute)
+        run.model.train()
+    if not keeps_reference and gold_prompts and acc.is_main_process:  # the SFT answers, for the final win rate
+        remember_reference_answers(evaluator, out / "data" / "reference_answers.json", resuming=run.start_step > 0)
+
+    def batch_loss(model, pairs: list[Pair], indices: list[int], split: str):
+        logps, lengths = sequence_logprobs(model, pairs, pad_id)
+        chosen, rejected = logps.float().chunk(2)
+        ref_chosen = ref_rejected = None
+        if variant.needs_reference:
+            if ref_tables[split] is not None:
+                ref = ref_tables[split][indices]
+                ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
+            else:
+                with torch.no_grad(), frozen_reference(run.raw_model, reference) as frozen:
+                    ref_logps, _ = sequence_logprobs(frozen, pairs, pad_id)
+                ref_chosen, ref_rejected = ref_logps.float().chunk(2)
+        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, *lengths.chunk(2), beta=algo.beta, variant=variant,
+                        label_smoothing=algo.label_smoothing, simpo_gamma=algo.simpo_gamma)
+
+    @torch.no_grad()
+    def evaluate(step: int) -> dict[str, float]:
+        if not acc.is_main_process:
+            return {}
+        run.raw_model.eval()
+        sums: dict[str, float] = {}
+        with acc.autocast():
+            for start in range(0, len(eval_pairs), cfg.eval.batch_size):
+                indices = list(range(start, min(start + cfg.eval.batch_size, len(eval_pairs))))
+                loss, stats = batch_loss(run.raw_model, [eval_pairs[i] for i in indices], indices, "eval")
+                for key, value in pair_metrics(loss, stats).items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+        metrics = {f"eval/{k}": v / len(eval_pairs) for k, v in sums.items()} if eval_pairs else {}
+        metrics.update(evaluator(step, final=step == cfg.run.steps))
+        run.raw_model.train()
+        run.bar.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                   if k.startswith("eval/") and "/gold/" not in k and "vs_sft" not in k))
+        return metrics
+
+    if run.start_step == 0 and cfg.eval.at_start:
+        run.log.log(0, evaluate(0))
+
+    # 4. Loop: each micro-batch's chosen and rejected in one forward; the loss is summed per pair
+    # and divided by the global batch's pair count (accumulation == one big batch).
+    world_size, global_batch = acc.num_processes, run.global_batch
+    train_seconds, metrics = 0.0, {}
+    for step in range(run.start_step, cfg.run.steps):
+        t_step = time.perf_counter()
+        _, mine = run.step_batches(step)
+        sums: dict[str, torch.Tensor] = {}
+        for m, micro in enumerate(mine):
+            with sync_gradients(acc, run.model, last=m == len(mine) - 1), acc.autocast():
+                loss, stats = batch_loss(run.model, [train_pairs[i] for i in micro], micro, "train")
+                acc.backward(loss.sum() / global_batch * world_size)
+            for key, value in pair_metrics(loss, stats).items():
+                sums[key] = sums.get(key, torch.zeros(())) + value.cpu()
+        grad_norm, skipped = optimizer_step(run.model, run.optimizer, run.scheduler, cfg.optim.max_grad_norm)
+        done = step + 1
+        if skipped:
+            run.bar.print(f"step {done}: non-finite gradient norm, update skipped")
+        train_seconds += time.perf_counter() - t_step
+        metrics = {f"dpo/{k}": float(acc.reduce(v, reduction="sum")) / global_batch for k, v in sums.items()}
+        metrics.update({"dpo/grad_norm": grad_norm, "dpo/skipped": float(skipped), "dpo/lr": run.scheduler.get_last_lr()[0],
+                        "dpo/pairs_per_s": (done - run.start_step) * global_batch / max(train_seconds, 1e-9)})
+        run.bar.update(done, f"loss {metrics['dpo/loss']:.4f}  acc {metrics['dpo/accuracy']:.2f}  "
+                             f"margin {metrics['dpo/margin']:.3f}")
+        metrics = run.finish_step(done, metrics, evaluate)
+
+    # 5. Save the policy (LoRA merged, so the folder loads like any model), then the marker.
+    if run.start_step == cfg.run.steps:
+        metrics = evaluate(cfg.run.steps)
+    if acc.is_main_process:
+        save_model(run.raw_model, tokenizer, out)
+        mark_complete(out, {"stage": "dpo", "steps": cfg.run.steps, **metrics})
+    run.close()
+    return out

@@ -1,0 +1,136 @@
+"""GRPO and RLOO: policy gradient where a prompt's other samples are the baseline (no value model).
+
+Each step, top to bottom: 1. take P prompts, 2. sample G responses each (KV cache, stop at EOS),
+3. score them (reward model, gold judge or function), 4. group advantages (GRPO: normalised by the
+group's mean and std; RLOO: leave-one-out mean), one per response, 5. one update: the on-policy
+loss per token (plus optional k3 KL to the reference), aggregated per token or per sequence over
+the whole batch, in micro-batches; responses with zero advantage are skipped when there is no
+KL term (their gradient is exactly 0), 6. log. DeepSeekMath (Shao et al. 2024), Ahmadian et al. 2024.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from rlhfkit.advantages import equal_reward_groups, group_advantages
+from rlhfkit.config import BatchConfig, GRPOConfig
+from rlhfkit.data.formats import read_prompts
+from rlhfkit.data.tokenize import prompt_ids
+from rlhfkit.data.world import World
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.eval.policy import PolicyEvaluator, frozen_reference, remember_reference_answers
+from rlhfkit.losses import aggregate_loss, policy_gradient_loss
+from rlhfkit.models import apply_lora, load_model, load_tokenizer, save_model
+from rlhfkit.reward import reward_function
+from rlhfkit.rollout import generate, join, response_logprobs, select
+from rlhfkit.train.loop import begin_stage, mark_complete, optimizer_step, start_training
+
+
+def train(cfg: GRPOConfig) -> Path:
+    acc, out = begin_stage(cfg)
+    if acc.num_processes > 1:
+        raise RlhfkitError("rlhfkit grpo runs in one process for now; launch it without accelerate/torchrun")
+    algo, say = cfg.algo, acc.print
+
+    # The policy; a frozen reference only when the KL term needs one (LoRA: adapters disabled).
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    policy = load_model(cfg.model, tokenizer, seed=cfg.run.seed)
+    reference = None
+    if cfg.model.lora:
+        policy = apply_lora(policy, cfg.model)
+    elif algo.kl_coef > 0:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    score_fn = reward_function(cfg.reward, cfg.world_seed, cfg.model.precision)
+    world = World(seed=cfg.world_seed)
+    if cfg.prompts == "world":
+        prompts = world.prompts(cfg.world_prompts, "train")
+    else:
+        prompts, report = read_prompts(cfg.prompts)
+        say(report.summary())
+    encoded = [prompt_ids(tokenizer, p.messages) for p in prompts]
+    gold_prompts = world.prompts(cfg.eval.gold_prompts, "eval") if cfg.prompts == "world" else []
+
+    run = start_training(acc, out, policy, cfg.optim, cfg.run, BatchConfig(micro_batch_size=algo.prompts_per_step),
+                         len(prompts), "grpo")
+    if run is None:
+        return out
+    keeps_reference = reference is not None or cfg.model.lora
+    evaluator = PolicyEvaluator(policy, (lambda: frozen_reference(policy, reference)) if keeps_reference else None,
+                                tokenizer, world, gold_prompts, algo.max_new_tokens, cfg.eval.batch_size,
+                                cfg.model.precision, algo.temperature, acc.autocast, run.bar.print)
+    if not keeps_reference and gold_prompts:  # the SFT answers, for the final win rate
+        remember_reference_answers(evaluator, out / "data" / "reference_answers.json", resuming=run.start_step > 0)
+
+    def evaluate(step: int) -> dict[str, float]:
+        return evaluator(step, final=step == cfg.run.steps)
+
+    if run.start_step == 0 and cfg.eval.at_start:
+        run.log.log(0, evaluate(0))
+
+    group, metrics = algo.group_size, {}
+    for step in range(run.start_step, cfg.run.steps):
+        t0 = time.perf_counter()
+        # 1-2. P prompts, G samples each (a per-step seed: resuming replays the same samples).
+        indices, _ = run.step_batches(step)
+        batch_prompts = [prompts[i] for i in indices for _ in range(group)]
+        with acc.autocast():
+            gens = generate(policy, tokenizer, [p.messages for p in batch_prompts], algo.max_new_tokens,
+                            temperature=algo.temperature, batch_size=len(batch_prompts), precision=cfg.model.precision,
+                            generator_seed=cfg.run.seed * 1_000_003 + step)
+        seqs = join([encoded[i] for i in indices for _ in range(group)], [g.token_ids for g in gens], tokenizer.pad_token_id)
+        mask = seqs.response_mask.float()
+
+        # 3-4. Rewards and group advantages, one per response.
+        rewards = torch.tensor(score_fn(batch_prompts, [g.text for g in gens]), dtype=torch.float32).view(-1, group)
+        advantages = group_advantages(rewards, algo.baseline).view(-1)
+        equal = equal_reward_groups(rewards)
+        if equal.all():
+            run.bar.print(f"step {step + 1}: every group's rewards are equal, so every advantage is 0 and this "
+                          "step teaches nothing (raise the temperature or group size, or check the reward)")
+
+        # 5. One update over the whole batch, in micro-batches.
+        active = torch.arange(len(gens)) if algo.kl_coef > 0 else torch.nonzero(advantages != 0).flatten()
+        n_tokens, n_sequences = int(mask.sum()), len(gens)
+        kl_sum = 0.0
+        for start in range(0, len(active), algo.micro_batch_size):
+            rows = active[start : start + algo.micro_batch_size]
+            sub, sub_mask = select(seqs, rows), mask[rows]
+            with acc.autocast():
+                logprobs = response_logprobs(run.model, sub, algo.temperature)
+                ref_logprobs = None
+                if algo.kl_coef > 0:
+                    with torch.no_grad(), frozen_reference(policy, reference) as ref:
+                        ref_logprobs = response_logprobs(ref, sub, algo.temperature)
+                per_token, stats = policy_gradient_loss(logprobs, advantages[rows], sub_mask, ref_logprobs, algo.kl_coef)
+                loss = aggregate_loss(per_token, sub_mask, algo.loss_aggregation, n_tokens, n_sequences)
+            if torch.isfinite(loss):
+                acc.backward(loss)
+            kl_sum += float(stats.get("kl", 0.0)) * float(sub_mask.sum())
+        grad_norm, skipped = optimizer_step(run.model, run.optimizer, run.scheduler, cfg.optim.max_grad_norm)
+        done = step + 1
+        if skipped:
+            run.bar.print(f"step {done}: non-finite gradient norm, update skipped")
+
+        # 6. Log.
+        metrics = {"grpo/reward": float(rewards.mean()), "grpo/reward_std": float(rewards.std(-1).mean()),
+                   "grpo/equal_reward_groups": float(equal.float().mean()), "grpo/kl": kl_sum / max(n_tokens, 1),
+                   "grpo/response_tokens": n_tokens / n_sequences,
+                   "grpo/eos_fraction": sum(g.finished for g in gens) / n_sequences,
+                   "grpo/grad_norm": grad_norm, "grpo/skipped": float(skipped),
+                   "grpo/seconds_per_step": time.perf_counter() - t0}
+        if cfg.prompts == "world" and cfg.reward != "gold":  # the true quality of what it sampled
+            gold = world.judge_many(batch_prompts, [g.text for g in gens])
+            metrics["grpo/gold_score"] = sum(s.score for s in gold) / len(gold)
+        run.bar.update(done, f"reward {metrics['grpo/reward']:.3f}  equal {metrics['grpo/equal_reward_groups']:.2f}")
+        metrics = run.finish_step(done, metrics, evaluate)
+
+    if run.start_step == cfg.run.steps:
+        metrics = evaluate(cfg.run.steps)
+    save_model(policy, tokenizer, out)
+    mark_complete(out, {"stage": "grpo", "steps": cfg.run.steps, **metrics})
+    run.close()
+    return out

@@ -1,0 +1,166 @@
+"""Online iterative DPO: the RLHFlow "Online RLHF" workflow (Dong et al. 2024, Xiong et al. 2024).
+
+Each round, top to bottom: 1. take the round's fresh prompts, 2. sample N responses per prompt
+from the current policy (batched), 3. score them with the reward (a reward model, the gold judge
+or a function), 4. pair them (best vs worst by default), 5. train DPO on the pairs with the
+round's starting model as the reference. The next round starts from the result. Each round is a
+folder OUT/iter_<i> (its samples and pairs in data/, its model, metrics and checkpoints), so a
+rerun with --run.resume skips finished rounds and resumes an interrupted one. At the end the
+last round's model is copied to OUT and judged against the starting (SFT) model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import random
+import shutil
+from pathlib import Path
+
+from rlhfkit.config import DPOConfig, OnlineDPOConfig, PreferenceDataConfig
+from rlhfkit.data.formats import read_prompts
+from rlhfkit.data.records import Comparison, Message, Prompt
+from rlhfkit.data.world import World
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.eval.policy import PolicyEvaluator
+from rlhfkit.models import load_model, load_tokenizer
+from rlhfkit.reward import reward_function
+from rlhfkit.rollout import generate
+from rlhfkit.train import dpo
+from rlhfkit.train.loop import COMPLETE, MetricsLog, begin_stage, mark_complete
+
+MODEL_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.jinja")
+
+
+def choose_pair(rewards: list[float], pairing: str, rng: random.Random) -> tuple[int, int] | None:
+    """(chosen, rejected) indices among one prompt's N samples, or None when every reward is equal
+    (a pair of equals teaches nothing). Ties for best/worst go to the earliest sample."""
+    if max(rewards) == min(rewards):
+        return None
+    best = max(range(len(rewards)), key=lambda i: rewards[i])
+    if pairing == "best_worst":
+        return best, min(range(len(rewards)), key=lambda i: rewards[i])
+    if pairing == "best_random":
+        return best, rng.choice([i for i in range(len(rewards)) if rewards[i] < rewards[best]])
+    a, b = rng.sample([(i, j) for i in range(len(rewards)) for j in range(len(rewards)) if rewards[i] > rewards[j]], 1)[0]
+    return a, b
+
+
+def sample_round(cfg: OnlineDPOConfig, model_name: str, prompts: list[Prompt], score, seed: int, say) -> list[dict]:
+    """N samples per prompt from ``model_name``, their rewards, and the chosen pair's indices."""
+    n = cfg.online.samples_per_prompt
+    tokenizer = load_tokenizer(model_name, cfg.model.trust_remote_code)
+    policy = load_model(dataclasses.replace(cfg.model, lora=False), tokenizer, seed=cfg.run.seed, path=model_name)
+    say(f"sampling {n} responses for {len(prompts)} prompts from {model_name}")
+    gens = generate(policy, tokenizer, [p.messages for p in prompts for _ in range(n)], cfg.online.max_new_tokens,
+                    temperature=cfg.online.temperature, batch_size=cfg.eval.batch_size, precision=cfg.model.precision,
+                    generator_seed=seed)
+    texts = [g.text for g in gens]
+    rewards = score([p for p in prompts for _ in range(n)], texts)
+    rng = random.Random(seed)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        group, group_rewards = texts[i * n : (i + 1) * n], rewards[i * n : (i + 1) * n]
+        rows.append({"prompt": [dataclasses.asdict(m) for m in prompt.messages], "meta": prompt.meta,
+                     "responses": group, "rewards": group_rewards, "pair": choose_pair(group_rewards, cfg.online.pairing, rng)})
+    return rows
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def as_comparisons(rows: list[dict]) -> list[Comparison]:
+    return [Comparison(messages(r["prompt"]), r["responses"][r["pair"][0]], r["responses"][r["pair"][1]])
+            for r in rows if r["pair"] is not None]
+
+
+def round_summary(rows: list[dict], world: World | None) -> dict[str, float]:
+    """What the round's samples looked like: reward mean and spread, pairs made, and their gold."""
+    rewards = [x for r in rows for x in r["rewards"]]
+    metrics = {"online/reward_mean": sum(rewards) / len(rewards),
+               "online/pairs": float(sum(r["pair"] is not None for r in rows)),
+               "online/all_equal_fraction": sum(r["pair"] is None for r in rows) / len(rows)}
+    if world is not None:
+        prompts = [Prompt(messages(r["prompt"]), r["meta"]) for r in rows for _ in r["responses"]]
+        gold = [s.score for s in world.judge_many(prompts, [t for r in rows for t in r["responses"]])]
+        metrics["online/sample_gold"] = sum(gold) / len(gold)
+    return metrics
+
+
+def messages(dicts: list[dict]) -> tuple[Message, ...]:
+    return tuple(Message(**m) for m in dicts)
+
+
+def train(cfg: OnlineDPOConfig) -> Path:
+    acc, out = begin_stage(cfg)
+    if acc.num_processes > 1:
+        raise RlhfkitError("rlhfkit online-dpo runs in one process for now; launch it without accelerate/torchrun")
+    say = acc.print
+    if (out / COMPLETE).exists():
+        say(f"{out} is already complete; nothing to resume")
+        return out
+    world = World(seed=cfg.world_seed) if cfg.prompts == "world" else None
+    total = cfg.online.iterations * cfg.online.prompts_per_iteration
+    if world is not None:
+        prompts = world.prompts(total, "train")
+    else:
+        prompts, report = read_prompts(cfg.prompts)
+        say(report.summary())
+    score = reward_function(cfg.reward, cfg.world_seed, cfg.model.precision)
+    log = MetricsLog(out, acc.is_main_process)
+    model_name, step = cfg.model.name, 0
+    for i in range(1, cfg.online.iterations + 1):
+        folder = out / f"iter_{i}"
+        # 1-4. The round's prompts, N samples each from the current policy, rewards, pairs (cached).
+        chunk = [prompts[(j % len(prompts))] for j in range((i - 1) * cfg.online.prompts_per_iteration, i * cfg.online.prompts_per_iteration)]
+        samples = folder / "data" / "samples.jsonl"
+        if not samples.exists():
+            write_rows(sample_round(cfg, model_name, chunk, score, cfg.run.seed * 1000 + i, say), samples)
+        rows = read_rows(samples)
+        summary = round_summary(rows, world)
+        say(f"round {i}: " + ", ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in summary.items()))
+        # 5. DPO on the round's pairs; its reference is the round's starting model.
+        round_cfg = DPOConfig(
+            model=dataclasses.replace(cfg.model, name=model_name),
+            data=PreferenceDataConfig(train="world" if world is not None else cfg.prompts, world_seed=cfg.world_seed,
+                                      max_seq_len=cfg.max_seq_len),
+            algo=cfg.dpo, optim=cfg.optim, batch=cfg.batch,
+            run=dataclasses.replace(cfg.run, out=str(folder), resume=True, overwrite=False),
+            eval=dataclasses.replace(cfg.eval, at_start=cfg.eval.at_start and i == 1),
+        )
+        dpo.train(round_cfg, comparisons=(as_comparisons(rows), []))
+        result = json.loads((folder / COMPLETE).read_text())
+        step += cfg.run.steps
+        # The round's own evaluation compares it with the round's start, not with SFT.
+        round_eval = {k.replace("eval/vs_sft", "eval/vs_round_start").replace("eval/sft_", "eval/round_start_"): v
+                      for k, v in result.items() if isinstance(v, float) and k.startswith("eval/")}
+        log.log(step, {"online/iteration": float(i), **summary, **round_eval})
+        model_name = str(folder)
+
+    # The last round's model is the result; judge it against the starting model.
+    for name in MODEL_FILES:
+        if (Path(model_name) / name).exists():
+            shutil.copy2(Path(model_name) / name, out / name)
+    final: dict[str, float] = {}
+    if world is not None and cfg.eval.gold_prompts:
+        tokenizer = load_tokenizer(str(out), cfg.model.trust_remote_code)
+        policy = load_model(dataclasses.replace(cfg.model, lora=False), tokenizer, path=str(out))
+        start = load_model(dataclasses.replace(cfg.model, lora=False), tokenizer, path=cfg.model.name)
+        evaluator = PolicyEvaluator(policy, lambda: contextlib.nullcontext(start), tokenizer, world,
+                                    world.prompts(cfg.eval.gold_prompts, "eval"), cfg.eval.max_new_tokens,
+                                    cfg.eval.batch_size, cfg.model.precision, cfg.online.temperature, acc.autocast, say)
+        final = evaluator(step, final=True)
+        log.log(step, final)
+    log.close()
+    mark_complete(out, {"stage": "online-dpo", "iterations": cfg.online.iterations, "steps": step, **final})
+    return out

@@ -1,0 +1,59 @@
+"""The GRPO/RLOO stage on the tiny model: the all-equal-rewards guard, variants, and learning."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhfkit.cli import parse
+from rlhfkit.train import grpo
+
+
+def constant_reward(prompts, responses):
+    return [0.5] * len(responses)
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+QUICK = ["--recipe", "tiny", "--model.name", "tiny", "--eval.gold-prompts", "0", "--eval.no-at-start",
+         "--algo.prompts-per-step", "4", "--algo.max-new-tokens", "8"]
+
+
+def test_equal_rewards_teach_nothing_and_are_reported(tmp_path, capsys):
+    """A constant reward gives every group zero advantage: the stage says so, and (no KL term)
+    the weights do not move."""
+    out = grpo.train(parse("grpo", [*QUICK, "--reward", "test_grpo:constant_reward", "--run.steps", "2",
+                                    "--run.out", str(tmp_path / "grpo")]))
+    assert all(r["grpo/equal_reward_groups"] == 1.0 for r in rows(out) if "grpo/reward" in r)
+    assert "every group's rewards are equal" in capsys.readouterr().out
+    from rlhfkit.models import build_tiny_model, build_tiny_tokenizer
+
+    start = build_tiny_model(build_tiny_tokenizer(), seed=0).state_dict()
+    after = load_file(out / "model.safetensors")
+    assert all(torch.equal(start[k], after[k]) for k in after)
+
+
+@pytest.mark.parametrize("flags", [["--algo.baseline", "rloo"], ["--algo.loss-aggregation", "sequence"],
+                                   ["--algo.kl-coef", "0.1"], ["--model.lora", "--algo.kl-coef", "0.1"]],
+                         ids=["rloo", "sequence", "kl", "lora-kl"])
+def test_variants_run_and_report(tmp_path, flags):
+    """Before the first update the policy is the reference, so the first step's KL is 0."""
+    out = grpo.train(parse("grpo", [*QUICK, "--reward", "gold", "--run.steps", "2", *flags, "--run.out", str(tmp_path / "g")]))
+    steps = [r for r in rows(out) if "grpo/reward" in r]
+    assert len(steps) == 2 and steps[0]["grpo/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert 0 <= steps[0]["grpo/equal_reward_groups"] <= 1 and steps[0]["grpo/response_tokens"] > 0
+
+
+def test_grpo_against_the_rm_stage_beats_sft(imperfect_sft, tiny_mixed_rm, tmp_path):
+    """GRPO (the tiny recipe: 16 prompts x 4 samples, 30 steps) against a reward model from the RM
+    stage must beat the SFT policy on held-out prompts under the gold judge, which it never sees.
+    Measured: 0.32 -> 0.39, win rate 64% greedy."""
+    out = grpo.train(parse("grpo", ["--recipe", "tiny", "--model.name", str(imperfect_sft), "--reward", str(tiny_mixed_rm),
+                                    "--eval.gold-prompts", "150", "--run.out", str(tmp_path / "grpo")]))
+    evals = [r for r in rows(out) if "eval/gold_score" in r]
+    assert evals[-1]["eval/gold_score"] > evals[0]["eval/gold_score"] + 0.03, evals
+    assert evals[-1]["eval/vs_sft_win_rate"] > 0.5, evals[-1]
