@@ -11,7 +11,6 @@ last round's model is copied to OUT and judged against the starting (SFT) model.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import random
@@ -23,7 +22,7 @@ from rlhfkit.data.formats import read_prompts
 from rlhfkit.data.records import Comparison, Message, Prompt
 from rlhfkit.data.world import World
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.eval.policy import PolicyEvaluator
+from rlhfkit.eval.policy import PolicyEvaluator, remember_reference_answers
 from rlhfkit.models import load_model, load_tokenizer
 from rlhfkit.reward import reward_function
 from rlhfkit.rollout import generate
@@ -118,49 +117,59 @@ def train(cfg: OnlineDPOConfig) -> Path:
         say(report.summary())
     score = reward_function(cfg.reward, cfg.world_seed, cfg.model.precision)
     log = MetricsLog(out, acc.is_main_process)
+    gold_prompts = world.prompts(cfg.eval.gold_prompts, "eval") if world is not None else []
+
+    def judge(model_path: str, step: int, final: bool, snapshot: bool = False) -> dict[str, float]:
+        """Held-out greedy gold score of a round's model (and at the end, win rates against the
+        starting model's answers, remembered in OUT/data before the first round)."""
+        if not gold_prompts:
+            return {}
+        tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+        policy = load_model(dataclasses.replace(cfg.model, lora=False), tokenizer, seed=cfg.run.seed, path=model_path)
+        evaluator = PolicyEvaluator(policy, None, tokenizer, world, gold_prompts, cfg.eval.max_new_tokens,
+                                    cfg.eval.batch_size, cfg.model.precision, cfg.online.temperature, acc.autocast, say)
+        remember_reference_answers(evaluator, out / "data" / "start_answers.json", resuming=not snapshot)
+        return evaluator(step, final=final)
+
+    start_metrics = judge(cfg.model.name, 0, final=False, snapshot=True)  # also remembers the start's answers
+    if start_metrics and cfg.eval.at_start:
+        log.log(0, start_metrics)
     model_name, step = cfg.model.name, 0
     for i in range(1, cfg.online.iterations + 1):
         folder = out / f"iter_{i}"
         # 1-4. The round's prompts, N samples each from the current policy, rewards, pairs (cached).
-        chunk = [prompts[(j % len(prompts))] for j in range((i - 1) * cfg.online.prompts_per_iteration, i * cfg.online.prompts_per_iteration)]
+        first = (i - 1) * cfg.online.prompts_per_iteration
+        chunk = [prompts[j % len(prompts)] for j in range(first, first + cfg.online.prompts_per_iteration)]
         samples = folder / "data" / "samples.jsonl"
         if not samples.exists():
             write_rows(sample_round(cfg, model_name, chunk, score, cfg.run.seed * 1000 + i, say), samples)
         rows = read_rows(samples)
         summary = round_summary(rows, world)
         say(f"round {i}: " + ", ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in summary.items()))
-        # 5. DPO on the round's pairs; its reference is the round's starting model.
+        # 5. DPO on the round's pairs; its reference is the round's starting model. The stage
+        # judges the rounds itself (below), so the DPO runs skip their own gold evaluation.
         round_cfg = DPOConfig(
             model=dataclasses.replace(cfg.model, name=model_name),
             data=PreferenceDataConfig(train="world" if world is not None else cfg.prompts, world_seed=cfg.world_seed,
                                       max_seq_len=cfg.max_seq_len),
             algo=cfg.dpo, optim=cfg.optim, batch=cfg.batch,
             run=dataclasses.replace(cfg.run, out=str(folder), resume=True, overwrite=False),
-            eval=dataclasses.replace(cfg.eval, at_start=cfg.eval.at_start and i == 1),
+            eval=dataclasses.replace(cfg.eval, gold_prompts=0, at_start=False),
         )
         dpo.train(round_cfg, comparisons=(as_comparisons(rows), []))
-        result = json.loads((folder / COMPLETE).read_text())
         step += cfg.run.steps
-        # The round's own evaluation compares it with the round's start, not with SFT.
-        round_eval = {k.replace("eval/vs_sft", "eval/vs_round_start").replace("eval/sft_", "eval/round_start_"): v
-                      for k, v in result.items() if isinstance(v, float) and k.startswith("eval/")}
-        log.log(step, {"online/iteration": float(i), **summary, **round_eval})
         model_name = str(folder)
+        judged = folder / "judged.json"  # a rerun does not judge finished rounds again
+        if not judged.exists():
+            judged.write_text(json.dumps(judge(model_name, step, final=i == cfg.online.iterations)))
+        log.log(step, {"online/iteration": float(i), **summary, **json.loads(judged.read_text())})
 
-    # The last round's model is the result; judge it against the starting model.
+    # The last round's model is the result.
     for name in MODEL_FILES:
         if (Path(model_name) / name).exists():
             shutil.copy2(Path(model_name) / name, out / name)
-    final: dict[str, float] = {}
-    if world is not None and cfg.eval.gold_prompts:
-        tokenizer = load_tokenizer(str(out), cfg.model.trust_remote_code)
-        policy = load_model(dataclasses.replace(cfg.model, lora=False), tokenizer, path=str(out))
-        start = load_model(dataclasses.replace(cfg.model, lora=False), tokenizer, path=cfg.model.name)
-        evaluator = PolicyEvaluator(policy, lambda: contextlib.nullcontext(start), tokenizer, world,
-                                    world.prompts(cfg.eval.gold_prompts, "eval"), cfg.eval.max_new_tokens,
-                                    cfg.eval.batch_size, cfg.model.precision, cfg.online.temperature, acc.autocast, say)
-        final = evaluator(step, final=True)
-        log.log(step, final)
     log.close()
-    mark_complete(out, {"stage": "online-dpo", "iterations": cfg.online.iterations, "steps": step, **final})
+    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    mark_complete(out, {"stage": "online-dpo", "iterations": cfg.online.iterations, "steps": step,
+                        **{k: v for k, v in final.items() if k.startswith("eval/")}})
     return out
