@@ -69,6 +69,7 @@ class PolicyEvaluator:
         """Remember the reference's answers (greedy and sampled), for stages that keep no reference
         model: the policy's answers, so call it before the first update, while it is the reference,
         and save the result with the run so a resumed run compares against the same answers."""
+        self.say(f"remembering the starting policy's answers to {len(self.prompts)} held-out prompts (greedy and sampled)")
         self.reference_cache = {str(t): [g.text for g in self.answers(self.policy, t).generations]
                                 for t in (0.0, self.temperature)}
         return self.reference_cache

@@ -73,13 +73,16 @@ def sequence_logprobs(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tens
 
 @torch.no_grad()
 def reference_table(model, pairs: list[Pair], pad_id: int, batch_size: int) -> torch.Tensor:
-    """(N, 2) reference logprobs of every pair's chosen and rejected response."""
+    """(N, 2) reference logprobs of every pair's chosen and rejected response. Pairs go through
+    in order of length (little padding per batch); the table is in the pairs' own order."""
     model.eval()
-    rows = []
-    for start in range(0, len(pairs), batch_size):
-        logps, _ = sequence_logprobs(model, pairs[start : start + batch_size], pad_id)
-        rows.append(torch.stack(logps.float().chunk(2), dim=1))
-    return torch.cat(rows) if rows else torch.zeros(0, 2)
+    table = torch.zeros(len(pairs), 2)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt) + max(len(pairs[i].chosen), len(pairs[i].rejected)))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        logps, _ = sequence_logprobs(model, [pairs[i] for i in rows], pad_id)
+        table[rows] = torch.stack(logps.float().chunk(2), dim=1)
+    return table
 
 
 def cached_reference(path: Path, compute) -> torch.Tensor:
@@ -152,7 +155,8 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
     ref_tables = {"train": None, "eval": None}
     if variant.needs_reference and algo.precompute_reference:
         for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
-            def compute(pairs=pairs):
+            def compute(pairs=pairs, split=split):
+                say(f"reference logprobs of {len(pairs)} {split} pairs (computed once, saved with the run)")
                 starting = frozen_reference(run.raw_model, None) if cfg.model.lora else contextlib.nullcontext(run.raw_model)
                 with acc.autocast(), starting as ref:
                     return reference_table(ref, pairs, pad_id, cfg.eval.batch_size)
