@@ -155,6 +155,8 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
     ref_tables = {"train": None, "eval": None}
     if variant.needs_reference and algo.precompute_reference:
         for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
+            if not pairs:
+                continue
             def compute(pairs=pairs, split=split):
                 say(f"reference logprobs of {len(pairs)} {split} pairs (computed once, saved with the run)")
                 starting = frozen_reference(run.raw_model, None) if cfg.model.lora else contextlib.nullcontext(run.raw_model)
@@ -197,8 +199,9 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
         metrics = {f"eval/{k}": v / len(eval_pairs) for k, v in sums.items()} if eval_pairs else {}
         metrics.update(evaluator(step, final=step == cfg.run.steps))
         run.raw_model.train()
-        run.bar.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                                   if k.startswith("eval/") and "/gold/" not in k and "vs_sft" not in k))
+        shown = {k: v for k, v in metrics.items() if "/gold/" not in k and "vs_sft" not in k}
+        if shown:
+            run.bar.print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
         return metrics
 
     if run.start_step == 0 and cfg.eval.at_start:
