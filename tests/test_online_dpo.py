@@ -20,6 +20,7 @@ def test_each_round_samples_from_the_previous_rounds_model(tmp_path):
         "--eval.gold-prompts", "0", "--eval.no-at-start", "--run.out", str(tmp_path / "online")]))
     for i in (1, 2):
         assert (out / f"iter_{i}" / "complete.json").exists()
+        assert not (out / f"iter_{i}" / "checkpoints").exists()  # finished rounds free their disk
         samples = [json.loads(line) for line in (out / f"iter_{i}" / "data" / "samples.jsonl").read_text().splitlines()]
         assert len(samples) == 12 and all(len(s["responses"]) == 4 for s in samples)
         for s in samples:

@@ -157,6 +157,9 @@ def train(cfg: OnlineDPOConfig) -> Path:
             eval=dataclasses.replace(cfg.eval, gold_prompts=0, at_start=False),
         )
         dpo.train(round_cfg, comparisons=(as_comparisons(rows), []))
+        # A finished round is resumed from its model, never from its checkpoints, which hold the
+        # optimizer state too (about 3x the model per checkpoint): free the disk.
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
         step += cfg.run.steps
         model_name = str(folder)
         judged = folder / "judged.json"  # a rerun does not judge finished rounds again
