@@ -48,6 +48,7 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, float]:
 
     # 1. N samples per prompt (prompt-major: samples of prompt i are rows i*N .. i*N+N-1).
     flat_prompts: list[Prompt] = [p for p in prompts for _ in range(cfg.n)]
+    print(f"sampling {cfg.n} responses for each of {len(prompts)} prompts from {cfg.model}, scoring them with {cfg.reward}")
     gens = generate(policy, tokenizer, [p.messages for p in flat_prompts], cfg.max_new_tokens,
                     temperature=cfg.temperature, batch_size=cfg.batch_size, precision=cfg.precision,
                     generator_seed=cfg.seed)
