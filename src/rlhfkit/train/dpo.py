@@ -85,16 +85,30 @@ def reference_table(model, pairs: list[Pair], pad_id: int, batch_size: int) -> t
     return table
 
 
-def cached_reference(path: Path, compute) -> torch.Tensor:
-    """Reference logprobs saved with the run: a resumed run no longer has the reference weights
-    (the policy has moved), so it must read them back rather than recompute."""
-    if path.exists():
-        return load_file(path)["logps"]
-    table = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"logps": table.contiguous()}, str(path.with_suffix(".tmp")))
-    path.with_suffix(".tmp").replace(path)
-    return table
+def precomputed_reference(acc, out: Path, model, lora: bool, splits: dict[str, list[Pair]], pad_id: int,
+                          batch_size: int, resuming: bool) -> dict[str, torch.Tensor]:
+    """Reference logprobs of every pair, (N, 2) per split: computed once by the starting policy
+    (LoRA: adapters off) on the main process and saved in OUT/data. The other processes, and a
+    resumed run (whose policy has moved away from the reference), read them back."""
+    tables = {}
+    for split, pairs in splits.items():
+        path = out / "data" / f"{split}_reference_logps.safetensors"
+        if not pairs:
+            continue
+        if resuming and not path.exists():
+            raise RlhfkitError(f"{out}: resuming needs data/{split}_reference_logps.safetensors, which is missing")
+        if acc.is_main_process and not path.exists():
+            acc.print(f"reference logprobs of {len(pairs)} {split} pairs (computed once, saved with the run)")
+            starting = frozen_reference(model, None) if lora else contextlib.nullcontext(model)
+            with acc.autocast(), starting as ref:
+                table = reference_table(ref, pairs, pad_id, batch_size)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"logps": table.contiguous()}, str(path.with_suffix(".tmp")))
+            path.with_suffix(".tmp").replace(path)
+        acc.wait_for_everyone()
+        tables[split] = load_file(path)["logps"]
+    model.train()
+    return tables
 
 
 def pair_metrics(loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -152,20 +166,10 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
     evaluator = PolicyEvaluator(run.raw_model, (lambda: frozen_reference(run.raw_model, reference)) if keeps_reference else None,
                                 tokenizer, world, gold_prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                                 cfg.model.precision, 1.0, acc.autocast, run.bar.print)
-    ref_tables = {"train": None, "eval": None}
+    ref_tables: dict[str, torch.Tensor] = {}
     if variant.needs_reference and algo.precompute_reference:
-        for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
-            if not pairs:
-                continue
-            def compute(pairs=pairs, split=split):
-                say(f"reference logprobs of {len(pairs)} {split} pairs (computed once, saved with the run)")
-                starting = frozen_reference(run.raw_model, None) if cfg.model.lora else contextlib.nullcontext(run.raw_model)
-                with acc.autocast(), starting as ref:
-                    return reference_table(ref, pairs, pad_id, cfg.eval.batch_size)
-            if run.start_step and not (out / "data" / f"{split}_reference_logps.safetensors").exists():
-                raise RlhfkitError(f"{out}: resuming needs data/{split}_reference_logps.safetensors, which is missing")
-            ref_tables[split] = cached_reference(out / "data" / f"{split}_reference_logps.safetensors", compute)
-        run.model.train()
+        ref_tables = precomputed_reference(acc, out, run.raw_model, cfg.model.lora, {"train": train_pairs, "eval": eval_pairs},
+                                           pad_id, cfg.eval.batch_size, resuming=run.start_step > 0)
     if not keeps_reference and gold_prompts and acc.is_main_process:  # the SFT answers, for the final win rate
         remember_reference_answers(evaluator, out / "data" / "reference_answers.json", resuming=run.start_step > 0)
 
@@ -174,7 +178,7 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
         chosen, rejected = logps.float().chunk(2)
         ref_chosen = ref_rejected = None
         if variant.needs_reference:
-            if ref_tables[split] is not None:
+            if split in ref_tables:
                 ref = ref_tables[split][indices]
                 ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
             else:

@@ -43,8 +43,7 @@ def choose_pair(rewards: list[float], pairing: str, rng: random.Random) -> tuple
         return best, min(range(len(rewards)), key=lambda i: rewards[i])
     if pairing == "best_random":
         return best, rng.choice([i for i in range(len(rewards)) if rewards[i] < rewards[best]])
-    a, b = rng.sample([(i, j) for i in range(len(rewards)) for j in range(len(rewards)) if rewards[i] > rewards[j]], 1)[0]
-    return a, b
+    return rng.choice([(i, j) for i in range(len(rewards)) for j in range(len(rewards)) if rewards[i] > rewards[j]])
 
 
 def sample_round(cfg: OnlineDPOConfig, model_name: str, prompts: list[Prompt], score, seed: int, say) -> list[dict]:
