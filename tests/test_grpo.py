@@ -15,6 +15,10 @@ def constant_reward(prompts, responses):
     return [0.5] * len(responses)
 
 
+def nan_reward(prompts, responses):
+    return [float("nan")] * len(responses)
+
+
 def rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -57,3 +61,15 @@ def test_grpo_against_the_rm_stage_beats_sft(imperfect_sft, tiny_mixed_rm, tmp_p
     evals = [r for r in rows(out) if "eval/gold_score" in r]
     assert evals[-1]["eval/gold_score"] > evals[0]["eval/gold_score"] + 0.03, evals
     assert evals[-1]["eval/vs_sft_win_rate"] > 0.5, evals[-1]
+
+
+def test_non_finite_loss_is_left_out_and_reported(tmp_path, capsys):
+    """A reward that returns NaN must not reach the weights: the step says so, the model is unchanged."""
+    out = grpo.train(parse("grpo", [*QUICK, "--reward", "test_grpo:nan_reward", "--run.steps", "1",
+                                    "--run.out", str(tmp_path / "grpo")]))
+    assert "non-finite loss" in capsys.readouterr().out
+    from rlhfkit.models import build_tiny_model, build_tiny_tokenizer
+
+    start = build_tiny_model(build_tiny_tokenizer(), seed=0).state_dict()
+    after = load_file(out / "model.safetensors")
+    assert all(torch.equal(start[k], after[k]) for k in after)

@@ -95,7 +95,7 @@ def train(cfg: GRPOConfig) -> Path:
         # 5. One update over the whole batch, in micro-batches.
         active = torch.arange(len(gens)) if algo.kl_coef > 0 else torch.nonzero(advantages != 0).flatten()
         n_tokens, n_sequences = int(mask.sum()), len(gens)
-        kl_sum = 0.0
+        kl_sum, non_finite = 0.0, 0
         for start in range(0, len(active), algo.micro_batch_size):
             rows = active[start : start + algo.micro_batch_size]
             sub, sub_mask = select(seqs, rows), mask[rows]
@@ -109,11 +109,16 @@ def train(cfg: GRPOConfig) -> Path:
                 loss = aggregate_loss(per_token, sub_mask, algo.loss_aggregation, n_tokens, n_sequences)
             if torch.isfinite(loss):
                 acc.backward(loss)
+            else:  # a NaN/inf reward or logprob would poison the weights: leave this share out, say so
+                non_finite += 1
             kl_sum += float(stats.get("kl", 0.0)) * float(sub_mask.sum())
         grad_norm, skipped = optimizer_step(run.model, run.optimizer, run.scheduler, cfg.optim.max_grad_norm)
         done = step + 1
         if skipped:
             run.bar.print(f"step {done}: non-finite gradient norm, update skipped")
+        if non_finite:
+            run.bar.print(f"step {done}: non-finite loss in {non_finite} micro-batch(es), left out of the update "
+                          f"(rewards this step: {rewards.flatten().tolist()[:8]}...)")
 
         # 6. Log.
         metrics = {"grpo/reward": float(rewards.mean()), "grpo/reward_std": float(rewards.std(-1).mean()),
