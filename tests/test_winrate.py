@@ -1,9 +1,11 @@
-"""Win rates under a pairwise judge: both orders, ties half, bootstrap intervals."""
+"""Win rates under a pairwise judge: both orders, ties half, bootstrap intervals, length control."""
+
+import math
 
 import pytest
 
 from rlhfkit.data.world import World
-from rlhfkit.eval.winrate import gold_pair_judge, win_rate
+from rlhfkit.eval.winrate import gold_pair_judge, length_controlled, win_rate
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +47,59 @@ def test_win_rate_rejects_mismatched_lengths(world_prompts):
     world, prompts = world_prompts
     with pytest.raises(ValueError, match="equally many"):
         win_rate(gold_pair_judge(world), prompts, ["a"], ["b"])
+
+
+# --- length-controlled win rate -----------------------------------------------------------------
+
+
+def _sigmoid(z: float) -> float:
+    return 1 / (1 + math.exp(-z))
+
+
+def test_length_control_changes_nothing_when_the_judge_ignores_length():
+    """Every preference appears once with A longer by d and once with A shorter by d, so length
+    carries no information: the fitted phi is exactly 0 (the score equation for phi is
+    sum_i (p_i - s) d_i = 0 by symmetry) and sigmoid(theta) = mean(p), the plain win rate
+    (up to the 1e-3 ridge on theta)."""
+    prefs = [1.0, 1.0, 0.5, 0.0, 1.0, 0.5, 1.0, 0.0, 1.0, 1.0]
+    diffs = [3, 10, 1, 7, 2, 5, 8, 4, 6, 12]
+    p = prefs + prefs
+    d = diffs + [-x for x in diffs]
+    lc = length_controlled(p, d)
+    assert lc.win_rate == pytest.approx(sum(p) / len(p), abs=1e-3)  # 0.7
+    assert lc.length_coef == pytest.approx(0.0, abs=1e-9)
+    assert lc.low < lc.win_rate < lc.high and not lc.extrapolated
+
+
+def test_length_control_removes_a_win_that_comes_only_from_length():
+    """A is longer in most pairs and the judge's preference depends on length alone:
+    p_i = sigmoid(0.5 * d_i). The raw win rate is mean(p) ~ 0.76, but at equal length (d = 0)
+    the judge is indifferent: the exact fit is theta = 0, i.e. 50% (the weak prior on phi moves
+    it by ~0.001 at 200 pairs). Shifting every log-odds by +1 (A also better) gives sigmoid(1)."""
+    d = [-2, -1, 1, 2, 3, 4, 5, 6, 8, 10] * 20
+    p = [_sigmoid(0.5 * x) for x in d]
+    raw = sum(p) / len(p)
+    assert raw > 0.75
+    lc = length_controlled(p, d)
+    assert lc.win_rate == pytest.approx(0.5, abs=0.005)
+    assert lc.high < 0.51
+    assert lc.length_coef / lc.scale == pytest.approx(0.5, rel=0.02)  # per token of length, as generated
+    better = length_controlled([_sigmoid(1.0 + 0.5 * x) for x in d], d)
+    assert better.win_rate == pytest.approx(_sigmoid(1.0), abs=0.005)
+
+
+def test_length_control_stays_sane_when_one_side_is_always_longer():
+    """A loses every pair and is always longer: nothing separates quality from length, and the
+    rate at equal length (never observed) must not be invented: it stays near 0, flagged."""
+    lc = length_controlled([0.0] * 8, [18, 20, 25, 30, 33, 35, 38, 40])
+    assert lc.win_rate < 0.01 and lc.high < 0.01 and lc.extrapolated
+
+
+def test_win_rate_reports_length_control_when_given_length_differences(world_prompts):
+    world, prompts = world_prompts
+    good = [world.demonstrate(p) for p in prompts]
+    junk = ["banana"] * len(prompts)
+    result = win_rate(gold_pair_judge(world), prompts, good, junk, length_diffs=[len(g) - 6 for g in good])
+    assert result.length_controlled is not None and result.per_pair == [1.0] * len(prompts)
+    assert result.metrics("x/")["x/lc_win_rate"] == result.length_controlled.win_rate
+    assert "x/lc_win_rate" not in win_rate(gold_pair_judge(world), prompts, good, junk).metrics("x/")
