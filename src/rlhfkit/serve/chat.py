@@ -1,0 +1,226 @@
+"""`rlhfkit chat MODEL`: talk to a model in the terminal, its answer streamed as it is generated.
+
+The whole conversation is rendered by the tokenizer's chat template each turn (``prompt_ids``,
+the same rendering training and rollouts use), so a model answers here exactly as it would in
+an evaluation. ``model.generate`` runs in a thread and feeds a ``TextIteratorStreamer`` that the
+main thread prints; the main thread is then the one that receives Ctrl-C, and it stops the
+generation through a stopping criterion without leaving the program.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+import torch
+import tyro
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from rlhfkit.config import ModelConfig
+from rlhfkit.data.records import Message, Messages
+from rlhfkit.data.tokenize import end_of_turn_id, prompt_ids
+from rlhfkit.errors import ConfigError
+from rlhfkit.models import load_model, load_tokenizer
+from rlhfkit.rollout import autocast, cut_at_stop
+
+HELP = "/reset clears the history, /system TEXT sets the system prompt, /quit or Ctrl-D exits, Ctrl-C stops an answer"
+USER_PROMPT = "you> "
+ANSWER_PREFIX = "model> "
+
+
+@dataclass
+class ChatConfig:
+    """Streaming terminal chat with a model; the conversation is kept across turns."""
+
+    model: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="MODEL")]
+    """Built-in name (`tiny`, `smollm2-135m-instruct`), a local model folder (e.g. the output of `rlhfkit sft`), or a hub id."""
+    temperature: float = 0.7
+    """Sampling temperature; 0 = greedy decoding."""
+    max_new_tokens: int = 256
+    """Longest answer, in tokens."""
+    system: str = ""
+    """System prompt (empty: none, so the chat template's default applies if it has one)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """`bf16` generates under bf16 autocast (weights stay fp32)."""
+    seed: int = 0
+    """Sampling seed (and the `tiny` model's initialisation)."""
+
+
+# --- the conversation: pure state, no model ---------------------------------------------------
+
+
+@dataclass
+class Conversation:
+    """A system prompt and the turns so far: user, assistant, user, assistant, ..."""
+
+    system: str = ""
+    turns: list[Message] = field(default_factory=list)
+
+    def messages(self) -> Messages:
+        """What the chat template renders: the system prompt (if any), then every turn."""
+        head = (Message("system", self.system),) if self.system else ()
+        return head + tuple(self.turns)
+
+    def reset(self) -> None:
+        self.turns.clear()
+
+    def set_system(self, text: str) -> None:
+        """A new system prompt starts a new conversation: old answers were written without it."""
+        self.system = text
+        self.reset()
+
+    def drop_oldest_exchange(self) -> None:
+        del self.turns[:2]  # a user message and the answer to it, so roles keep alternating
+
+
+def command(conv: Conversation, line: str) -> str | None:
+    """Apply a `/command` to the conversation; returns what to tell the user, or None to quit."""
+    name, _, arg = line.partition(" ")
+    if name in ("/quit", "/exit"):
+        return None
+    if name == "/reset":
+        conv.reset()
+        return "(history cleared)"
+    if name == "/system":
+        conv.set_system(arg.strip())
+        said = f"set to {conv.system!r}" if conv.system else "removed"
+        return f"(system prompt {said}; history cleared)"
+    return f"(unknown command {name}; {HELP})"
+
+
+def fit_context(conv: Conversation, tokenizer: PreTrainedTokenizerBase, budget: int | None) -> tuple[list[int], int]:
+    """Token ids of the conversation's prompt, dropping the oldest exchanges until it is at most
+    ``budget`` tokens (None: no limit). Returns (ids, exchanges dropped). When the last user
+    message alone is too long, the conversation is left as it was and the ids are too long."""
+    trial = Conversation(conv.system, list(conv.turns))
+    ids = prompt_ids(tokenizer, trial.messages())
+    while budget is not None and len(ids) > budget and len(trial.turns) > 1:
+        trial.drop_oldest_exchange()
+        ids = prompt_ids(tokenizer, trial.messages())
+    if budget is not None and len(ids) > budget:
+        return ids, 0
+    dropped = (len(conv.turns) - len(trial.turns)) // 2
+    conv.turns[:] = trial.turns
+    return ids, dropped
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """Positions the model was built for (None when its config does not say)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+# --- generation -------------------------------------------------------------------------------
+
+
+class StopOnEvent(StoppingCriteria):
+    """Ends generation once ``event`` is set (by Ctrl-C in the main thread)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: list[int], cfg: ChatConfig,
+                  max_new_tokens: int) -> tuple[str, str]:
+    """Generate an answer to the prompt ``ids``, printing it as it comes. Returns (the answer text,
+    a note for the user: "" when it ended with the end-of-turn token)."""
+    stop = sorted({end_of_turn_id(tokenizer), tokenizer.eos_token_id} - {None})  # as rollout.generate
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    interrupted = threading.Event()
+    # Plain sampling from softmax(logits / T), as rollout.generate: no top-k/top-p from the model's defaults.
+    greedy = cfg.temperature == 0
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
+    input_ids = torch.tensor([ids], device=model.device)
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            with autocast(cfg.precision):  # autocast is per thread: enter it in the generating one
+                result["out"] = model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                    eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([StopOnEvent(interrupted)]), **sampling)
+        except BaseException as e:  # re-raised in the main thread; end the stream so it does not wait forever
+            result["error"] = e
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    ended = False
+    try:
+        print(ANSWER_PREFIX, end="", flush=True)
+        for chunk in streamer:
+            print(chunk, end="", flush=True)
+        ended = True
+        thread.join()
+    except KeyboardInterrupt:  # until the thread is done, Ctrl-C stops the answer, not the program
+        interrupted.set()
+        if not ended:
+            for _ in streamer:  # generation stops at its next token; let the stream end
+                pass
+        thread.join()
+    print()
+    if "error" in result:
+        raise result["error"]
+    answer = cut_at_stop(result["out"][0, len(ids):].tolist(), stop, tokenizer)
+    if interrupted.is_set():
+        return answer.text, "(stopped)"
+    return answer.text, "" if answer.finished else f"(cut at {max_new_tokens} tokens)"
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+def chat(cfg: ChatConfig) -> None:
+    if cfg.max_new_tokens <= 0:
+        raise ConfigError(f"max_new_tokens must be positive, got {cfg.max_new_tokens}")
+    if cfg.temperature < 0:
+        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {cfg.temperature}")
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where available)
+    except ImportError:
+        pass
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(ModelConfig(name=cfg.model, precision=cfg.precision), tokenizer, seed=cfg.seed)
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    torch.manual_seed(cfg.seed)
+    ctx = context_length(model)
+    # Leave room for an answer; a long answer may still use up to the rest of the context.
+    budget = None if ctx is None else ctx - min(cfg.max_new_tokens, ctx // 2)
+    conv = Conversation(system=cfg.system)
+    print(f"rlhfkit chat: {cfg.model} | {HELP}", flush=True)
+
+    while True:
+        try:
+            line = input(USER_PROMPT).strip()
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:  # at the prompt Ctrl-C only clears the line, as in Python's REPL
+            print(f"\n({HELP})")
+            continue
+        if not line:
+            continue
+        if line.startswith("/"):
+            reply = command(conv, line)
+            if reply is None:
+                return
+            print(reply)
+            continue
+        conv.turns.append(Message("user", line))
+        ids, dropped = fit_context(conv, tokenizer, budget)
+        if dropped:
+            print(f"(dropped the oldest {dropped} exchange(s): the conversation outgrew the model's {ctx}-token context)")
+        if budget is not None and len(ids) > budget:
+            conv.turns.pop()
+            print(f"(message too long: {len(ids)} tokens; the model's {ctx}-token context holds {budget} "
+                  f"besides the answer; not sent)")
+            continue
+        room = cfg.max_new_tokens if ctx is None else min(cfg.max_new_tokens, ctx - len(ids))
+        answer, note = stream_answer(model, tokenizer, ids, cfg, room)
+        conv.turns.append(Message("assistant", answer))
+        if note:
+            print(note)
