@@ -17,27 +17,25 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def imperfect_sft(tmp_path_factory) -> Path:
-    """A tiny SFT policy trained on imperfect demonstrations (half chatty, off-format or rambling,
-    as real demonstration data is): there is style for preference learning to improve on. Shared
-    by the PPO, DPO, online-DPO and GRPO learning tests."""
+def tiny_run(tmp_path_factory) -> Path:
+    """`rlhfkit run tiny`, once per session: SFT on imperfect demonstrations (half chatty,
+    off-format or rambling, as real demonstration data is) -> simulated labels of SFT samples mixed
+    with the world's synthetic candidates -> reward model -> PPO -> evaluation -> report. Its SFT
+    and RM are the starting points of the DPO, online-DPO and GRPO learning tests."""
     from rlhfkit.cli import parse
-    from rlhfkit.train import sft
+    from rlhfkit.pipeline import run
 
-    out = tmp_path_factory.mktemp("imperfect") / "sft"
-    return sft.train(parse("sft", ["--recipe", "tiny", "--data.world-imperfect", "0.5", "--eval.gold-prompts", "0",
-                                   "--run.out", str(out)]))
+    return run(parse("run", ["tiny", "--runs-dir", str(tmp_path_factory.mktemp("runs")), "--name", "tiny"]))
 
 
 @pytest.fixture(scope="session")
-def tiny_mixed_rm(imperfect_sft, tmp_path_factory) -> Path:
-    """A reward model from the RM stage: the imperfect SFT backbone trained on simulated labelers'
-    rankings of its own samples mixed with the world's synthetic candidates (held-out gold-order
-    accuracy ~0.68). Shared by the PPO, GRPO and online-DPO learning tests."""
-    from rlhfkit.cli import parse
-    from rlhfkit.train import rm
+def imperfect_sft(tiny_run) -> Path:
+    """The tiny pipeline's SFT policy: there is style for preference learning to improve on."""
+    return tiny_run / "sft"
 
-    out = tmp_path_factory.mktemp("mixed_rm") / "rm"
-    return rm.train(parse("rm", ["--recipe", "tiny", "--model.name", str(imperfect_sft), "--data.responses", "mixed",
-                                 "--data.world-prompts", "300", "--data.world-eval-prompts", "0", "--run.steps", "60",
-                                 "--run.out", str(out)]))
+
+@pytest.fixture(scope="session")
+def tiny_mixed_rm(tiny_run) -> Path:
+    """The tiny pipeline's reward model: the SFT backbone trained on simulated labelers' rankings
+    of its own samples mixed with the world's synthetic candidates (held-out accuracy ~0.67)."""
+    return tiny_run / "rm"

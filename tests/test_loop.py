@@ -68,3 +68,8 @@ def test_resume_refuses_changed_settings_but_not_a_moved_folder_or_more_steps(tm
     check_same_config(saved, parse("sft", ["--recipe", "tiny", "--run.out", "b", "--run.steps", "20", "--run.resume"]))
     with pytest.raises(RlhfkitError, match="optim.lr"):
         check_same_config(saved, parse("sft", ["--recipe", "tiny", "--run.out", "a", "--optim.lr", "0.1"]))
+    # A moved pipeline: the PPO stage names its sibling SFT folder, which moved with it.
+    save_config(parse("ppo", ["--recipe", "tiny", "--run.out", "runs/x/ppo", "--model.name", "runs/x/sft"]), saved)
+    check_same_config(saved, parse("ppo", ["--recipe", "tiny", "--run.out", "elsewhere/y/ppo", "--model.name", "elsewhere/y/sft"]))
+    with pytest.raises(RlhfkitError, match="model.name"):  # another SFT model is another run
+        check_same_config(saved, parse("ppo", ["--recipe", "tiny", "--run.out", "runs/x/ppo", "--model.name", "runs/x/sft2"]))

@@ -75,21 +75,6 @@ def test_gold_reward_raises_held_out_gold_score(imperfect_sft, tmp_path):
     assert_beats_sft(out, margin=0.05)
 
 
-def test_reward_model_from_the_rm_stage_raises_held_out_gold_score(imperfect_sft, tiny_mixed_rm, tmp_path):
-    """The classic pipeline: a reward model initialised from the SFT policy, trained on rankings
-    by simulated labelers of the policy's own samples mixed with synthetic candidates; PPO against
-    it must beat SFT on the gold judge (which PPO never sees). Measured with a larger RM run (400
-    prompts, 100 steps): held-out greedy gold 0.32 -> 0.40, format 0.39 -> 0.68 and correctness
-    flat (the RM cannot check answers a 0.9M model gets wrong, but it learns the labelers' taste
-    for plain, on-format answers). Without the candidates (an RM on policy samples only) PPO
-    learned to stop refusing harmful requests and gold fell 0.32 -> 0.29."""
-    out = tmp_path / "ppo"
-    ppo.train(parse("ppo", ["--recipe", "tiny", "--model.name", str(imperfect_sft), "--reward", str(tiny_mixed_rm),
-                            "--optim.lr", "5e-5", "--algo.kl-coef", "0.05", "--run.steps", "30",
-                            "--eval.gold-prompts", "150", "--run.out", str(out)]))
-    assert_beats_sft(out, margin=0.04)
-
-
 def test_lora_reference_is_the_policy_with_adapters_disabled(tiny_sft, tmp_path):
     """Once LoRA training moves the adapters the policy leaves its reference, so the KL becomes
     positive (were the reference computed with adapters on, it would stay 0); the saved policy

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = {
     "sft": ["sft", "--recipe", "tiny", "--run.steps", "24", "--run.save-every", "4", "--eval.gold-prompts", "0",
             "--eval.no-at-start", "--data.world-examples", "400", "--batch.micro-batch-size", "8"],
-    "rm": ["rm", "--recipe", "tiny", "--run.steps", "24", "--run.save-every", "4", "--data.world-prompts", "200",
+    "rm": ["rm", "--recipe", "tiny", "--model.name", "tiny", "--data.responses", "candidates", "--run.steps", "24", "--run.save-every", "4", "--data.world-prompts", "200",
            "--data.world-eval-prompts", "0", "--batch.micro-batch-size", "4"],
     # PPO from the random tiny model with the gold judge as reward: the state to restore is the
     # policy, the value model, the optimizer, the KL controller, the EMA weights, the PPO-ptx data

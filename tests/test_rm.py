@@ -24,7 +24,10 @@ def rows(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_rm(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("rm") / "rm"
-    return rm.train(parse("rm", ["--recipe", "tiny", "--run.out", str(out)]))
+    # The random tiny backbone on the world's synthetic candidates (no sampling): the RM stage alone.
+    return rm.train(parse("rm", ["--recipe", "tiny", "--model.name", "tiny", "--data.responses", "candidates",
+                                 "--data.world-prompts", "800", "--data.world-eval-prompts", "150", "--run.steps", "100",
+                                 "--run.out", str(out)]))
 
 
 def test_tiny_rm_orders_held_out_responses_like_the_gold_judge(tiny_rm):
@@ -95,7 +98,7 @@ def test_gold_agreement_and_spearman_by_hand():
 
 def test_rm_on_policy_samples_from_a_causal_lm(tmp_path):
     """The world path that samples K completions from a policy and labels them."""
-    args = ["--recipe", "tiny", "--data.responses", "policy", "--data.world-prompts", "12",
+    args = ["--recipe", "tiny", "--model.name", "tiny", "--data.responses", "policy", "--data.world-prompts", "12",
             "--data.world-eval-prompts", "6", "--data.k", "3", "--data.max-new-tokens", "8",
             "--run.steps", "2", "--run.out", str(tmp_path / "rm")]
     out = rm.train(parse("rm", args))
@@ -135,7 +138,7 @@ def test_rm_with_an_encoder_backbone(tmp_path):
                                                     num_attention_heads=2, intermediate_size=64, num_labels=1))
     bert.save_pretrained(tmp_path / "bert")
     tok.save_pretrained(tmp_path / "bert")
-    args = ["--recipe", "tiny", "--model.name", str(tmp_path / "bert"), "--data.world-prompts", "16",
+    args = ["--recipe", "tiny", "--model.name", str(tmp_path / "bert"), "--data.responses", "candidates", "--data.world-prompts", "16",
             "--data.world-eval-prompts", "8", "--run.steps", "3", "--run.out", str(tmp_path / "rm")]
     out = rm.train(parse("rm", args))
     scores = RewardModel.load(out).score(["What is 2 + 2?"], ["4"])
@@ -144,7 +147,7 @@ def test_rm_with_an_encoder_backbone(tmp_path):
 
 @pytest.mark.skipif(not HH.exists(), reason=f"hh-rlhf data not found at {HH}; the real-data RM check needs it")
 def test_rm_reads_hh_rlhf_comparisons(tmp_path):
-    args = ["--recipe", "tiny", "--data.train", str(HH / "helpful-base.jsonl.gz"), "--data.skip-bad",
+    args = ["--recipe", "tiny", "--model.name", "tiny", "--data.train", str(HH / "helpful-base.jsonl.gz"), "--data.skip-bad",
             "--data.max-examples", "24", "--run.steps", "2", "--batch.micro-batch-size", "4",
             "--run.out", str(tmp_path / "rm")]
     out = rm.train(parse("rm", args))

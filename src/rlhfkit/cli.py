@@ -67,8 +67,11 @@ def rm_score(cfg: RMScoreConfig) -> None:
     print(f"scored {n} records -> {cfg.out}")
 
 
-# name -> (config class, "module:function", recipe section or None, help line)
-COMMANDS: dict[str, tuple[type, str, str | None, str]] = {
+# name -> (config class or "module:Class", "module:function", recipe section or None, help line).
+# Commands whose config lives in their own module name it as a string: imported only when used.
+COMMANDS: dict[str, tuple[type | str, str, str | None, str]] = {
+    "run": ("rlhfkit.pipeline:PipelineConfig", "rlhfkit.pipeline:run", None,
+            "the whole pipeline: SFT -> labels -> RM -> PPO (or DPO, online DPO, GRPO) -> eval -> report"),
     "sft": (SFTConfig, "rlhfkit.train.sft:train", "sft", "supervised fine-tuning on demonstrations"),
     "rm": (RMConfig, "rlhfkit.train.rm:train", "rm", "reward model from comparisons and K-wise rankings"),
     "rm score": (RMScoreConfig, "rlhfkit.cli:rm_score", None, "score prompt/response records with a reward model"),
@@ -78,6 +81,13 @@ COMMANDS: dict[str, tuple[type, str, str | None, str]] = {
                    "online iterative DPO: sample N, rank with the reward, best vs worst, DPO, repeat"),
     "grpo": (GRPOConfig, "rlhfkit.train.grpo:train", "grpo", "GRPO / RLOO: group-baseline policy gradient against a reward"),
     "bon": (BestOfNConfig, "rlhfkit.eval.bon:best_of_n", None, "best-of-N sampling with a reward (a baseline, or SFT data)"),
+    "eval": ("rlhfkit.eval.evaluate:EvalConfig", "rlhfkit.eval.evaluate:evaluate", None,
+             "win rate of one model against another under a judge (gold, reward model, LLM), both orders"),
+    "report": ("rlhfkit.eval.report:ReportConfig", "rlhfkit.eval.report:report", None,
+               "one self-contained HTML report (plots, win rates, sample responses) for a run folder"),
+    "chat": ("rlhfkit.serve.chat:ChatConfig", "rlhfkit.serve.chat:chat", None, "streaming terminal chat with a model"),
+    "sample": ("rlhfkit.serve.sample:SampleConfig", "rlhfkit.serve.sample:sample", None,
+               "batch generation: answer a file of prompts, write JSONL"),
     "world export": (WorldExportConfig, "rlhfkit.cli:world_export", None, "write the built-in task world as data files"),
 }
 
@@ -106,6 +116,8 @@ def parse(name: str, args: list[str]) -> Any:
     import tyro
 
     cls, _, section, help_line = COMMANDS[name]
+    if isinstance(cls, str):
+        cls = resolve_function(cls)
     default = None
     if section is not None:
         recipe, args = split_recipe(args)
@@ -141,7 +153,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"rlhfkit {name}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"rlhfkit {name}: interrupted; rerun with --run.resume to continue from the last checkpoint", file=sys.stderr)
+        hint = {"run": "; rerun the same command to continue"}.get(name, "")
+        if COMMANDS[name][2] is not None:  # a training stage: it checkpoints
+            hint = "; rerun with --run.resume to continue from the last checkpoint"
+        print(f"rlhfkit {name}: interrupted{hint}", file=sys.stderr)
         sys.exit(130)
 
 

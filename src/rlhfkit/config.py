@@ -56,6 +56,8 @@ class DataConfig:
     """Share of world demonstrations written in a worse style (right answer, but chatty, off-format or rambling), as human demonstrations often are."""
     eval_fraction: float = 0.05
     """Share of a user file held out for eval loss, chosen by a hash of the prompt."""
+    preferred: bool = False
+    """The file holds comparisons or rankings (e.g. hh-rlhf): train on each one's preferred response."""
     eval_examples: int = 128
     """Held-out examples used for eval loss."""
 
@@ -542,6 +544,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}.{key}: expected a mapping, got {type(value).__name__}")
             value = from_dict(hint, value, f"{where}.{key}")
+        elif hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            # YAML 1.1 reads `1e-5` (no dot) as a string; a number is what the field means.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}.{key}: expected a number, got {value!r}") from None
         kwargs[key] = value
     return cls(**kwargs)
 

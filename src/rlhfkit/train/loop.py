@@ -180,14 +180,26 @@ def check_same_config(saved: Path, cfg: Any) -> None:
     import yaml
 
     old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
-    # Where the folder lives does not change the weights: a moved or copied run resumes.
+    # Where the folder lives does not change the weights: a moved or copied run resumes, and so
+    # does a moved pipeline, whose stages name their sibling folders (../sft, ../rm).
     ignore = {("run", "resume"), ("run", "overwrite"), ("run", "steps"), ("run", "out")}
+    old_home, new_home = Path(old["run"]["out"]).parent, Path(cfg.run.out).parent
+
+    def same(a: Any, b: Any) -> bool:
+        if a == b:
+            return True
+        if not (isinstance(a, str) and isinstance(b, str)):
+            return False
+        a_path, b_path = Path(a), Path(b)
+        return (a_path.is_relative_to(old_home) and b_path.is_relative_to(new_home)
+                and a_path.relative_to(old_home) == b_path.relative_to(new_home))
+
     diffs = [
         f"{sec}.{key}: {old[sec].get(key)!r} -> {value!r}"
         for sec, body in new.items()
         if isinstance(body, dict) and isinstance(old.get(sec), dict)
         for key, value in body.items()
-        if (sec, key) not in ignore and old[sec].get(key) != value
+        if (sec, key) not in ignore and not same(old[sec].get(key), value)
     ]
     if diffs:
         raise RlhfkitError(f"cannot resume {saved.parent}: the config changed ({'; '.join(diffs)})")

@@ -13,16 +13,31 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import DataConfig, SFTConfig
-from rlhfkit.data.formats import read_demonstrations
-from rlhfkit.data.records import Demonstration, Prompt, prompt_bucket
+from rlhfkit.data.formats import ReadReport, read_demonstrations, read_records
+from rlhfkit.data.records import Comparison, Demonstration, Prompt, Ranking, prompt_bucket
 from rlhfkit.data.tokenize import Example, collate_for_training, count_loss_tokens, tokenize_demonstrations
 from rlhfkit.data.world import World
+from rlhfkit.errors import RlhfkitError
 from rlhfkit.eval.gold import gold_evaluate
 from rlhfkit.losses import sft_loss_sum
 from rlhfkit.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
 from rlhfkit.train.loop import (
     begin_stage, mark_complete, optimizer_step, start_training, sync_gradients,
 )
+
+
+def preferred_responses(source: str, **options) -> tuple[list[Demonstration], ReadReport]:
+    """Comparisons / rankings as demonstrations of their preferred response (SFT on hh-rlhf's `chosen`)."""
+    records, report = read_records(source, **options)
+    demos = []
+    for r in records:
+        if isinstance(r, Comparison):
+            demos.append(Demonstration(r.prompt, r.chosen))
+        elif isinstance(r, Ranking):
+            demos.append(Demonstration(r.prompt, r.completions[r.ranks.index(min(r.ranks))]))
+        else:
+            raise RlhfkitError(f"{source}: data.preferred expects comparisons or rankings, found {type(r).__name__} records")
+    return demos, report
 
 
 def load_data(data: DataConfig, gold_prompts: int) -> tuple[list[Demonstration], list[Demonstration], list[Prompt]]:
@@ -34,10 +49,11 @@ def load_data(data: DataConfig, gold_prompts: int) -> tuple[list[Demonstration],
             world.demonstrations(data.eval_examples, split="eval"),
             world.prompts(gold_prompts, split="eval"),
         )
-    train, report = read_demonstrations(data.train, format=data.format, skip_bad=data.skip_bad)
+    read = preferred_responses if data.preferred else read_demonstrations
+    train, report = read(data.train, format=data.format, skip_bad=data.skip_bad)
     print(report.summary())
     if data.eval:
-        held_out, eval_report = read_demonstrations(data.eval, format=data.format, skip_bad=data.skip_bad)
+        held_out, eval_report = read(data.eval, format=data.format, skip_bad=data.skip_bad)
         print(eval_report.summary())
     else:  # hold out by prompt hash, so the same prompt never lands on both sides
         is_eval = [prompt_bucket(d.prompt) < data.eval_fraction for d in train]

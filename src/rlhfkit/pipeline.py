@@ -1,0 +1,370 @@
+"""`rlhfkit run [RECIPE]`: the whole recipe as one job, stage after stage.
+
+    sft -> labels -> rm -> ppo | dpo | online_dpo | grpo -> eval -> report.html
+
+Each stage is the same function its own command calls (`rlhfkit sft`, `rlhfkit rm` ...), with
+its config taken from the recipe's section and its inputs pointed at the earlier stages' folders
+under ``runs/<name>/``. Stages talk only through those folders. A finished stage holds
+``complete.json`` and is skipped on a rerun; an interrupted one resumes from its last checkpoint.
+``pipeline.json`` records what ran and how long it took; the report reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import tyro
+import yaml
+
+from rlhfkit.config import (
+    DPOConfig,
+    GRPOConfig,
+    OnlineDPOConfig,
+    PPOConfig,
+    RMConfig,
+    SFTConfig,
+    from_dict,
+    recipe_path,
+)
+from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.train.loop import COMPLETE, mark_complete
+
+ALGOS = ("ppo", "dpo", "online-dpo", "grpo")
+# algo -> (config class, "module:function", recipe section, stage folder)
+RL_STAGES: dict[str, tuple[type, str, str, str]] = {
+    "ppo": (PPOConfig, "rlhfkit.train.ppo:train", "ppo", "ppo"),
+    "dpo": (DPOConfig, "rlhfkit.train.dpo:train", "dpo", "dpo"),
+    "online-dpo": (OnlineDPOConfig, "rlhfkit.train.online_dpo:train", "online-dpo", "online_dpo"),
+    "grpo": (GRPOConfig, "rlhfkit.train.grpo:train", "grpo", "grpo"),
+}
+
+
+@dataclass
+class PipelineConfig:
+    """Run SFT -> labels -> reward model -> RL -> evaluation -> report, skipping finished stages."""
+
+    recipe: tyro.conf.Positional[str] = "smollm2"
+    """`smollm2` (the real model on the built-in world; the default), `tiny` (about a minute), `hh`
+    (Anthropic hh-rlhf from ../shared), or a YAML path with the same sections."""
+    algo: Literal["", "ppo", "dpo", "online-dpo", "grpo"] = ""
+    """The preference-learning stage. Empty: the recipe's `pipeline.algo` (PPO for smollm2 and tiny)."""
+    labels: str = "simulated"
+    """Where the preference labels come from: `simulated` (the world's simulated labelers rank K
+    samples of the SFT model) or a rankings/comparisons file (e.g. exported human labels)."""
+    name: str = ""
+    """Run name: the folder `runs_dir/name`. Empty: the recipe name, plus the algo when it is not the default."""
+    runs_dir: str = "runs"
+    """Parent folder of runs."""
+    set: tyro.conf.UseAppendAction[list[str]] = field(default_factory=list)
+    """Recipe overrides, `SECTION.KEY=VALUE` (e.g. `ppo.run.steps=10`, `eval.prompts=64`); repeatable.
+    Values are read as YAML. Changing a finished stage's settings needs --overwrite."""
+    overwrite: bool = False
+    """Delete the run folder and start again instead of continuing it."""
+
+
+@dataclass
+class EvalStageConfig:
+    """The pipeline's final evaluation (recipe section `eval:`): base vs SFT vs RL on held-out prompts."""
+
+    prompts: int = 128
+    """Held-out prompts (the world's eval split)."""
+    max_new_tokens: int = 48
+    """Generation length limit."""
+    batch_size: int = 32
+    """Prompts per generation batch."""
+    temperature: float = 1.0
+    """Sampling temperature for the sampled win rates and the KL estimate (1 = the policy itself)."""
+    samples: int = 8
+    """Prompts whose answers (base / SFT / RL) the report shows side by side."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Autocast precision for generation."""
+    seed: int = 0
+    """Sampling seed (the same for every model, so differences come from the models)."""
+
+
+# --- recipe -> stage configs ------------------------------------------------------------------
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict]:
+    """`ppo.run.steps=10` -> {"ppo": {"run": {"steps": 10}}}, values read as YAML."""
+    tree: dict[str, dict] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        parts = key.split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. ppo.run.steps=10")
+        node = tree.setdefault(parts[0], {})
+        for part in parts[1:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return tree
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+@dataclass
+class Plan:
+    """Where each stage writes and what it reads, resolved once from the recipe and flags."""
+
+    cfg: PipelineConfig
+    algo: str
+    root: Path
+    sections: dict[str, dict]  # recipe sections merged with --set overrides
+
+    def section(self, name: str) -> dict:
+        return self.sections.get(name, {}) or {}
+
+    def stage_config(self, cls: type, section: str) -> Any:
+        return from_dict(cls, {**self.section(section), "recipe": self.cfg.recipe}, f"recipe {self.cfg.recipe}: {section}")
+
+    @property
+    def base_model(self) -> str:
+        return (self.section("sft").get("model") or {}).get("name", "smollm2-135m-instruct")
+
+    @property
+    def world(self) -> bool:
+        """Does the recipe run on the built-in world (gold judge, simulated labelers)?"""
+        return (self.section("sft").get("data") or {}).get("train", "world") == "world"
+
+
+def make_plan(cfg: PipelineConfig) -> Plan:
+    path = recipe_path(cfg.recipe)
+    recipe = yaml.safe_load(path.read_text()) or {}
+    sections = merge(recipe, parse_overrides(cfg.set))
+    unknown = set(parse_overrides(cfg.set)) - set(recipe) - {"pipeline", "eval", "sft", "rm", *(s for _, _, s, _ in RL_STAGES.values())}
+    if unknown:
+        raise ConfigError(f"--set: unknown section(s) {', '.join(sorted(unknown))}")
+    extra = set(sections.get("pipeline") or {}) - {"algo", "rl_eval"}
+    if extra:
+        raise ConfigError(f"recipe {cfg.recipe}: unknown key(s) {', '.join(sorted(extra))} in `pipeline:` (known: algo, rl_eval)")
+    default_algo = (sections.get("pipeline") or {}).get("algo", "ppo")
+    algo = cfg.algo or default_algo
+    if algo not in ALGOS:
+        raise ConfigError(f"recipe {cfg.recipe}: pipeline.algo must be one of {', '.join(ALGOS)}, got {algo!r}")
+    if RL_STAGES[algo][2] not in sections:
+        raise ConfigError(f"recipe {cfg.recipe} ({path}) has no `{RL_STAGES[algo][2]}:` section, so it cannot run --algo {algo}")
+    recipe_name = Path(cfg.recipe).stem if cfg.recipe.endswith((".yaml", ".yml")) else cfg.recipe
+    name = cfg.name or (recipe_name if algo == default_algo else f"{recipe_name}-{algo}")
+    return Plan(cfg, algo, Path(cfg.runs_dir) / name, sections)
+
+
+# --- the stages ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    name: str  # shown to the user
+    folder: str  # under the run folder
+    kind: str
+    run: Callable[[Path], None]  # writes the folder (and complete.json last)
+
+
+def train_stage(plan: Plan, cls: type, target: str, section: str, wire: Callable[[Any], None]) -> Callable[[Path], None]:
+    """A training stage: the recipe's section, pointed at this run's folders by ``wire``, resumed
+    when its folder already holds part of a run."""
+
+    def go(out: Path) -> None:
+        from rlhfkit.cli import resolve_function
+
+        stage_cfg = plan.stage_config(cls, section)
+        wire(stage_cfg)
+        stage_cfg.run.out = str(out)
+        stage_cfg.run.resume = out.exists() and any(out.iterdir())
+        stage_cfg.run.overwrite = False
+        resolve_function(target)(stage_cfg)
+
+    return go
+
+
+def preference_section(plan: Plan) -> str:
+    """The section whose `data:` describes the labels: DPO learns from them directly, otherwise the RM does."""
+    return "dpo" if plan.algo == "dpo" else "rm"
+
+
+def labels_stage(plan: Plan) -> Callable[[Path], None]:
+    """Data collection: K samples per world prompt from the SFT model, ranked by the simulated
+    labelers, written as rankings that the RM (or DPO) stage then reads."""
+
+    def go(out: Path) -> None:
+        from rlhfkit.data.preferences import load_rankings
+
+        section = preference_section(plan)
+        cls = DPOConfig if section == "dpo" else RMConfig
+        stage_cfg = plan.stage_config(cls, section)
+        stage_cfg.model.name = str(plan.root / "sft")
+        stage_cfg.data.policy = ""
+        train, held = load_rankings(stage_cfg.data, stage_cfg.model, stage_cfg.run.seed, out)
+        mark_complete(out, {"stage": "labels", "train_rankings": len(train), "eval_rankings": len(held),
+                            "k": stage_cfg.data.k, "responses": stage_cfg.data.responses, "labeler": "simulated"})
+
+    return go
+
+
+def wire_preferences(plan: Plan, stage_cfg: Any) -> None:
+    """Point an RM or DPO config at this run's labels: the labels stage's rankings (copied into
+    the stage's data cache, where it looks first), or the user's labels file."""
+    if plan.cfg.labels != "simulated":
+        stage_cfg.data.train = plan.cfg.labels
+        return
+    if stage_cfg.data.train != "world":
+        return  # the recipe's own data file (hh)
+    out = Path(stage_cfg.run.out)
+    for split in ("train", "eval"):
+        target = out / "data" / f"{split}_rankings.jsonl"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(plan.root / "labels" / "data" / f"{split}_rankings.jsonl", target)
+
+
+def stages(plan: Plan) -> list[Stage]:
+    root, sft_dir, rm_dir = plan.root, str(plan.root / "sft"), str(plan.root / "rm")
+    cls, target, section, folder = RL_STAGES[plan.algo]
+    needs_rm = plan.algo != "dpo" or not plan.world  # without a gold judge, the RM judges the eval
+    collect = plan.world and plan.cfg.labels == "simulated"
+
+    def wire_rm(c: RMConfig) -> None:
+        c.model.name = sft_dir  # InstructGPT initialises the reward model from the SFT model
+        c.run.out = rm_dir
+        wire_preferences(plan, c)
+
+    def wire_rl(c: Any) -> None:
+        c.model.name = sft_dir
+        if hasattr(c, "reward"):
+            c.reward = rm_dir
+        if not plan.section("pipeline").get("rl_eval", True):
+            c.eval.gold_prompts = 0  # the eval stage measures the same model on the same prompts
+        if plan.algo == "dpo":
+            c.run.out = str(root / folder)
+            wire_preferences(plan, c)
+
+    out = [Stage("sft", "sft", "sft", train_stage(plan, SFTConfig, "rlhfkit.train.sft:train", "sft", lambda c: None))]
+    if collect:
+        out.append(Stage("labels", "labels", "labels", labels_stage(plan)))
+    if needs_rm:
+        out.append(Stage("rm", "rm", "rm", train_stage(plan, RMConfig, "rlhfkit.train.rm:train", "rm", wire_rm)))
+    out.append(Stage(plan.algo, folder, plan.algo, train_stage(plan, cls, target, section, wire_rl)))
+    out.append(Stage("eval", "eval", "eval", eval_stage(plan, folder)))
+    return out
+
+
+def eval_stage(plan: Plan, rl_folder: str) -> Callable[[Path], None]:
+    def go(out: Path) -> None:
+        from rlhfkit.eval.headline import evaluate_run
+
+        eval_cfg = from_dict(EvalStageConfig, plan.section("eval"), f"recipe {plan.cfg.recipe}: eval")
+        models = {"base": plan.base_model, "sft": str(plan.root / "sft"), rl_folder: str(plan.root / rl_folder)}
+        judge = "gold" if plan.world else str(plan.root / "rm")
+        prompts = "world" if plan.world else plan.section("sft").get("data", {}).get("train", "")
+        evaluate_run(models, rl=rl_folder, judge=judge, prompts=prompts, cfg=eval_cfg, out=out)
+
+    return go
+
+
+# --- running ------------------------------------------------------------------------------------
+
+
+def record(root: Path, plan: Plan, done: dict[str, dict]) -> None:
+    info = {"name": root.name, "recipe": plan.cfg.recipe, "algo": plan.algo, "labels": plan.cfg.labels,
+            "stages": list(done.values())}
+    tmp = root / ".pipeline.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, root / "pipeline.json")
+
+
+def run(cfg: PipelineConfig) -> Path:
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    plan = make_plan(cfg)
+    root = plan.root
+    if cfg.labels == "human":
+        raise RlhfkitError("--labels human needs the labelling app's export (`rlhfkit label export`), which is not "
+                           "built yet; pass --labels PATH to a rankings or comparisons file instead")
+    if cfg.labels != "simulated" and not Path(cfg.labels).exists():
+        raise RlhfkitError(f"--labels {cfg.labels}: no such file")
+    if cfg.overwrite and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    saved = root / "run.yaml"
+    settings = {"recipe": cfg.recipe, "algo": plan.algo, "labels": cfg.labels, "set": list(cfg.set)}
+    if saved.exists() and yaml.safe_load(saved.read_text()) != settings:
+        old = yaml.safe_load(saved.read_text())
+        raise RlhfkitError(f"{root} was started with {old}, not {settings}; pass --overwrite to start again, "
+                           f"or --name to keep both runs")
+    saved.write_text(yaml.safe_dump(settings, sort_keys=False))
+
+    plan_stages = stages(plan)
+    previous = {}
+    if (root / "pipeline.json").exists():
+        previous = {s["name"]: s for s in json.loads((root / "pipeline.json").read_text()).get("stages", [])}
+    done: dict[str, dict] = {}
+    console.print(f"[bold]rlhfkit run {cfg.recipe}[/] -> {root}  ({' -> '.join(s.name for s in plan_stages)} -> report)")
+    for i, stage in enumerate(plan_stages, 1):
+        out = root / stage.folder
+        entry = {"name": stage.name, "folder": stage.folder, "kind": stage.kind}
+        if (out / COMPLETE).exists():
+            console.print(f"[bold]stage {i}/{len(plan_stages)}: {stage.name}[/] already complete ({out}); skipping")
+            done[stage.name] = {**entry, "seconds": previous.get(stage.name, {}).get("seconds"), "status": "done"}
+            continue
+        resumed = out.exists() and any(out.iterdir())
+        console.rule(f"stage {i}/{len(plan_stages)}: {stage.name}" + (" (resuming)" if resumed else ""))
+        start = time.perf_counter()
+        done[stage.name] = {**entry, "seconds": None, "status": "running"}
+        record(root, plan, done)
+        stage.run(out)
+        earlier = (previous.get(stage.name, {}).get("seconds") or 0.0) if resumed else 0.0
+        done[stage.name] = {**entry, "seconds": earlier + time.perf_counter() - start, "status": "done"}
+        record(root, plan, done)
+
+    from rlhfkit.eval.report import write_report
+
+    report_path = write_report(root)
+    console.print(summary_table(root, plan_stages))
+    console.print(f"report: {report_path}")
+    return root
+
+
+def summary_table(root: Path, plan_stages: list[Stage]):
+    """The final table: each stage's wall time and its headline number."""
+    from rich.table import Table
+
+    info = {s["name"]: s for s in json.loads((root / "pipeline.json").read_text())["stages"]}
+    table = Table(title=f"rlhfkit run: {root}")
+    for column in ("stage", "time", "result"):
+        table.add_column(column)
+    for stage in plan_stages:
+        seconds = info.get(stage.name, {}).get("seconds")
+        table.add_row(stage.name, f"{seconds / 60:.1f} min" if seconds else "-", headline(root / stage.folder, stage.kind))
+    return table
+
+
+def headline(folder: Path, kind: str) -> str:
+    try:
+        summary = json.loads((folder / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return ""
+    if kind == "labels":
+        return f"{summary['train_rankings']} train / {summary['eval_rankings']} held-out rankings of {summary['k']}"
+    if kind == "rm":
+        return f"held-out accuracy {summary.get('eval/accuracy', float('nan')):.3f}"
+    if kind == "eval":
+        return summary.get("headline", "")
+    if "eval/gold_score" in summary:
+        text = f"held-out gold {summary['eval/gold_score']:.3f}"
+        if "eval/vs_sft_win_rate" in summary:
+            text += f", win rate vs SFT {100 * summary['eval/vs_sft_win_rate']:.1f}%"
+        return text
+    shown = {"ppo/score": "RM score", "ppo/kl": "KL", "grpo/reward": "reward", "dpo/accuracy": "pair accuracy",
+             "online/reward_mean": "reward of samples"}
+    return ", ".join(f"{label} {summary[key]:.3f}" for key, label in shown.items() if key in summary)
