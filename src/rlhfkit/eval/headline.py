@@ -71,36 +71,32 @@ class Judge:
         return self.rm.score([p.messages for p in prompts], texts)
 
     def pair_judge(self):
-        """Higher score wins, equal scores tie (the judge is deterministic: both orders agree)."""
+        """The same judge, pairwise: higher score wins, equal scores tie."""
+        if self.spec == "gold":
+            from rlhfkit.eval.winrate import gold_pair_judge
 
-        def judge(prompts, first, second):
-            a, b = self.scores(prompts, first), self.scores(prompts, second)
-            return [0.5 if abs(x - y) < 1e-9 else float(x > y) for x, y in zip(a, b)]
+            return gold_pair_judge(self.world)
+        from rlhfkit.eval.judges import reward_model_judge
 
-        return judge
+        return reward_model_judge(self.rm)
 
 
-def answer(path: str, prompts: list[Prompt], cfg: Any, temperature: float):
-    """(model, tokenizer, generations) of one model on the prompts."""
+def load(path: str, seed: int):
+    """(model, tokenizer) of a model folder or built-in name."""
     from rlhfkit.config import ModelConfig
     from rlhfkit.models import load_model, load_tokenizer
-    from rlhfkit.rollout import generate
 
     tokenizer = load_tokenizer(path)
-    model = load_model(ModelConfig(name=path), tokenizer, seed=cfg.seed)
-    generations = generate(model, tokenizer, [p.messages for p in prompts], cfg.max_new_tokens, temperature=temperature,
-                           batch_size=cfg.batch_size, precision=cfg.precision, generator_seed=cfg.seed)
-    return model, tokenizer, generations
+    return load_model(ModelConfig(name=path), tokenizer, seed=seed), tokenizer
 
 
 def evaluate_run(models: dict[str, str], rl: str, judge: str, prompts: str, cfg: Any, out: Path) -> dict:
     """``models``: display name -> model (base, sft, the RL stage), in that order."""
     from rich.console import Console
 
-    from rlhfkit.config import ModelConfig
     from rlhfkit.eval.evaluate import sequence_kl
     from rlhfkit.eval.winrate import win_rate
-    from rlhfkit.models import load_model
+    from rlhfkit.rollout import generate
 
     say = Console(highlight=False).print
     held = held_out_prompts(prompts, cfg.prompts)
@@ -113,8 +109,11 @@ def evaluate_run(models: dict[str, str], rl: str, judge: str, prompts: str, cfg:
         say(f"eval: {name} ({path}) answers {len(held)} held-out prompts, greedy and sampled at T={cfg.temperature}")
         summary[name] = {"path": path, "kl_to_sft": None}
         texts[name], lengths[name] = {}, {}
+        model, tokenizer = load(path, cfg.seed)
         for decoding, temperature in decodings.items():
-            model, tokenizer, generations = answer(path, held, cfg, temperature)
+            generations = generate(model, tokenizer, [p.messages for p in held], cfg.max_new_tokens,
+                                   temperature=temperature, batch_size=cfg.batch_size, precision=cfg.precision,
+                                   generator_seed=cfg.seed)
             texts[name][decoding] = [g.text for g in generations]
             lengths[name][decoding] = [len(g.token_ids) for g in generations]
             scores = scorer.scores(held, texts[name][decoding])
@@ -127,12 +126,12 @@ def evaluate_run(models: dict[str, str], rl: str, judge: str, prompts: str, cfg:
             }
             if name == rl and decoding == "sampled":
                 # k1 KL estimate on the RL model's own samples: unbiased when sampled at T = 1.
-                reference = load_model(ModelConfig(name=models["sft"]), tokenizer, seed=cfg.seed)
+                reference, _ = load(models["sft"], cfg.seed)
                 kl = sequence_kl(model, reference, tokenizer, [p.messages for p in held], generations,
                                  batch_size=cfg.batch_size, precision=cfg.precision)
                 summary[name]["kl_to_sft"] = sum(kl) / len(kl)
                 del reference
-            del model
+        del model
         say(f"  {name}: {judge_name(judge)} score greedy {summary[name]['greedy']['score']:.3f}, "
             f"sampled {summary[name]['sampled']['score']:.3f}")
 
