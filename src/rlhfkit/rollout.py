@@ -41,8 +41,10 @@ def generate(
     batch_size: int = 16,
     precision: str = "fp32",
     generator_seed: int | None = None,
+    progress: str = "",
 ) -> list[Generation]:
-    """Generate one response per prompt. ``temperature`` 0 means greedy decoding.
+    """Generate one response per prompt. ``temperature`` 0 means greedy decoding. ``progress``
+    names a progress bar over the batches (none when empty).
 
     Prompts are sorted by length so each batch pads little, and results are returned in the
     caller's order. Sampling uses a private RNG when ``generator_seed`` is given, so evaluation
@@ -60,7 +62,12 @@ def generate(
     with rng_context:
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        if progress:
+            from rich.progress import track
+
+            starts = track(starts, description=progress, transient=True)
+        for start in starts:
             idx = order[start : start + batch_size]
             input_ids, attention_mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
             sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)

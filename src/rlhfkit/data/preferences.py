@@ -40,7 +40,7 @@ def sample_world_rankings(data: PreferenceDataConfig, model_cfg: ModelConfig, sp
         print(f"sampling {n_policy} completions for {n} {split} prompts from {policy_name}")
         flat = generate(policy, tokenizer, [p.messages for p in prompts for _ in range(n_policy)], data.max_new_tokens,
                         temperature=data.temperature, batch_size=32, precision=model_cfg.precision,
-                        generator_seed=seed + (1 if split == "eval" else 0))
+                        generator_seed=seed + (1 if split == "eval" else 0), progress=f"sampling ({split})")
         sampled = [[g.text for g in flat[i * n_policy : (i + 1) * n_policy]] for i in range(n)]
     # Synthetic candidates cover what the policy rarely writes (complying with a harmful request,
     # a confident wrong answer), so a "mixed" reward model is harder to exploit off-distribution.

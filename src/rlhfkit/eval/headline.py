@@ -113,7 +113,7 @@ def evaluate_run(models: dict[str, str], rl: str, judge: str, prompts: str, cfg:
         for decoding, temperature in decodings.items():
             generations = generate(model, tokenizer, [p.messages for p in held], cfg.max_new_tokens,
                                    temperature=temperature, batch_size=cfg.batch_size, precision=cfg.precision,
-                                   generator_seed=cfg.seed)
+                                   generator_seed=cfg.seed, progress=f"{name}, {decoding}")
             texts[name][decoding] = [g.text for g in generations]
             lengths[name][decoding] = [len(g.token_ids) for g in generations]
             scores = scorer.scores(held, texts[name][decoding])
