@@ -150,7 +150,13 @@ def test_stream_answer_prints_as_it_generates_and_ctrl_c_stops_it(monkeypatch, c
                 os.kill(os.getpid(), signal.SIGINT)  # as the terminal does on Ctrl-C
 
     monkeypatch.setattr(chat_module, "TextIteratorStreamer", CtrlCAfterThreeTokens)
-    text, note = chat_module.stream_answer(model, tokenizer, ids, cfg, max_new_tokens=900)
+    # As `chat` does: SIGINT must raise KeyboardInterrupt even if this test process inherited it
+    # ignored (a background job of a non-interactive shell does).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        text, note = chat_module.stream_answer(model, tokenizer, ids, cfg, max_new_tokens=900)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert note == "(stopped)"
     assert 0 < len(tokenizer(text, add_special_tokens=False)["input_ids"]) < 100  # not 900: generation stopped
 

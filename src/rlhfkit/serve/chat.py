@@ -9,6 +9,7 @@ generation through a stopping criterion without leaving the program.
 
 from __future__ import annotations
 
+import signal
 import threading
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
@@ -183,6 +184,9 @@ def chat(cfg: ChatConfig) -> None:
         import readline  # noqa: F401  (line editing and history for input(), where available)
     except ImportError:
         pass
+    # Ctrl-C stops an answer. A process started in the background by a non-interactive shell
+    # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: restore it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(ModelConfig(name=cfg.model, precision=cfg.precision), tokenizer, seed=cfg.seed)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
