@@ -48,6 +48,10 @@ def begin_stage(cfg: Any) -> tuple[Accelerator, Path]:
     cfg.check()
     acc = make_accelerator(cfg.model.precision)
     set_seed(cfg.run.seed)
+    # Every process checks the folder before any writes to it: checked after the main process has
+    # created it, another process would see "already holds a run" and stop.
+    check_out_dir(cfg.run)
+    acc.wait_for_everyone()
     out = prepare_out_dir(cfg.run, cfg, acc.is_main_process)
     acc.wait_for_everyone()
     return acc, out
@@ -156,16 +160,18 @@ def micro_batches(indices: list[int], batch: BatchConfig, rank: int, world: int)
 # --- output folder, checkpoints and resume ----------------------------------------------------
 
 
-def prepare_out_dir(run: RunConfig, cfg: Any, is_main: bool) -> Path:
-    """Create ``run.out``; refuse to clobber a previous run unless resuming or overwriting."""
+def check_out_dir(run: RunConfig) -> None:
+    """Refuse to clobber a previous run unless resuming or overwriting."""
     out = Path(run.out)
-    if out.exists() and any(out.iterdir()) and not run.resume:
-        if not run.overwrite:
-            raise RlhfkitError(
-                f"{out} already holds a run; pass --run.resume to continue it or --run.overwrite to replace it"
-            )
-        if is_main:
-            shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()) and not run.resume and not run.overwrite:
+        raise RlhfkitError(f"{out} already holds a run; pass --run.resume to continue it or --run.overwrite to replace it")
+
+
+def prepare_out_dir(run: RunConfig, cfg: Any, is_main: bool) -> Path:
+    """Create ``run.out`` (emptied first with ``run.overwrite``) and save the config in it."""
+    out = Path(run.out)
+    if out.exists() and any(out.iterdir()) and not run.resume and run.overwrite and is_main:
+        shutil.rmtree(out)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         saved = out / "config.yaml"
