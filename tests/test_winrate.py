@@ -5,7 +5,7 @@ import math
 import pytest
 
 from rlhfkit.data.world import World
-from rlhfkit.eval.winrate import gold_pair_judge, length_controlled, win_rate
+from rlhfkit.eval.winrate import bootstrap_interval, gold_pair_judge, length_controlled, win_rate
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +103,13 @@ def test_win_rate_reports_length_control_when_given_length_differences(world_pro
     assert result.length_controlled is not None and result.per_pair == [1.0] * len(prompts)
     assert result.metrics("x/")["x/lc_win_rate"] == result.length_controlled.win_rate
     assert "x/lc_win_rate" not in win_rate(gold_pair_judge(world), prompts, good, junk).metrics("x/")
+
+
+def test_bootstrap_interval_of_a_mean():
+    """Constant values: every resample has the same mean. Two values 0 and 1 in equal measure:
+    the interval brackets 0.5, and win_rate's interval is this function on its per-pair values."""
+    assert bootstrap_interval([0.7] * 20) == pytest.approx((0.7, 0.7))
+    low, high = bootstrap_interval([0.0, 1.0] * 50)
+    assert 0.35 < low < 0.5 < high < 0.65
+    assert bootstrap_interval([]) != bootstrap_interval([])  # nan: no data, no interval
+

@@ -73,7 +73,9 @@ class EvalStageConfig:
     """The pipeline's final evaluation (recipe section `eval:`): base vs SFT vs RL on held-out prompts."""
 
     prompts: int = 128
-    """Held-out prompts (the world's eval split)."""
+    """Held-out prompts (the world's eval split, or a data file's held-out share)."""
+    held_out_fraction: float = 0.15
+    """A data file's held-out share, by prompt hash: keep it equal to the stages' `eval_fraction`."""
     max_new_tokens: int = 48
     """Generation length limit."""
     batch_size: int = 32

@@ -11,25 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 from typing import Any
 
 from rlhfkit.data.records import Prompt, messages_to_dicts
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.eval.winrate import bootstrap_interval
 from rlhfkit.train.loop import mark_complete
 
 
-def bootstrap_interval(values: list[float], n: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of ``values``."""
-    if not values:
-        return float("nan"), float("nan")
-    rng = random.Random(seed)
-    means = sorted(sum(values[rng.randrange(len(values))] for _ in values) / len(values) for _ in range(n))
-    return means[int(0.025 * (n - 1))], means[int(0.975 * (n - 1))]
-
-
-def held_out_prompts(source: str, n: int) -> list[Prompt]:
+def held_out_prompts(source: str, n: int, fraction: float) -> list[Prompt]:
     """The world's eval split, or the prompts of a data file's held-out share (by prompt hash, the
     same rule the training stages use to hold data out)."""
     if source == "world":
@@ -43,7 +34,7 @@ def held_out_prompts(source: str, n: int) -> list[Prompt]:
     seen, held = set(), []
     for r in records:
         messages = r.messages if isinstance(r, Prompt) else r.prompt
-        if prompt_bucket(messages) < 0.15 and messages not in seen:
+        if prompt_bucket(messages) < fraction and messages not in seen:
             seen.add(messages)
             held.append(Prompt(messages))
     if not held:
@@ -99,7 +90,7 @@ def evaluate_run(models: dict[str, str], rl: str, judge: str, prompts: str, cfg:
     from rlhfkit.rollout import generate
 
     say = Console(highlight=False).print
-    held = held_out_prompts(prompts, cfg.prompts)
+    held = held_out_prompts(prompts, cfg.prompts, cfg.held_out_fraction)
     scorer = Judge(judge, cfg.precision)
     decodings = {"greedy": 0.0, "sampled": cfg.temperature}
     texts: dict[str, dict[str, list[str]]] = {}

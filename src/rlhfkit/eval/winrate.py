@@ -94,10 +94,8 @@ def win_rate(judge: PairJudge, prompts: list[Prompt], responses_a: list[str], re
     a_first = judge(prompts, responses_a, responses_b)
     b_first = judge(prompts, responses_b, responses_a)
     per_pair = [(x + (1.0 - y)) / 2 for x, y in zip(a_first, b_first)]
-    rng = random.Random(seed)
     n = len(per_pair)
-    means = sorted(sum(per_pair[rng.randrange(n)] for _ in range(n)) / n for _ in range(bootstrap))
-    low, high = (means[int(0.025 * (bootstrap - 1))], means[int(0.975 * (bootstrap - 1))]) if bootstrap else (0.0, 1.0)
+    low, high = bootstrap_interval(per_pair, bootstrap, seed) if bootstrap else (0.0, 1.0)
     return WinRate(
         win_rate=sum(per_pair) / n, low=low, high=high,
         wins=sum(p > 0.5 for p in per_pair), ties=sum(p == 0.5 for p in per_pair),
@@ -106,6 +104,15 @@ def win_rate(judge: PairJudge, prompts: list[Prompt], responses_a: list[str], re
         per_pair=per_pair, a_first=list(a_first), b_first=list(b_first),
         length_controlled=None if length_diffs is None else length_controlled(per_pair, length_diffs, bootstrap, seed),
     )
+
+
+def bootstrap_interval(values: list[float], n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of ``values`` (resampled n times)."""
+    if not values:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    means = sorted(sum(values[rng.randrange(len(values))] for _ in values) / len(values) for _ in range(n))
+    return means[int(0.025 * (n - 1))], means[int(0.975 * (n - 1))]
 
 
 def _verdict(preference: float) -> int:
