@@ -72,3 +72,87 @@ def test_response_logits_equal_the_full_forward_sliced(tiny_tokenizer, arch):
         kept = response_logits(model, seqs)
     assert kept.shape == (2, 4, full.shape[-1])
     torch.testing.assert_close(kept, full[:, seqs.prompt_width - 1 : -1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("prunable", [True, False])
+def test_decoding_loop_matches_transformers_generate(tiny_tokenizer, arch, prunable, monkeypatch):
+    """Our loop (finished rows leave the batch) gives the greedy tokens of HF generate for
+    prompts of different lengths that stop at different steps; also when the cache cannot drop
+    rows and finished rows stay in the batch."""
+    from transformers import cache_utils
+
+    from rlhfkit.data.tokenize import left_pad
+    from rlhfkit.rollout import decode
+
+    torch.manual_seed(0)
+    model = (build_tiny_model(tiny_tokenizer) if arch == "llama" else tiny_gpt2(tiny_tokenizer)).eval()
+    prompts = [user(t) for t in ("hi", "What is 12 + 30?", "Name the capital of France, please.", "ok", "Why?",
+                                 "Tell me a story about a cat.")]
+    pad = tiny_tokenizer.pad_token_id
+    ids, mask = left_pad([prompt_ids(tiny_tokenizer, p) for p in prompts], pad)
+
+    def hf(stop):
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                  eos_token_id=stop, pad_token_id=pad)[:, ids.shape[1]:]
+
+    # A stop token that the greedy continuations reach at different steps (or never).
+    free = hf([-1]).tolist()
+    firsts = {}
+    for row in free:
+        for pos, token in enumerate(row):
+            firsts.setdefault(token, set()).add(pos if pos == row.index(token) else None)
+    stop = max(firsts, key=lambda tok: len({p for p in firsts[tok] if p is not None}))
+    if not prunable:
+        monkeypatch.delattr(cache_utils.Cache, "batch_select_indices")
+        assert not hasattr(cache_utils.DynamicCache, "batch_select_indices")
+    ours = decode(model, ids, mask, 10, [stop], pad, temperature=0.0)
+    expected = hf([stop])
+    assert torch.equal(ours, expected[:, : ours.shape[1]])
+    assert (expected[:, ours.shape[1]:] == pad).all()
+    stopped_at = {row.index(stop) if stop in row else None for row in ours.tolist()}
+    assert len(stopped_at) > 1  # the rows really stopped at different steps
+
+
+def test_cpu_trains_with_eager_attention_and_decodes_with_sdpa(tiny_tokenizer, monkeypatch):
+    """Eager attention for training forwards on CPU (faster backward), sdpa inside the decoding
+    loop (faster there), the model's setting restored afterwards, and the two agree."""
+    import rlhfkit.rollout as rollout
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.models import attention_implementation, load_model
+
+    model = load_model(ModelConfig(name="tiny"), tiny_tokenizer).eval()
+    assert model.config._attn_implementation == "eager"
+    seen, real_decode = [], rollout.decode
+    monkeypatch.setattr(rollout, "decode", lambda m, *a: seen.append(m.config._attn_implementation) or real_decode(m, *a))
+    generate(model, tiny_tokenizer, [user("hi")], max_new_tokens=3)
+    assert seen == ["sdpa"] and model.config._attn_implementation == "eager"
+
+    prompts = [prompt_ids(tiny_tokenizer, user(t)) for t in ("hi", "What is 12 + 30?")]
+    seqs = join(prompts, [[70, 71, end_of_turn_id(tiny_tokenizer)], [80]], tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        eager = response_logprobs(model, seqs)
+        with attention_implementation(model, "sdpa"):
+            sdpa = response_logprobs(model, seqs)
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_minibatch_is_cut_to_its_own_widths_with_the_same_logprobs(tiny_tokenizer):
+    """select() drops the columns no row of the minibatch uses (the batch's longest prompt and
+    response may be elsewhere), and the kept logprobs are those of the whole batch."""
+    from rlhfkit.rollout import select
+
+    torch.manual_seed(0)
+    model = build_tiny_model(tiny_tokenizer).eval()
+    eot = end_of_turn_id(tiny_tokenizer)
+    prompts = [prompt_ids(tiny_tokenizer, user(t)) for t in ("hi", "What is 12 + 30? Answer with just the number.", "ok")]
+    seqs = join(prompts, [[70, eot], [80, 81, 82, 83, 84, eot], [90, 91, eot]], tiny_tokenizer.pad_token_id)
+    rows = torch.tensor([2, 0])  # the short prompts and responses
+    sub = select(seqs, rows)
+    assert sub.input_ids.shape[1] == max(len(prompts[0]), len(prompts[2])) + 3
+    assert sub.response_mask.shape[1] == 3 and sub.prompt_width == max(len(prompts[0]), len(prompts[2]))
+    with torch.no_grad():
+        whole = response_logprobs(model, seqs)
+        part = response_logprobs(model, sub)
+    torch.testing.assert_close(part, whole[rows, :3], atol=1e-5, rtol=1e-5)

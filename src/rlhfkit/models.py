@@ -10,6 +10,7 @@ Built-in names:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -196,9 +197,11 @@ def ensure_pad_token(tok: PreTrainedTokenizerBase) -> None:
 
 
 def load_model(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, path: str | None = None
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, path: str | None = None,
+    training: bool = True,
 ) -> PreTrainedModel:
-    """The causal LM named by ``cfg.name`` (or an explicit folder ``path``), fp32, dropout off."""
+    """The causal LM named by ``cfg.name`` (or an explicit folder ``path``), fp32, dropout off.
+    ``training`` False keeps the loaded attention implementation (sdpa: faster for decoding)."""
     name = path or cfg.name
     if name == TINY:
         model = build_tiny_model(tokenizer, seed)
@@ -217,7 +220,39 @@ def load_model(
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(model)
+    if training:
+        prefer_eager_attention_on_cpu(model)
     return model
+
+
+def prefer_eager_attention_on_cpu(model: torch.nn.Module) -> None:
+    """On CPU, train with eager attention: PyTorch's CPU flash-attention backward is slow for the
+    short, padded sequences of RLHF. Measured on SmolLM2-135M, bf16 autocast, one core, forward +
+    backward: 8 x 101 tokens 4.3-4.9 s eager vs 5.9-6.1 s sdpa; 4 x 400 tokens 9.2-10.5 vs
+    10.6-11.3 s. Decoding is the other way round (sdpa 6.8 s vs eager 8.6 s for 32 prompts), so
+    ``rollout.decode`` switches back for its loop (``attention_implementation``)."""
+    if torch.cuda.is_available() or getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return
+    with contextlib.suppress(ValueError, AttributeError):  # a model without an eager path keeps sdpa
+        model.set_attn_implementation("eager")
+
+
+@contextlib.contextmanager
+def attention_implementation(model: torch.nn.Module, implementation: str):
+    """Run a block with another attention implementation (``sdpa``, ``eager``), then restore."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    current = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    try:
+        if current in (None, implementation):
+            raise ValueError("nothing to switch")
+        inner.set_attn_implementation(implementation)
+    except (ValueError, AttributeError):  # already there, or the model has no such implementation
+        yield
+        return
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(current)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

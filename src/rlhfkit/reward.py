@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from rlhfkit.data.records import Message, Messages, Prompt, messages_to_dicts, user
 from rlhfkit.data.tokenize import fit, prompt_ids, response_ids, right_pad
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models import TINY, build_tiny_model, disable_dropout, ensure_pad_token, resolve
+from rlhfkit.models import TINY, build_tiny_model, disable_dropout, ensure_pad_token, prefer_eager_attention_on_cpu, resolve
 from rlhfkit.rollout import autocast
 
 MEAN_KEY, STD_KEY = "rlhfkit_reward_mean", "rlhfkit_reward_std"
@@ -94,6 +94,7 @@ def build_reward_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int 
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(model)
+    prefer_eager_attention_on_cpu(model)
     return model
 
 

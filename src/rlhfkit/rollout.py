@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.data.records import Messages
 from rlhfkit.data.tokenize import end_of_turn_id, left_pad, prompt_ids, right_pad
+from rlhfkit.models import attention_implementation
 
 
 @dataclass
@@ -70,20 +71,69 @@ def generate(
         for start in starts:
             idx = order[start : start + batch_size]
             input_ids, attention_mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
-            sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-            with autocast(precision):
-                out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=stop,
-                    pad_token_id=tokenizer.pad_token_id,
-                    **sampling,
-                )
-            for row, i in zip(out[:, input_ids.shape[1] :].tolist(), idx):
+            with autocast(precision), attention_implementation(model, "sdpa"):  # faster for decoding on CPU
+                out = decode(model, input_ids.to(device), attention_mask.to(device), max_new_tokens, stop,
+                             tokenizer.pad_token_id, temperature)
+            for row, i in zip(out.tolist(), idx):
                 results[i] = cut_at_stop(row, stop, tokenizer)
     model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def decode(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    stop: list[int],
+    pad_id: int,
+    temperature: float,
+) -> torch.Tensor:
+    """The decoding loop: (B, N) new tokens for left-padded prompts, padded after each row's
+    first stop token; N <= max_new_tokens (the loop ends when every row has stopped).
+    Finished rows leave the batch.
+
+    One forward per token with a KV cache; only the last position goes through the LM head.
+    Sampling is plain softmax(logits / T) (no top-k/top-p: PPO's logprobs assume exactly that
+    distribution); T = 0 is greedy. Position ids count real tokens, as in training. The model
+    builds its own cache on the first call (hybrid and sliding-window models need their kind).
+
+    Our own loop rather than ``model.generate``: finished rows leave the batch, and nothing from
+    a model's ``generation_config`` (repetition penalties, top-k defaults) can silently change
+    the distribution PPO's logprobs assume."""
+
+    batch, device = input_ids.shape[0], input_ids.device
+    stop_ids = torch.tensor(stop, device=device)
+    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    out_tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    alive = torch.arange(batch, device=device)  # rows still generating, in the cache's order
+    step_ids, mask = input_ids, attention_mask
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    live = torch.ones(batch, dtype=torch.bool, device=device)  # rows of the batch not yet stopped
+    cache, length = None, 0
+    for t in range(max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, **extra)
+        logits, cache = out.logits[:, -1].float(), out.past_key_values
+        if temperature > 0:
+            token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(1)
+        else:
+            token = logits.argmax(-1)
+        out_tokens[alive[live], t], length = token[live], t + 1
+        live &= ~torch.isin(token, stop_ids)
+        if not bool(live.any()):
+            break
+        if not bool(live.all()) and hasattr(cache, "batch_select_indices"):
+            # Drop finished rows from the batch and the cache: responses end at very different
+            # lengths, and a step's forward costs more with every row still in it. (A cache
+            # that cannot select rows keeps them; their tokens are ignored.)
+            keep = live.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            alive, token, mask, positions, live = alive[keep], token[keep], mask[keep], positions[keep], live[keep]
+        step_ids, positions = token[:, None], positions[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+    return out_tokens[:, :length]
 
 
 def cut_at_stop(row: list[int], stop: list[int], tokenizer: PreTrainedTokenizerBase) -> Generation:
@@ -123,9 +173,17 @@ def join(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> S
 
 
 def select(seqs: Sequences, rows: torch.Tensor) -> Sequences:
-    """The sequences at ``rows`` (a minibatch), keeping the shared prompt width."""
-    return Sequences(seqs.input_ids[rows], seqs.attention_mask[rows], seqs.position_ids[rows],
-                     seqs.response_mask[rows], seqs.prompt_width)
+    """The sequences at ``rows`` (a minibatch), cut to the columns they use: their widest prompt
+    and longest response, not the whole batch's, so no forward computes all-padding columns.
+    The response part keeps its first ``R'`` columns, so per-token tensors of the batch match
+    after ``[rows, :R']`` (R' = ``response_mask.shape[1]``). Position ids are unchanged."""
+    attention, response_mask = seqs.attention_mask[rows], seqs.response_mask[rows]
+    used = attention[:, : seqs.prompt_width].any(0)
+    start = int(used.int().argmax()) if bool(used.any()) else seqs.prompt_width
+    width = max(int(response_mask.sum(-1).max()), 1)
+    end = seqs.prompt_width + width
+    return Sequences(seqs.input_ids[rows, start:end], attention[:, start:end], seqs.position_ids[rows, start:end],
+                     response_mask[:, :width], seqs.prompt_width - start)
 
 
 def response_logits(model, seqs: Sequences) -> torch.Tensor:

@@ -188,7 +188,8 @@ def chat(cfg: ChatConfig) -> None:
     # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: restore it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(ModelConfig(name=cfg.model, precision=cfg.precision), tokenizer, seed=cfg.seed)
+    model = load_model(ModelConfig(name=cfg.model, precision=cfg.precision), tokenizer, seed=cfg.seed,
+                       training=False)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     torch.manual_seed(cfg.seed)
     ctx = context_length(model)

@@ -98,7 +98,8 @@ def train(cfg: GRPOConfig) -> Path:
         kl_sum, non_finite = 0.0, 0
         for start in range(0, len(active), algo.micro_batch_size):
             rows = active[start : start + algo.micro_batch_size]
-            sub, sub_mask = select(seqs, rows), mask[rows]
+            sub = select(seqs, rows)  # cut to the micro-batch's own widths
+            sub_mask = mask[rows, : sub.response_mask.shape[1]]
             with acc.autocast():
                 logprobs = response_logprobs(run.model, sub, algo.temperature)
                 ref_logprobs = None

@@ -281,15 +281,17 @@ def train(cfg: PPOConfig) -> Path:
         update = step * updates_per_step
         for epoch in range(algo.epochs):
             for rows in torch.randperm(len(gens), generator=shuffle).split(algo.minibatch_size):
-                sub, m = select(seqs, rows), mask[rows]
+                sub = select(seqs, rows)  # cut to the minibatch's own widths
+                cols = slice(0, sub.response_mask.shape[1])
+                m = mask[rows, cols]
                 with acc.autocast():
                     new_logprobs, _ = logprobs_and_entropy(policy, sub, algo.temperature)
                     new_values = token_values(models.value, sub)
                     ptx_loss = ptx_batch_loss(policy, [ptx[i] for i in ptx_order.batch(update, algo.minibatch_size)],
                                               pad_id) if ptx else torch.zeros(())
                 update += 1
-                pg, pg_stats = ppo_policy_loss(new_logprobs, logprobs[rows], advantages[rows], m, algo.clip)
-                vf, vf_stats = ppo_value_loss(new_values, values[rows], returns[rows], m, algo.value_clip)
+                pg, pg_stats = ppo_policy_loss(new_logprobs, logprobs[rows, cols], advantages[rows, cols], m, algo.clip)
+                vf, vf_stats = ppo_value_loss(new_values, values[rows, cols], returns[rows, cols], m, algo.value_clip)
                 loss = masked_mean(pg, m) + algo.vf_coef * masked_mean(vf, m) + algo.ptx_coef * ptx_loss
                 if not stats["ratio"]:  # first minibatch: no update yet, so the ratio must be 1
                     first_ratio = float(pg_stats["ratio"])
