@@ -27,7 +27,7 @@ from rlhfkit.eval.policy import PolicyEvaluator, frozen_reference
 from rlhfkit.losses import entropy_from_logits, ppo_policy_loss, ppo_value_loss, sft_loss_sum, token_logprobs
 from rlhfkit.models import TINY, apply_lora, load_model, load_tokenizer, resolve, save_model
 from rlhfkit.reward import MEAN_KEY, build_reward_model, reward_function
-from rlhfkit.rollout import Sequences, generate, join, response_logits, select
+from rlhfkit.rollout import Sequences, generate, join, response_logits
 from rlhfkit.train.loop import DataOrder, begin_stage, mark_complete, optimizer_step, start_training
 
 # --- models and rewards -----------------------------------------------------------------------
@@ -119,6 +119,12 @@ def token_values(model: torch.nn.Module, seqs: Sequences) -> torch.Tensor:
     hidden = backbone(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
                       position_ids=seqs.position_ids).last_hidden_state
     return inner.score(hidden[:, seqs.prompt_width - 1 : -1]).squeeze(-1).float()
+
+
+def full_width(seqs: Sequences, rows: torch.Tensor) -> Sequences:
+    """The sequences at ``rows`` with the whole batch's prompt and response widths."""
+    return Sequences(seqs.input_ids[rows], seqs.attention_mask[rows], seqs.position_ids[rows],
+                     seqs.response_mask[rows], seqs.prompt_width)
 
 
 def ptx_batch_loss(policy, examples: list[Example], pad_id: int) -> torch.Tensor:
@@ -281,17 +287,19 @@ def train(cfg: PPOConfig) -> Path:
         update = step * updates_per_step
         for epoch in range(algo.epochs):
             for rows in torch.randperm(len(gens), generator=shuffle).split(algo.minibatch_size):
-                sub = select(seqs, rows)  # cut to the minibatch's own widths
-                cols = slice(0, sub.response_mask.shape[1])
-                m = mask[rows, cols]
+                # The batch's full widths, not the minibatch's own (select() cuts them; GRPO does):
+                # in bf16 another padding width changes the logprobs by ~1e-3, so the first
+                # minibatch's ratio drifted from 1 by up to 0.65% (measured, SmolLM2) and the
+                # check below could no longer tell a real mismatch from rounding.
+                sub, m = full_width(seqs, rows), mask[rows]
                 with acc.autocast():
                     new_logprobs, _ = logprobs_and_entropy(policy, sub, algo.temperature)
                     new_values = token_values(models.value, sub)
                     ptx_loss = ptx_batch_loss(policy, [ptx[i] for i in ptx_order.batch(update, algo.minibatch_size)],
                                               pad_id) if ptx else torch.zeros(())
                 update += 1
-                pg, pg_stats = ppo_policy_loss(new_logprobs, logprobs[rows, cols], advantages[rows, cols], m, algo.clip)
-                vf, vf_stats = ppo_value_loss(new_values, values[rows, cols], returns[rows, cols], m, algo.value_clip)
+                pg, pg_stats = ppo_policy_loss(new_logprobs, logprobs[rows], advantages[rows], m, algo.clip)
+                vf, vf_stats = ppo_value_loss(new_values, values[rows], returns[rows], m, algo.value_clip)
                 loss = masked_mean(pg, m) + algo.vf_coef * masked_mean(vf, m) + algo.ptx_coef * ptx_loss
                 if not stats["ratio"]:  # first minibatch: no update yet, so the ratio must be 1
                     first_ratio = float(pg_stats["ratio"])
