@@ -88,13 +88,22 @@ COMMANDS: dict[str, tuple[type | str, str, str | None, str]] = {
     "chat": ("rlhfkit.serve.chat:ChatConfig", "rlhfkit.serve.chat:chat", None, "streaming terminal chat with a model"),
     "sample": ("rlhfkit.serve.sample:SampleConfig", "rlhfkit.serve.sample:sample", None,
                "batch generation: answer a file of prompts, write JSONL"),
+    "serve": ("rlhfkit.serve.api:ServeConfig", "rlhfkit.serve.api:serve", None,
+              "OpenAI-compatible API (/v1/chat/completions, streaming) and a chat page"),
+    "label serve": ("rlhfkit.label.cli:LabelServeConfig", "rlhfkit.label.cli:serve", None,
+                    "the labelling web app: people rank K responses per prompt, flag, write better answers"),
+    "label add-labeller": ("rlhfkit.label.cli:AddLabellerConfig", "rlhfkit.label.cli:add_labeller", None,
+                           "create a labeller and print their sign-in token"),
+    "label export": ("rlhfkit.label.cli:LabelExportConfig", "rlhfkit.label.cli:export", None,
+                     "write collected labels as rankings/comparisons/demonstrations JSONL for rm, dpo, sft"),
     "world export": (WorldExportConfig, "rlhfkit.cli:world_export", None, "write the built-in task world as data files"),
 }
 
 
 def usage() -> str:
     lines = ["usage: rlhfkit <command> [--help] [flags]", "", "commands:"]
-    lines += [f"  {name:<14} {entry[3]}" for name, entry in COMMANDS.items()]
+    width = max(len(name) for name in COMMANDS)
+    lines += [f"  {name:<{width}}  {entry[3]}" for name, entry in COMMANDS.items()]
     return "\n".join(lines)
 
 
