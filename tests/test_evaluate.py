@@ -120,7 +120,6 @@ def test_eval_with_a_reward_model_on_a_prompts_file(tmp_path, tiny_tokenizer):
 
 @pytest.mark.parametrize("flags, message", [
     (dict(prompts="prompts.jsonl"), "--judge gold needs the built-in world"),
-    (dict(judge="human"), "labelling app"),
     (dict(judge="rm"), "--rm PATH"),
     (dict(judge="llm"), "--llm.base-url"),
     (dict(comparisons="world"), "--rm PATH"),
@@ -135,3 +134,31 @@ def test_eval_against_reference_needs_reference_answers(tmp_path):
     prompts_file.write_text(json.dumps({"prompt": "hello"}) + "\n")
     with pytest.raises(RlhfkitError, match="reference answer"):
         evaluate(EvalConfig(model="tiny", prompts=str(prompts_file), judge="rm", rm="unused", out=str(tmp_path / "x.json")))
+
+
+def test_human_judge_posts_both_orders_then_reads_the_labellers_verdicts(tmp_path):
+    """--judge human: the first run posts every pair in both orders to the labelling database and
+    stops with instructions; once labellers have ranked them the rerun reads the verdicts. A
+    labeller who always picks the model's answer gives 100%; one who always picks the answer
+    shown first gives exactly 50% (the orders cancel); ties count half."""
+    from rlhfkit.label.store import Store, Submission
+
+    db = tmp_path / "labels.db"
+    cfg = dict(model="tiny", judge="human", db=str(db), n_prompts=4, max_new_tokens=8)
+    with pytest.raises(RlhfkitError, match=r"(?s)4 of 4 pairs .* need a human verdict.*label serve --db"):
+        evaluate(EvalConfig(**cfg, out=str(tmp_path / "a.json")))
+    reference = {World(seed=0).demonstrate(p) for p in PROMPTS[:4]}
+    store = Store(str(db), labels_per_task=2)
+    assert len(store.labels()) == 0
+
+    def label_all(name: str, choose) -> None:
+        who = store.authenticate(store.add_labeller(name)).labeller_id
+        while (task := store.next_task(who)) is not None:
+            store.submit(who, Submission(task.id, f"{name}-task-{task.id}", "rank", choose(task.responses), "", ""))
+
+    label_all("fan", lambda r: (1, 0) if r[0] in reference else (0, 1))  # always the model's answer
+    report = evaluate(EvalConfig(**cfg, out=str(tmp_path / "b.json")))
+    assert report["win_rate"]["win_rate"] == 1.0
+    label_all("lazy", lambda r: (0, 1))  # always the first position: averaged with "fan" per task
+    report = evaluate(EvalConfig(**cfg, out=str(tmp_path / "c.json")))
+    assert report["win_rate"]["win_rate"] == pytest.approx(0.75)

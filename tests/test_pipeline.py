@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rlhfkit.cli import parse
 from rlhfkit.config import PPOConfig
@@ -119,8 +120,6 @@ def test_plan_names_and_stage_graph():
 
 
 def test_wrong_labels_or_changed_settings_are_refused(tmp_path):
-    with pytest.raises(RlhfkitError, match="label export"):
-        run(parse("run", ["tiny", "--labels", "human", "--runs-dir", str(tmp_path)]))
     with pytest.raises(RlhfkitError, match="no such file"):
         run(parse("run", ["tiny", "--labels", str(tmp_path / "missing.jsonl"), "--runs-dir", str(tmp_path)]))
     (tmp_path / "tiny").mkdir()
@@ -148,3 +147,35 @@ def test_hh_recipe_runs_sft_rm_dpo_and_judges_with_its_reward_model(tmp_path):
     result = json.loads((out / "eval" / "eval.json").read_text())
     assert result["judge"] == "rm" and result["prompts"] == 4 and list(result["models"]) == ["base", "sft", "dpo"]
     assert (out / "report.html").exists()
+
+
+def test_human_labels_stop_after_sft_with_instructions_then_train_the_rm(tiny_run, tmp_path):
+    """--labels human: with no rankings in the labelling database the run stops at the labels
+    stage and says how to collect them (SFT kept); once labellers have ranked the SFT model's
+    answers, the rerun exports them and the RM trains on exactly those rankings."""
+    from rlhfkit.data.records import user
+    from rlhfkit.label.store import NewTask, Store, Submission
+
+    shutil.copytree(tiny_run / "sft", tmp_path / "run" / "sft")
+    db = tmp_path / "labels.db"
+    small = ["eval.prompts=8", "ppo.eval.gold_prompts=0", "ppo.eval.at_start=false", "ppo.run.steps=1",
+             "ppo.algo.prompts_per_step=4", "ppo.algo.minibatch_size=4", "rm.run.steps=2"]
+    args = ["tiny", "--labels", "human", "--labels-db", str(db), "--runs-dir", str(tmp_path), "--name", "run",
+            *[x for flag in small for x in ("--set", flag)]]
+    with pytest.raises(RlhfkitError, match="label serve --db .*labels.db --model .*run/sft"):
+        run(parse("run", args))
+    assert (tmp_path / "run" / "sft" / "complete.json").exists()
+    assert not (tmp_path / "run" / "labels" / "complete.json").exists()
+
+    store = Store(str(db))
+    store.add_tasks(NewTask(f"t{i}", user(f"What is {i} + {i}?"), (f"{2 * i}", "I don't know", f"{i}"), "test")
+                    for i in range(10))
+    who = store.authenticate(store.add_labeller("ann")).labeller_id
+    while (task := store.next_task(who)) is not None:
+        store.submit(who, Submission(task.id, f"sub-task-{task.id}", "rank", (0, 2, 1), "", ""))
+    out = run(parse("run", args))
+    exported = json.loads((out / "labels" / "complete.json").read_text())
+    assert exported["labeler"] == "human" and exported["rankings.jsonl"] == 10
+    rm_config = yaml.safe_load((out / "rm" / "config.yaml").read_text())
+    assert rm_config["data"]["train"] == str(out / "labels" / "rankings.jsonl")
+    assert (out / "eval" / "eval.json").exists()

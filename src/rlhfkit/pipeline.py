@@ -56,7 +56,10 @@ class PipelineConfig:
     """The preference-learning stage. Empty: the recipe's `pipeline.algo` (PPO for smollm2 and tiny)."""
     labels: str = "simulated"
     """Where the preference labels come from: `simulated` (the world's simulated labelers rank K
-    samples of the SFT model) or a rankings/comparisons file (e.g. exported human labels)."""
+    samples of the SFT model), `human` (the labelling app's database, `--labels-db`: the run stops
+    after SFT with instructions until it holds rankings), or a rankings/comparisons file."""
+    labels_db: str = "labels.db"
+    """With `--labels human`: the labelling app's database (a SQLite file or an SQLAlchemy URL)."""
     name: str = ""
     """Run name: the folder `runs_dir/name`. Empty: the recipe name, plus the algo when it is not the default."""
     runs_dir: str = "runs"
@@ -147,9 +150,9 @@ def make_plan(cfg: PipelineConfig) -> Plan:
     unknown = set(parse_overrides(cfg.set)) - set(recipe) - {"pipeline", "eval", "sft", "rm", *(s for _, _, s, _ in RL_STAGES.values())}
     if unknown:
         raise ConfigError(f"--set: unknown section(s) {', '.join(sorted(unknown))}")
-    extra = set(sections.get("pipeline") or {}) - {"algo", "rl_eval"}
+    extra = set(sections.get("pipeline") or {}) - {"algo", "stage_eval"}
     if extra:
-        raise ConfigError(f"recipe {cfg.recipe}: unknown key(s) {', '.join(sorted(extra))} in `pipeline:` (known: algo, rl_eval)")
+        raise ConfigError(f"recipe {cfg.recipe}: unknown key(s) {', '.join(sorted(extra))} in `pipeline:` (known: algo, stage_eval)")
     default_algo = (sections.get("pipeline") or {}).get("algo", "ppo")
     algo = cfg.algo or default_algo
     if algo not in ALGOS:
@@ -213,9 +216,40 @@ def labels_stage(plan: Plan) -> Callable[[Path], None]:
     return go
 
 
+def human_labels_stage(plan: Plan) -> Callable[[Path], None]:
+    """Human labels: export the labelling app's database into this stage's folder. Until it holds
+    rankings, stop with the commands that collect them (a rerun continues here)."""
+
+    def go(out: Path) -> None:
+        from rlhfkit.label.export import export
+        from rlhfkit.label.store import Store
+
+        db = plan.cfg.labels_db
+        if "://" in db or Path(db).expanduser().is_file():
+            meta = export(Store(db), out)
+            if meta["exported"]["rankings.jsonl"]:
+                mark_complete(out, {"stage": "labels", "labeler": "human", "db": db, **meta["exported"]})
+                return
+        sft = plan.root / "sft"
+        prompts = "world_data/prompts.jsonl" if plan.world else "PROMPTS.jsonl"
+        world_note = "  (world prompts: `rlhfkit world export --out world_data`)\n" if plan.world else ""
+        raise RlhfkitError(
+            f"no human rankings in {db} yet. Collect them on the SFT model's answers, then run this command again:\n"
+            f"  rlhfkit label add-labeller NAME --db {db}\n"
+            f"  rlhfkit label serve --db {db} --model {sft} --prompts {prompts} --k 4\n{world_note}"
+            "The run continues from here; its SFT stage is kept.")
+
+    return go
+
+
 def wire_preferences(plan: Plan, stage_cfg: Any) -> None:
     """Point an RM or DPO config at this run's labels: the labels stage's rankings (copied into
-    the stage's data cache, where it looks first), or the user's labels file."""
+    the stage's data cache, where it looks first), the human labels it exported, or the user's
+    labels file."""
+    if plan.cfg.labels == "human":
+        stage_cfg.data.train = str(plan.root / "labels" / "rankings.jsonl")
+        stage_cfg.data.eval = ""  # held out from the file by prompt hash
+        return
     if plan.cfg.labels != "simulated":
         stage_cfg.data.train = plan.cfg.labels
         return
@@ -235,6 +269,10 @@ def stages(plan: Plan) -> list[Stage]:
     needs_rm = plan.algo != "dpo" or not plan.world  # without a gold judge, the RM judges the eval
     collect = plan.world and plan.cfg.labels == "simulated"
 
+    def skip_stage_eval(c: Any) -> None:
+        if not plan.section("pipeline").get("stage_eval", True):
+            c.eval.gold_prompts = 0  # the eval stage measures the same models on more prompts
+
     def wire_rm(c: RMConfig) -> None:
         c.model.name = sft_dir  # InstructGPT initialises the reward model from the SFT model
         c.run.out = rm_dir
@@ -244,15 +282,16 @@ def stages(plan: Plan) -> list[Stage]:
         c.model.name = sft_dir
         if hasattr(c, "reward"):
             c.reward = rm_dir
-        if not plan.section("pipeline").get("rl_eval", True):
-            c.eval.gold_prompts = 0  # the eval stage measures the same model on the same prompts
+        skip_stage_eval(c)
         if plan.algo == "dpo":
             c.run.out = str(root / folder)
             wire_preferences(plan, c)
 
-    out = [Stage("sft", "sft", "sft", train_stage(plan, SFTConfig, "rlhfkit.train.sft:train", "sft", lambda c: None))]
+    out = [Stage("sft", "sft", "sft", train_stage(plan, SFTConfig, "rlhfkit.train.sft:train", "sft", skip_stage_eval))]
     if collect:
         out.append(Stage("labels", "labels", "labels", labels_stage(plan)))
+    elif plan.cfg.labels == "human":
+        out.append(Stage("labels", "labels", "labels", human_labels_stage(plan)))
     if needs_rm:
         out.append(Stage("rm", "rm", "rm", train_stage(plan, RMConfig, "rlhfkit.train.rm:train", "rm", wire_rm)))
     out.append(Stage(plan.algo, folder, plan.algo, train_stage(plan, cls, target, section, wire_rl)))
@@ -290,10 +329,7 @@ def run(cfg: PipelineConfig) -> Path:
     console = Console(highlight=False)
     plan = make_plan(cfg)
     root = plan.root
-    if cfg.labels == "human":
-        raise RlhfkitError("--labels human needs the labelling app's export (`rlhfkit label export`), which is not "
-                           "built yet; pass --labels PATH to a rankings or comparisons file instead")
-    if cfg.labels != "simulated" and not Path(cfg.labels).exists():
+    if cfg.labels not in ("simulated", "human") and not Path(cfg.labels).exists():
         raise RlhfkitError(f"--labels {cfg.labels}: no such file")
     if cfg.overwrite and root.exists():
         shutil.rmtree(root)
@@ -356,6 +392,8 @@ def headline(folder: Path, kind: str) -> str:
         summary = json.loads((folder / COMPLETE).read_text())
     except (OSError, ValueError):
         return ""
+    if kind == "labels" and summary.get("labeler") == "human":
+        return f"{summary['rankings.jsonl']} human rankings from {summary['db']}"
     if kind == "labels":
         return f"{summary['train_rankings']} train / {summary['eval_rankings']} held-out rankings of {summary['k']}"
     if kind == "rm":

@@ -58,7 +58,9 @@ class EvalConfig:
     world_seed: int = 0
     """Seed of the world's prompt generator."""
     judge: Literal["gold", "rm", "llm", "human"] = "gold"
-    """`gold` (the world's gold judge; world prompts only), `rm` (a reward model, --rm), `llm` (an OpenAI-compatible endpoint, --llm.*); `human` arrives with the labelling app."""
+    """`gold` (the world's gold judge; world prompts only), `rm` (a reward model, --rm), `llm` (an OpenAI-compatible endpoint, --llm.*), `human` (labellers in `rlhfkit label serve`, --db)."""
+    db: str = "labels.db"
+    """With `--judge human`: the labelling app's database (a SQLite file or an SQLAlchemy URL). The first run posts the pairs there and stops; rerun once they are ranked."""
     rm: str = ""
     """Reward-model folder: the `rm` judge, and the RM's accuracy on --comparisons."""
     rm_margin: float = 0.0
@@ -83,9 +85,6 @@ class EvalConfig:
         require_positive(self, "n_prompts", "max_new_tokens", "batch_size", "llm.concurrency")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.judge == "human":
-            raise ConfigError("--judge human is not available yet: it arrives with the labelling app (the feedback "
-                              "store); use --judge gold, rm or llm")
         if self.judge == "gold" and self.prompts != "world":
             raise ConfigError(f"--judge gold needs the built-in world's prompts (--prompts world), not "
                               f"'{self.prompts}': only world prompts have a gold judge; use --judge rm or llm")
@@ -217,6 +216,10 @@ def make_judge(cfg: EvalConfig, rm) -> PairJudge:
         from rlhfkit.eval.judges import reward_model_judge
 
         return reward_model_judge(rm, cfg.rm_margin, cfg.batch_size)
+    if cfg.judge == "human":
+        from rlhfkit.eval.human import human_judge
+
+        return human_judge(cfg.db, f"{cfg.model} vs {cfg.against}, seed {cfg.seed}, T {cfg.temperature}")
     from rlhfkit.eval.judges import llm_judge
 
     return llm_judge(cfg.llm.base_url, cfg.llm.model, cfg.llm.api_key, concurrency=cfg.llm.concurrency,
