@@ -242,17 +242,16 @@ def attention_implementation(model: torch.nn.Module, implementation: str):
     """Run a block with another attention implementation (``sdpa``, ``eager``), then restore."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     current = getattr(getattr(inner, "config", None), "_attn_implementation", None)
-    try:
-        if current in (None, implementation):
-            raise ValueError("nothing to switch")
-        inner.set_attn_implementation(implementation)
-    except (ValueError, AttributeError):  # already there, or the model has no such implementation
-        yield
-        return
+    switched = False
+    if current not in (None, implementation):
+        with contextlib.suppress(ValueError, AttributeError):  # a model without that implementation keeps its own
+            inner.set_attn_implementation(implementation)
+            switched = True
     try:
         yield
     finally:
-        inner.set_attn_implementation(current)
+        if switched:
+            inner.set_attn_implementation(current)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
