@@ -156,3 +156,14 @@ def test_minibatch_is_cut_to_its_own_widths_with_the_same_logprobs(tiny_tokenize
         whole = response_logprobs(model, seqs)
         part = response_logprobs(model, sub)
     torch.testing.assert_close(part, whole[rows, :3], atol=1e-5, rtol=1e-5)
+
+
+def test_sample_tokens_follows_the_tempered_softmax():
+    from rlhfkit.rollout import sample_tokens
+
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1e9]]).repeat(100_000, 1)
+    counts = torch.bincount(sample_tokens(logits, temperature=2.0), minlength=4).float() / 100_000
+    expected = torch.softmax(logits[0] / 2.0, -1)
+    assert counts[3] == 0  # a zero-probability token is never drawn
+    assert torch.allclose(counts, expected, atol=0.006), (counts, expected)  # ~4 standard errors

@@ -1,14 +1,13 @@
 from rlhfkit.data.records import Demonstration, Message, user
 from rlhfkit.data.tokenize import (
-    IGNORE, collate_for_training, end_of_turn_id, fit, left_pad, prompt_ids, tokenize_demonstration,
+    end_of_turn_id, fit, left_pad, prompt_ids, tokenize_demonstration,
 )
 
 
 def test_labels_cover_response_and_end_of_turn_only(tiny_tokenizer):
     tok = tiny_tokenizer
     ex = tokenize_demonstration(tok, Demonstration(user("What is 2+2?"), "4"), max_len=128)
-    batch = collate_for_training([ex], tok.pad_token_id)
-    labelled = [t for t in batch["labels"][0].tolist() if t != IGNORE]
+    labelled = ex.response  # the tokens the SFT loss covers
     assert tok.decode(labelled[:-1]) == "4"
     assert labelled[-1] == end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
     # the prompt ends with the generation prompt, so training matches what a rollout samples from

@@ -16,11 +16,6 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Labels aligned with logits: position t is scored on token t+1; the last column has none."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # (B, T)
-
-
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(targets) under logits: (B, T, V), (B, T) -> (B, T).
 
@@ -29,21 +24,6 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     safe = targets.clamp(min=0)
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return logp.masked_fill(targets == IGNORE, 0.0)
-
-
-def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token negative log-likelihood over labelled tokens, and their count.
-
-    Args: logits (B, T, V); labels (B, T), unshifted, IGNORE at prompt and padding positions.
-    Returning the *sum* lets the caller divide by the number of loss tokens in the whole global
-    batch, so that gradient accumulation and data parallelism give the same gradient as one big
-    batch (a per-micro-batch mean would weight short micro-batches more).
-    """
-    targets = shift_labels(labels)
-    nll = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return nll, int((targets != IGNORE).sum())
 
 
 # --- reward model -----------------------------------------------------------------------------

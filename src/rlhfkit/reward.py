@@ -31,6 +31,7 @@ from rlhfkit.data.records import Message, Messages, Prompt, messages_to_dicts, u
 from rlhfkit.data.tokenize import fit, prompt_ids, response_ids, right_pad
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import TINY, build_tiny_model, disable_dropout, ensure_pad_token, prefer_eager_attention_on_cpu, resolve
+from rlhfkit.packing import hidden_states, pack, packs_exactly, probe_sequences, relative_gap, spans, unwrap
 from rlhfkit.rollout import autocast
 
 MEAN_KEY, STD_KEY = "rlhfkit_reward_mean", "rlhfkit_reward_std"
@@ -123,10 +124,30 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: Messages, response: str, 
 
 
 def rewards_of(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Raw scalar rewards (N,) of right-padded sequences, read at each one's last real token."""
+    """Raw scalar rewards (N,) of sequences, read at each one's last token. Decoders whose packed
+    forward matches their padded one (rlhfkit.packing) run packed; others right-padded."""
+    if not is_encoder(unwrap(model).config) and packs_exactly(model, _reward_packing_gap):
+        return _packed_rewards(model, sequences)
+    return _padded_rewards(model, sequences, pad_id)
+
+
+def _padded_rewards(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
     ids, mask = right_pad(sequences, pad_id)
     device = next(model.parameters()).device
     return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
+
+
+def _packed_rewards(model, sequences: list[list[int]]) -> torch.Tensor:
+    packed = pack([torch.tensor(s, dtype=torch.long) for s in sequences], pad_id=0)
+    rows, columns, _, _ = spans(packed, packed.length - 1, torch.ones_like(packed.length))
+    hidden = hidden_states(model, packed)
+    return unwrap(model).score(hidden[rows.to(hidden.device), columns.to(hidden.device)])[:, 0].float()
+
+
+def _reward_packing_gap(model) -> float:
+    sequences = [s.tolist() for s in probe_sequences(model)]
+    pad_id = unwrap(model).config.pad_token_id  # where the padded forward looks for each row's end
+    return relative_gap(_packed_rewards(model, sequences), _padded_rewards(model, sequences, pad_id))
 
 
 class RewardModel:

@@ -134,20 +134,6 @@ def tokenize_demonstrations(
     return examples, report
 
 
-def collate_for_training(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch for teacher forcing.
-
-    Returns ``input_ids``/``attention_mask`` (B, T) and ``labels`` (B, T) holding the token id at
-    response positions and IGNORE (-100) at prompt and padding positions. Labels are not shifted:
-    the loss shifts them (position t predicts label t+1).
-    """
-    input_ids, attention_mask = right_pad([ex.input_ids for ex in examples], pad_id)
-    labels = torch.full_like(input_ids, IGNORE)
-    for i, ex in enumerate(examples):
-        labels[i, len(ex.prompt) : len(ex)] = torch.tensor(ex.response)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids`` and ``attention_mask`` (B, T): sequences start at column 0."""
     width = max(1, max(len(s) for s in sequences))

@@ -20,14 +20,16 @@ import torch
 from rlhfkit.advantages import KLController, gae, kl_penalised_rewards, masked_mean, masked_var, masked_whiten
 from rlhfkit.config import BatchConfig, PPOConfig
 from rlhfkit.data.formats import read_demonstrations, read_prompts
-from rlhfkit.data.tokenize import Example, collate_for_training, prompt_ids, tokenize_demonstrations
+from rlhfkit.data.tokenize import Example, prompt_ids, tokenize_demonstrations
 from rlhfkit.data.world import World
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.eval.policy import PolicyEvaluator, frozen_reference
-from rlhfkit.losses import entropy_from_logits, ppo_policy_loss, ppo_value_loss, sft_loss_sum, token_logprobs
+from rlhfkit.losses import ppo_policy_loss, ppo_value_loss
 from rlhfkit.models import TINY, apply_lora, load_model, load_tokenizer, resolve, save_model
+from rlhfkit.packing import packs_exactly, relative_gap, unwrap
 from rlhfkit.reward import MEAN_KEY, build_reward_model, reward_function
-from rlhfkit.rollout import Sequences, generate, join, response_logits
+from rlhfkit.rollout import (Sequences, demonstration_nll, generate, join, packed_response_hidden, probe_batch,
+                             response_logprobs, scatter_responses)
 from rlhfkit.train.loop import DataOrder, begin_stage, mark_complete, optimizer_step, start_training
 
 # --- models and rewards -----------------------------------------------------------------------
@@ -113,12 +115,30 @@ def check_same_tokenizer(source: str, policy_name: str, policy_tokenizer) -> Non
 
 def token_values(model: torch.nn.Module, seqs: Sequences) -> torch.Tensor:
     """V(prompt + response[:t]) for every response position t, (B, R): the value head applied to
-    the hidden state that predicts response token t (aligned with the logprobs)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA: adapters stay active
+    the hidden state that predicts response token t (aligned with the logprobs). Packed when the
+    model packs exactly (rlhfkit.packing), 0 on padding."""
+    inner = unwrap(model)  # LoRA: adapters stay active
+    if packs_exactly(model, _value_packing_gap):
+        hidden, b, t = packed_response_hidden(model, seqs)
+        return scatter_responses(inner.score(hidden).squeeze(-1).float(), b, t, seqs)
+    return _padded_token_values(model, seqs)
+
+
+def _padded_token_values(model: torch.nn.Module, seqs: Sequences) -> torch.Tensor:
+    inner = unwrap(model)
     backbone = getattr(inner, inner.base_model_prefix)
     hidden = backbone(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
                       position_ids=seqs.position_ids).last_hidden_state
-    return inner.score(hidden[:, seqs.prompt_width - 1 : -1]).squeeze(-1).float()
+    values = inner.score(hidden[:, seqs.prompt_width - 1 : -1]).squeeze(-1).float()
+    return values * seqs.response_mask.to(values.device)
+
+
+def _value_packing_gap(model: torch.nn.Module) -> float:
+    seqs = probe_batch(model)
+    inner = unwrap(model)
+    hidden, b, t = packed_response_hidden(model, seqs)
+    packed = scatter_responses(inner.score(hidden).squeeze(-1).float(), b, t, seqs)
+    return relative_gap(packed, _padded_token_values(model, seqs))
 
 
 def full_width(seqs: Sequences, rows: torch.Tensor) -> Sequences:
@@ -129,18 +149,28 @@ def full_width(seqs: Sequences, rows: torch.Tensor) -> Sequences:
 
 def ptx_batch_loss(policy, examples: list[Example], pad_id: int) -> torch.Tensor:
     """Mean NLL of the demonstrations' response tokens."""
-    batch = collate_for_training(examples, pad_id)
-    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    nll, n = sft_loss_sum(logits, batch["labels"])
+    nll, n = demonstration_nll(policy, examples, pad_id)
     return nll / max(n, 1)
 
 
 def logprobs_and_entropy(model, seqs: Sequences, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = response_logits(model, seqs)
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    targets = seqs.input_ids[:, seqs.prompt_width :].masked_fill(seqs.response_mask == 0, -100)
-    return token_logprobs(logits, targets), entropy_from_logits(logits)
+    return response_logprobs(model, seqs, temperature, with_entropy=True)
+
+
+def per_minibatch(forward, seqs: Sequences, minibatches: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``forward(minibatch) -> tensors (b, R)`` run on each minibatch, reassembled as (B, R).
+
+    The rollout-time logprobs and values are computed on the first epoch's minibatches, the
+    very inputs (same rows, same packing) the first updates will see: in bf16 another batch
+    layout moves logprobs by ~1e-3, enough to make the first ratio visibly differ from 1."""
+    outputs: list[torch.Tensor] = []
+    for rows in minibatches:
+        parts = forward(full_width(seqs, rows))
+        if not outputs:
+            outputs = [part.new_zeros((len(seqs.input_ids),) + part.shape[1:]) for part in parts]
+        for whole, part in zip(outputs, parts):
+            whole[rows] = part
+    return tuple(outputs)
 
 
 def reference_logprobs(policy, reference, seqs: Sequences, temperature: float) -> torch.Tensor:
@@ -257,12 +287,17 @@ def train(cfg: PPOConfig) -> Path:
                             precision=cfg.model.precision, generator_seed=cfg.run.seed * 1_000_003 + step)
         seqs = join([encoded[i] for i in indices], [g.token_ids for g in gens], pad_id)
         mask = seqs.response_mask.float()  # 1 up to and including the first EOS
+        t_rollout = time.perf_counter()
 
-        # 3. Logprobs (same temperature as sampling), reference logprobs and values, no grad.
+        # 3. Logprobs (same temperature as sampling), reference logprobs and values, no grad, on
+        # the first PPO epoch's minibatches (every epoch's shuffle is drawn here).
+        shuffle = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
+        epochs = [torch.randperm(len(gens), generator=shuffle).split(algo.minibatch_size) for _ in range(algo.epochs)]
         with torch.no_grad(), acc.autocast():
-            logprobs, entropy = logprobs_and_entropy(policy, seqs, algo.temperature)
-            ref_logprobs = reference_logprobs(policy, reference, seqs, algo.temperature)
-            values = token_values(models.value, seqs) * mask
+            logprobs, entropy, ref_logprobs, values = per_minibatch(
+                lambda sub: (*logprobs_and_entropy(policy, sub, algo.temperature),
+                             reference_logprobs(policy, reference, sub, algo.temperature),
+                             token_values(models.value, sub)), seqs, epochs[0])
 
         # 4. Scores at the EOS; the "EOS trick" replaces the score of responses that never ended.
         texts = [g.text for g in gens]
@@ -278,19 +313,18 @@ def train(cfg: PPOConfig) -> Path:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, values, mask, algo.gamma, algo.lam)
         advantages = masked_whiten(advantages, mask)
+        t_score = time.perf_counter()
 
         # 6. PPO epochs over shuffled minibatches.
         # Optional PPO-ptx: an SFT loss on demonstrations in every update (InstructGPT eq. 2, gamma).
         stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "ratio",
                                                          "vf_clipfrac", "ptx_loss")}
-        shuffle = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
         update = step * updates_per_step
-        for epoch in range(algo.epochs):
-            for rows in torch.randperm(len(gens), generator=shuffle).split(algo.minibatch_size):
+        for minibatches in epochs:
+            for rows in minibatches:
                 # The batch's full widths, not the minibatch's own (select() cuts them; GRPO does):
-                # in bf16 another padding width changes the logprobs by ~1e-3, so the first
-                # minibatch's ratio drifted from 1 by up to 0.65% (measured, SmolLM2) and the
-                # check below could no longer tell a real mismatch from rounding.
+                # where padded forwards are used, another padding width changes bf16 logprobs by
+                # ~1e-3 and the first ratio drifted from 1 by up to 0.65% (measured, SmolLM2).
                 sub, m = full_width(seqs, rows), mask[rows]
                 with acc.autocast():
                     new_logprobs, _ = logprobs_and_entropy(policy, sub, algo.temperature)
@@ -318,6 +352,7 @@ def train(cfg: PPOConfig) -> Path:
                 for key in ("clipfrac", "approx_kl", "ratio"):
                     stats[key].append(float(pg_stats[key]))
 
+        t_train = time.perf_counter()
         # 7. EMA, KL controller, metrics.
         if ema is not None:
             ema.update(policy)
@@ -332,7 +367,9 @@ def train(cfg: PPOConfig) -> Path:
             "ppo/entropy": float(masked_mean(entropy, mask)), "ppo/response_tokens": float(mask.sum(-1).mean()),
             "ppo/eos_fraction": float(finished.float().mean()),
             "ppo/explained_variance": explained_variance(values, returns, mask),
-            "ppo/seconds_per_step": time.perf_counter() - t0, "ppo/ratio_first_minibatch": first_ratio,
+            "ppo/seconds_per_step": time.perf_counter() - t0, "ppo/seconds_rollout": t_rollout - t0,
+            "ppo/seconds_score": t_score - t_rollout, "ppo/seconds_train": t_train - t_score,
+            "ppo/ratio_first_minibatch": first_ratio,
             **{f"ppo/{k}": sum(v) / max(len(v), 1) for k, v in stats.items()},
         }
         if cfg.prompts == "world":

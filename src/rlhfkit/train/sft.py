@@ -15,12 +15,12 @@ import torch
 from rlhfkit.config import DataConfig, SFTConfig
 from rlhfkit.data.formats import ReadReport, read_demonstrations, read_records
 from rlhfkit.data.records import Comparison, Demonstration, Prompt, Ranking, prompt_bucket
-from rlhfkit.data.tokenize import Example, collate_for_training, count_loss_tokens, tokenize_demonstrations
+from rlhfkit.data.tokenize import Example, count_loss_tokens, tokenize_demonstrations
 from rlhfkit.data.world import World
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.eval.gold import gold_evaluate
-from rlhfkit.losses import sft_loss_sum
 from rlhfkit.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
+from rlhfkit.rollout import demonstration_nll
 from rlhfkit.train.loop import (
     begin_stage, mark_complete, optimizer_step, start_training, sync_gradients,
 )
@@ -70,9 +70,7 @@ def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int) -> f
     model.eval()
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            batch = collate_for_training(examples[start : start + batch_size], pad_id)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            nll, n = sft_loss_sum(logits, batch["labels"])
+            nll, n = demonstration_nll(model, examples[start : start + batch_size], pad_id)
             total, tokens = total + float(nll), tokens + n
     model.train()
     return total / max(tokens, 1)
@@ -137,10 +135,8 @@ def train(cfg: SFTConfig) -> Path:
         tokens_seen += sum(len(train_examples[i]) for i in indices)
         loss_sum = torch.zeros(())
         for m, micro in enumerate(mine):
-            batch = collate_for_training([train_examples[i] for i in micro], pad_id)
             with sync_gradients(acc, run.model, last=m == len(mine) - 1):
-                logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                nll, _ = sft_loss_sum(logits, batch["labels"])
+                nll, _ = demonstration_nll(run.model, [train_examples[i] for i in micro], pad_id)
                 acc.backward(nll / n_loss_tokens * world_size)
             loss_sum += nll.detach()
         grad_norm, skipped = optimizer_step(run.model, run.optimizer, run.scheduler, cfg.optim.max_grad_norm)

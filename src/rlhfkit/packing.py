@@ -1,0 +1,134 @@
+"""Packed forwards: several sequences share one row of the batch, so no compute goes to padding.
+
+A padded batch is as wide as its longest prompt plus its longest response. In RLHF most answers
+are short and a few ramble to the length limit, so on the default world half of every padded
+PPO batch was padding (measured: 501 real tokens in an 8 x 114 batch; a packed forward+backward
+took 2.0 s against 5.0 s padded, SmolLM2 on 2 CPU cores).
+
+Packing puts sequences one after another in a row, each with position ids that restart at 0, and
+no attention mask: transformers (>= 5) reads the restarts and lets every token attend only to its
+own sequence. Rows are balanced to about ``ROW_TOKENS`` tokens: one long row would make eager
+attention quadratic in the whole batch. Only the positions a loss needs (the ones that predict a
+response token, or a sequence's last token for a reward head) go through the output head.
+
+Not every model honours packed position ids (hand-written models, old remote code), and some
+heads do more than a Linear (logit soft-capping). ``packs_exactly`` therefore checks each model
+once, on a tiny input, against the ordinary padded forward, and callers fall back to padding
+when the two disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+ROW_TOKENS = 192  # tokens per packed row; 128-256 measured best on CPU (longer rows pay for attention)
+_PROBE_TOLERANCE = 1e-3  # relative; fp32 packed vs padded outputs differ by ~1e-5 (summation order)
+
+
+def balanced_rows(lengths: list[int], row_tokens: int = ROW_TOKENS) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into ceil(total / row_tokens) rows of nearly equal total
+    length: longest first, each to the currently shortest row (LPT). A row is at least as long as
+    its longest sequence, so a sequence longer than ``row_tokens`` gets a row of its own size."""
+    n_rows = max(1, math.ceil(sum(lengths) / row_tokens))
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    totals = [0] * n_rows
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = min(range(n_rows), key=totals.__getitem__)
+        rows[r].append(i)
+        totals[r] += lengths[i]
+    return [row for row in rows if row]
+
+
+@dataclass
+class Packed:
+    """Sequences laid out in rows: ``input_ids`` and ``position_ids`` (N, W); sequence ``s``
+    occupies row ``row[s]``, columns ``start[s]`` .. ``start[s] + length[s] - 1``."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    row: torch.Tensor
+    start: torch.Tensor
+    length: torch.Tensor
+
+
+def pack(sequences: list[torch.Tensor], pad_id: int, row_tokens: int = ROW_TOKENS) -> Packed:
+    """Pack 1-D token tensors into balanced rows. Each row's unused tail is filled with padding
+    whose positions also restart at 0: a segment of its own that no real token attends to."""
+    lengths = [len(s) for s in sequences]
+    rows = balanced_rows(lengths, row_tokens)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    row_of, start_of = [0] * len(sequences), [0] * len(sequences)
+    for r, members in enumerate(rows):
+        column = 0
+        for i in members:
+            input_ids[r, column : column + lengths[i]] = sequences[i]
+            position_ids[r, column : column + lengths[i]] = torch.arange(lengths[i])
+            row_of[i], start_of[i] = r, column
+            column += lengths[i]
+        position_ids[r, column:] = torch.arange(width - column)
+    return Packed(input_ids, position_ids, torch.tensor(row_of), torch.tensor(start_of), torch.tensor(lengths))
+
+
+def spans(packed: Packed, offsets: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Packed coordinates of ``counts[s]`` consecutive positions starting ``offsets[s]`` into
+    sequence ``s``, flattened: (rows, columns, sequence index, index within the span), each (M,)."""
+    seq = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    first = torch.cumsum(counts, 0) - counts  # where each sequence's span starts in the flat list
+    within = torch.arange(int(counts.sum())) - first[seq]
+    return packed.row[seq], packed.start[seq] + offsets[seq] + within, seq, within
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (its LoRA layers are injected in place, so
+    calling it still runs the adapters, or not, as PEFT's context says)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def hidden_states(model: torch.nn.Module, packed: Packed) -> torch.Tensor:
+    """The backbone's last hidden states over the packed rows, (N, W, H): no output head, no
+    attention mask (the restarting position ids separate the sequences), no KV cache (with a
+    cache transformers would not look for packed sequences)."""
+    inner = unwrap(model)
+    backbone = getattr(inner, inner.base_model_prefix)
+    device = next(model.parameters()).device
+    return backbone(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
+                    use_cache=False).last_hidden_state
+
+
+def packs_exactly(model: torch.nn.Module, check) -> bool:
+    """Whether packed forwards of ``model`` give what its padded forwards give, decided once per
+    model: ``check(model)`` returns the largest ``relative_gap`` between the two on a tiny input."""
+    if not hasattr(unwrap(model), "base_model_prefix"):
+        return False  # a DDP / FSDP / DeepSpeed wrapper: its own forward must run (gradient sync)
+    verdict = getattr(model, "_rlhfkit_packs_exactly", None)
+    if verdict is None:
+        was_training = model.training
+        model.eval()
+        device_type = next(model.parameters()).device.type
+        try:
+            with torch.no_grad(), torch.autocast(device_type, enabled=False):
+                verdict = bool(check(model) < _PROBE_TOLERANCE)
+        except (TypeError, ValueError, RuntimeError, AttributeError):  # no position_ids, no backbone ...
+            verdict = False
+        finally:
+            model.train(was_training)
+        model._rlhfkit_packs_exactly = verdict
+    return verdict
+
+
+def probe_sequences(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Three short sequences of different lengths, of ordinary tokens from the middle of the
+    vocabulary (special tokens at the start give extreme logits where fp32 rounding shows)."""
+    vocab = unwrap(model).get_input_embeddings().weight.shape[0]
+    return [(vocab // 3 + 7 * torch.arange(n)) % vocab for n in (7, 4, 9)]
+
+
+def relative_gap(packed: torch.Tensor, padded: torch.Tensor) -> float:
+    """max |packed - padded| / (1 + |padded|): rounding is ~1e-5 of a value's size; sequences
+    that see each other, or wrong positions, move logprobs by whole units."""
+    return float(((packed - padded).abs() / (1 + padded.abs())).max())

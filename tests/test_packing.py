@@ -1,0 +1,107 @@
+"""Packed forwards (rlhfkit.packing): the layout by hand, and the same numbers as padded forwards."""
+
+import pytest
+import torch
+
+from rlhfkit.data.tokenize import right_pad
+from rlhfkit.models import build_tiny_model
+from rlhfkit.packing import balanced_rows, pack, packs_exactly, spans
+from rlhfkit.reward import build_reward_model, rewards_of
+from rlhfkit.rollout import _causal_packing_gap, _response_logprobs, join, response_logprobs
+from rlhfkit.train.ppo import _padded_token_values, token_values
+from tests.test_rollout import tiny_gpt2
+
+
+def test_balanced_rows_by_hand():
+    # total 20 -> ceil(20 / 8) = 3 rows; longest first, each to the shortest row so far:
+    # 7 -> r0, 5 -> r1, 4 -> r2, 3 -> r2 (4 < 5), 1 -> r1 (5 < 7, 5 < 7)
+    assert balanced_rows([3, 7, 1, 5, 4], row_tokens=8) == [[1], [3, 2], [4, 0]]
+    assert balanced_rows([10], row_tokens=4) == [[0]]  # a long sequence gets a row of its own size
+    rows = balanced_rows(list(range(1, 40)), row_tokens=64)
+    assert sorted(i for row in rows for i in row) == list(range(39))
+
+
+def test_pack_lays_sequences_end_to_end_with_restarting_positions():
+    packed = pack([torch.tensor([11, 12, 13]), torch.tensor([21, 22]), torch.tensor([31, 32, 33, 34])],
+                  pad_id=0, row_tokens=5)
+    # 9 tokens -> 2 rows: [seq 2] and [seq 0, seq 1]; the shorter row's tail is padding
+    assert packed.input_ids.tolist() == [[31, 32, 33, 34, 0], [11, 12, 13, 21, 22]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert packed.row.tolist() == [1, 1, 0] and packed.start.tolist() == [0, 3, 0]
+    rows, columns, seq, within = spans(packed, torch.tensor([1, 0, 2]), torch.tensor([2, 1, 2]))
+    assert packed.input_ids[rows, columns].tolist() == [12, 13, 21, 33, 34]
+    assert seq.tolist() == [0, 0, 1, 2, 2] and within.tolist() == [0, 1, 0, 0, 1]
+
+
+def varied_batch():
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15]]
+    responses = [[16, 17, 2], [18], [19, 20, 21, 22, 23, 24, 2]]
+    return join(prompts, responses, pad_id=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_logprobs_entropy_and_gradients_equal_padded(tiny_tokenizer, arch):
+    torch.manual_seed(0)
+    model = (build_tiny_model(tiny_tokenizer) if arch == "llama" else tiny_gpt2(tiny_tokenizer)).eval()  # no dropout
+    assert packs_exactly(model, _causal_packing_gap)
+    seqs = varied_batch()
+    grads = []
+    for packed in (True, False):
+        model.zero_grad()
+        logprobs, entropy = _response_logprobs(model, seqs, 0.7, True, packed)
+        (logprobs.sum() + (entropy * seqs.response_mask).sum()).backward()
+        grads.append(next(p for p in model.parameters() if p.grad is not None).grad.clone())
+        if packed:
+            first = (logprobs.detach(), entropy.detach() * seqs.response_mask)
+    assert torch.allclose(first[0], logprobs.detach(), atol=1e-5)
+    assert torch.allclose(first[1], entropy.detach() * seqs.response_mask, atol=1e-5)
+    assert (first[0][seqs.response_mask == 0] == 0).all()
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_packed_values_and_rewards_equal_padded(tiny_tokenizer):
+    value = build_reward_model("tiny", tiny_tokenizer, seed=0)
+    seqs = varied_batch()
+    assert torch.allclose(token_values(value, seqs), _padded_token_values(value, seqs), atol=1e-5)
+    sequences = [[5, 6, 7, 16, 2], [8, 9, 2], [14, 15, 19, 20, 21, 22, 2]]
+    pad_id = tiny_tokenizer.pad_token_id  # the head reads each row at its last non-pad token
+    padded = value(*right_pad(sequences, pad_id)).logits[:, 0]
+    assert torch.allclose(rewards_of(value, sequences, pad_id), padded, atol=1e-5)
+
+
+class IgnoresPositions(torch.nn.Module):
+    """A backbone that drops position ids: packed sequences would attend across each other."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def test_a_model_that_cannot_pack_is_detected_and_scored_padded(tiny_tokenizer):
+    model = build_tiny_model(tiny_tokenizer)
+    seqs = varied_batch()
+    expected = _response_logprobs(model, seqs, 1.0, False, False).detach()
+    model.model = IgnoresPositions(model.model)
+    assert not packs_exactly(model, _causal_packing_gap)
+    assert torch.allclose(response_logprobs(model, seqs).detach(), expected, atol=1e-5)
+
+
+def test_demonstration_nll_is_the_response_tokens_cross_entropy(tiny_tokenizer):
+    """The SFT loss numerator, packed, against the textbook computation on one unpadded forward
+    per example: -sum log p(response token t | everything before it)."""
+    from rlhfkit.data.tokenize import Example
+    from rlhfkit.rollout import demonstration_nll
+
+    model = build_tiny_model(tiny_tokenizer)
+    examples = [Example([5, 6, 7], [16, 17, 2]), Example([8, 9, 10, 11], [18, 2]), Example([14], [19, 20, 21, 2])]
+    expected, count = 0.0, 0
+    for ex in examples:
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ex.input_ids])).logits[0], -1)
+        for t, token in enumerate(ex.response):
+            expected -= float(logp[len(ex.prompt) - 1 + t, token])
+            count += 1
+    nll, n = demonstration_nll(model, examples, pad_id=0)
+    assert n == count == 9 and abs(float(nll) - expected) < 1e-4
