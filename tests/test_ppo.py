@@ -130,16 +130,20 @@ def test_value_model_with_another_tokenizer_is_refused(tiny_sft, tmp_path):
         run_ppo(tiny_sft, tmp_path / "ppo", "--value-model", str(tmp_path / "other"), "--run.steps", "1")
 
 
-def test_value_model_from_a_reward_model_starts_on_the_normalised_scale(tiny_sft, tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("stored_mean", [3.0, None], ids=["rlhfkit-rm", "plain-rm"])
+def test_value_model_from_a_reward_model_starts_on_the_normalised_scale(tiny_sft, tmp_path, tiny_tokenizer,
+                                                                        stored_mean):
     """PPO optimises normalised scores (raw - stored mean), so the value model copied from the RM
-    must predict raw - mean at every position, not raw."""
+    must predict raw - mean at every position, not raw. A reward model trained elsewhere (no
+    stored mean) keeps its head too, with mean 0."""
     from rlhfkit.data.records import user
     from rlhfkit.data.tokenize import prompt_ids, response_ids
     from rlhfkit.reward import MEAN_KEY, build_reward_model
     from rlhfkit.rollout import join
 
     rm = build_reward_model(str(tiny_sft), tiny_tokenizer, seed=3)
-    setattr(rm.config, MEAN_KEY, 3.0)
+    if stored_mean is not None:
+        setattr(rm.config, MEAN_KEY, stored_mean)
     rm.save_pretrained(tmp_path / "rm")
     tiny_tokenizer.save_pretrained(tmp_path / "rm")
     cfg = parse("ppo", ["--recipe", "tiny", "--model.name", str(tiny_sft), "--reward", str(tmp_path / "rm")])
@@ -147,7 +151,7 @@ def test_value_model_from_a_reward_model_starts_on_the_normalised_scale(tiny_sft
     seqs = join([prompt_ids(tiny_tokenizer, user("What is 2+3?"))], [response_ids(tiny_tokenizer, "5")],
                 tiny_tokenizer.pad_token_id)
     with torch.no_grad():
-        expected = ppo.token_values(rm, seqs) - 3.0
+        expected = ppo.token_values(rm, seqs) - (stored_mean or 0.0)
         assert torch.allclose(ppo.token_values(value, seqs), expected, atol=1e-5)
 
     # Saved the way a PPO run saves it, then loaded back as a value model: the same values.

@@ -59,12 +59,15 @@ def value_model(cfg: PPOConfig, tokenizer) -> torch.nn.Module:
 
 def trained_head_mean(source: str) -> float | None:
     """The reward mean stored by the RM stage (or by ``save_value_model``) in a model folder's
-    config; None for folders without a trained scalar head (an SFT model, a hub id)."""
+    config; 0 for another scalar-head model (a reward model trained elsewhere: one label); None
+    for folders without a trained scalar head (an SFT model, a hub id)."""
     config = Path(source) / "config.json"
     if not config.is_file():
         return None
-    mean = json.loads(config.read_text()).get(MEAN_KEY)
-    return None if mean is None else float(mean)
+    fields = json.loads(config.read_text())
+    if fields.get(MEAN_KEY) is not None:
+        return float(fields[MEAN_KEY])
+    return 0.0 if len(fields.get("id2label") or {}) == 1 else None
 
 
 def save_value_model(value: torch.nn.Module, path: Path) -> None:
