@@ -67,6 +67,8 @@ def test_packed_values_and_rewards_equal_padded(tiny_tokenizer):
     pad_id = tiny_tokenizer.pad_token_id  # the head reads each row at its last non-pad token
     padded = value(*right_pad(sequences, pad_id)).logits[:, 0]
     assert torch.allclose(rewards_of(value, sequences, pad_id), padded, atol=1e-5)
+    # the value head and the reward head were each checked once, not one verdict for both
+    assert sorted(value.__dict__["_rlhfkit_packs_exactly"]) == ["_reward_packing_gap", "_value_packing_gap"]
 
 
 class IgnoresPositions(torch.nn.Module):

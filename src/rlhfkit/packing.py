@@ -102,10 +102,12 @@ def hidden_states(model: torch.nn.Module, packed: Packed) -> torch.Tensor:
 
 def packs_exactly(model: torch.nn.Module, check) -> bool:
     """Whether packed forwards of ``model`` give what its padded forwards give, decided once per
-    model: ``check(model)`` returns the largest ``relative_gap`` between the two on a tiny input."""
+    model and check: ``check(model)`` returns the largest ``relative_gap`` between the two on a
+    tiny input (the LM head, a value head and a reward head are checked separately)."""
     if not hasattr(unwrap(model), "base_model_prefix"):
         return False  # a DDP / FSDP / DeepSpeed wrapper: its own forward must run (gradient sync)
-    verdict = getattr(model, "_rlhfkit_packs_exactly", None)
+    verdicts = model.__dict__.setdefault("_rlhfkit_packs_exactly", {})
+    verdict = verdicts.get(check.__qualname__)
     if verdict is None:
         was_training = model.training
         model.eval()
@@ -117,7 +119,7 @@ def packs_exactly(model: torch.nn.Module, check) -> bool:
             verdict = False
         finally:
             model.train(was_training)
-        model._rlhfkit_packs_exactly = verdict
+        verdicts[check.__qualname__] = verdict
     return verdict
 
 

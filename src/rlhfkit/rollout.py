@@ -213,8 +213,7 @@ def response_logits(model, seqs: Sequences) -> torch.Tensor:
 def _accepts_logits_to_keep(model) -> bool:
     """Whether the causal LM under ``model`` (maybe wrapped by PEFT) takes ``logits_to_keep``
     (transformers' models do; a hand-written one may not)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+    return "logits_to_keep" in inspect.signature(type(unwrap(model)).forward).parameters
 
 
 def packed_response_hidden(model, seqs: Sequences) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,8 +17,6 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhfkit.data.records import Demonstration, Messages, messages_to_dicts
 
-IGNORE = -100  # label value that cross-entropy skips
-
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> str:
     return tokenizer.apply_chat_template(messages_to_dicts(messages), tokenize=False, add_generation_prompt=True)
