@@ -5,7 +5,7 @@ import torch
 
 from rlhfkit.data.tokenize import right_pad
 from rlhfkit.models import build_tiny_model
-from rlhfkit.packing import balanced_rows, pack, packs_exactly, spans
+from rlhfkit.packing import balanced_rows, pack, packs_exactly, shares_prefixes, spans
 from rlhfkit.reward import build_reward_model, rewards_of
 from rlhfkit.rollout import _causal_packing_gap, _response_logprobs, join, response_logprobs
 from rlhfkit.train.ppo import _padded_token_values, token_values
@@ -27,22 +27,49 @@ def test_pack_lays_sequences_end_to_end_with_restarting_positions():
     # 9 tokens -> 2 rows: [seq 2] and [seq 0, seq 1]; the shorter row's tail is padding
     assert packed.input_ids.tolist() == [[31, 32, 33, 34, 0], [11, 12, 13, 21, 22]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
-    assert packed.row.tolist() == [1, 1, 0] and packed.start.tolist() == [0, 3, 0]
+    assert packed.row.tolist() == [1, 1, 0] and packed.columns.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3]
+    assert packed.attention_mask is None
     rows, columns, seq, within = spans(packed, torch.tensor([1, 0, 2]), torch.tensor([2, 1, 2]))
     assert packed.input_ids[rows, columns].tolist() == [12, 13, 21, 33, 34]
     assert seq.tolist() == [0, 0, 1, 2, 2] and within.tolist() == [0, 1, 0, 0, 1]
 
 
+def test_pack_shares_prefixes_as_a_tree_by_hand():
+    # sorted: [1 2 3 4], [1 2 3 4 5], [1 2 6], [7 8]; each adds what follows its common prefix
+    # with the one before: [1 2 3 4], [5], [6], [7 8] -> one row of 8 columns
+    sequences = [torch.tensor(s) for s in ([1, 2, 6], [1, 2, 3, 4, 5], [7, 8], [1, 2, 3, 4])]
+    packed = pack(sequences, pad_id=0, row_tokens=16, share_prefixes=True)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 0, 1]]
+    assert [packed.columns[f : f + n].tolist() for f, n in zip(packed.first, packed.length)] == [
+        [0, 1, 5], [0, 1, 2, 3, 4], [6, 7], [0, 1, 2, 3]]
+    mask = packed.attention_mask[0, 0].int().tolist()
+    assert mask[4] == [1, 1, 1, 1, 1, 0, 0, 0]  # 5 sees its path 1 2 3 4 5
+    assert mask[5] == [1, 1, 0, 0, 0, 1, 0, 0]  # 6 sees 1 2 and itself, not the 3 4 5 branch
+    assert mask[7] == [0, 0, 0, 0, 0, 0, 1, 1]  # 8 sees only 7
+    rows, columns, _, _ = spans(packed, packed.length - 1, torch.ones_like(packed.length))
+    assert packed.input_ids[rows, columns].tolist() == [6, 5, 8, 4]  # each sequence's last token
+    # a smaller row budget cuts rows; each row starts its own tree, padding sees only itself
+    packed = pack(sequences, pad_id=0, row_tokens=6, share_prefixes=True)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 0, 0, 0, 0]]
+    assert packed.attention_mask[1, 0, 3].int().tolist() == [0, 0, 0, 1, 0, 0]
+
+
 def varied_batch():
-    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15]]
-    responses = [[16, 17, 2], [18], [19, 20, 21, 22, 23, 24, 2]]
+    """The last sequence repeats the first one's prompt and first answer token: prefix-tree rows
+    compute those tokens once for both."""
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15], [5, 6, 7]]
+    responses = [[16, 17, 2], [18], [19, 20, 21, 22, 23, 24, 2], [16, 30, 31, 2]]
     return join(prompts, responses, pad_id=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama-sdpa", "llama-eager", "gpt2"])
 def test_packed_logprobs_entropy_and_gradients_equal_padded(tiny_tokenizer, arch):
     torch.manual_seed(0)
-    model = (build_tiny_model(tiny_tokenizer) if arch == "llama" else tiny_gpt2(tiny_tokenizer)).eval()  # no dropout
+    model = (build_tiny_model(tiny_tokenizer) if arch.startswith("llama") else tiny_gpt2(tiny_tokenizer)).eval()
+    if arch == "llama-eager":  # eager attention adds the mask to the scores: it needs it additive
+        model.set_attn_implementation("eager")
+    assert shares_prefixes(model)
     assert packs_exactly(model, _causal_packing_gap)
     seqs = varied_batch()
     grads = []
@@ -80,6 +107,19 @@ class IgnoresPositions(torch.nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+class IgnoresMask(IgnoresPositions):
+    """A backbone that drops a custom attention mask: in a prefix tree, branches see each other."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        return self.inner(input_ids=input_ids, position_ids=position_ids, **kwargs)
+
+
+def test_a_model_that_drops_the_prefix_tree_mask_is_detected(tiny_tokenizer):
+    model = build_tiny_model(tiny_tokenizer)
+    model.model = IgnoresMask(model.model)
+    assert not packs_exactly(model, _causal_packing_gap)
 
 
 def test_a_model_that_cannot_pack_is_detected_and_scored_padded(tiny_tokenizer):

@@ -82,7 +82,7 @@ def test_decoding_loop_matches_transformers_generate(tiny_tokenizer, arch, pruna
     rows and finished rows stay in the batch."""
     from transformers import cache_utils
 
-    from rlhfkit.data.tokenize import left_pad
+    from rlhfkit.data.tokenize import left_pad, left_pad_after_common_prefix
     from rlhfkit.rollout import decode
 
     torch.manual_seed(0)
@@ -110,6 +110,11 @@ def test_decoding_loop_matches_transformers_generate(tiny_tokenizer, arch, pruna
     ours = decode(model, ids, mask, 10, [stop], pad, temperature=0.0)
     expected = hf([stop])
     assert torch.equal(ours, expected[:, : ours.shape[1]])
+    # the prompts' common prefix computed once, its cache copied to every row: the same tokens
+    shared_ids, shared_mask, shared = left_pad_after_common_prefix(
+        [prompt_ids(tiny_tokenizer, p) for p in prompts], pad)
+    assert shared == 4 and shared_ids[:, :shared].tolist() == [prompt_ids(tiny_tokenizer, prompts[0])[:4]] * len(prompts)
+    assert torch.equal(decode(model, shared_ids, shared_mask, 10, [stop], pad, 0.0, shared), ours)
     assert (expected[:, ours.shape[1]:] == pad).all()
     stopped_at = {row.index(stop) if stop in row else None for row in ours.tolist()}
     assert len(stopped_at) > 1  # the rows really stopped at different steps

@@ -1,6 +1,6 @@
 from rlhfkit.data.records import Demonstration, Message, user
 from rlhfkit.data.tokenize import (
-    end_of_turn_id, fit, left_pad, prompt_ids, tokenize_demonstration,
+    end_of_turn_id, fit, left_pad, left_pad_after_common_prefix, prompt_ids, tokenize_demonstration,
 )
 
 
@@ -55,3 +55,14 @@ def test_left_pad_aligns_prompt_ends():
     ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_left_pad_after_common_prefix_keeps_the_shared_prefix_in_front():
+    ids, mask, shared = left_pad_after_common_prefix([[7, 8, 1, 2, 3], [7, 8, 4], [7, 8, 9, 5]], pad_id=0)
+    assert shared == 2
+    assert ids.tolist() == [[7, 8, 1, 2, 3], [7, 8, 0, 0, 4], [7, 8, 0, 9, 5]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 1], [1, 1, 0, 1, 1]]
+    # every row keeps a token after the prefix; nothing shared, or one prompt: plain left padding
+    assert left_pad_after_common_prefix([[7, 8], [7, 8, 9]], 0)[2] == 1
+    assert left_pad_after_common_prefix([[1, 2], [3]], 0)[2] == 0
+    assert left_pad_after_common_prefix([[1, 2]], 0)[0].tolist() == [[1, 2]]

@@ -44,19 +44,39 @@ def balanced_rows(lengths: list[int], row_tokens: int = ROW_TOKENS) -> list[list
 
 @dataclass
 class Packed:
-    """Sequences laid out in rows: ``input_ids`` and ``position_ids`` (N, W); sequence ``s``
-    occupies row ``row[s]``, columns ``start[s]`` .. ``start[s] + length[s] - 1``."""
+    """Sequences laid out in rows: ``input_ids`` and ``position_ids`` (N, W). Token ``t`` of
+    sequence ``s`` sits in row ``row[s]``, column ``columns[first[s] + t]``. With shared
+    prefixes, ``attention_mask`` (N, 1, W, W), True where a query column may attend to a key
+    column; without, None (restarting position ids separate the sequences)."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     row: torch.Tensor
-    start: torch.Tensor
+    columns: torch.Tensor
+    first: torch.Tensor
     length: torch.Tensor
+    attention_mask: torch.Tensor | None = None
 
 
-def pack(sequences: list[torch.Tensor], pad_id: int, row_tokens: int = ROW_TOKENS) -> Packed:
-    """Pack 1-D token tensors into balanced rows. Each row's unused tail is filled with padding
-    whose positions also restart at 0: a segment of its own that no real token attends to."""
+def pack(sequences: list[torch.Tensor], pad_id: int, row_tokens: int = ROW_TOKENS,
+         share_prefixes: bool = False) -> Packed:
+    """Pack 1-D token tensors into rows of about ``row_tokens`` tokens.
+
+    Without ``share_prefixes``: sequences end to end in balanced rows (``balanced_rows``), each
+    with position ids restarting at 0; a row's unused tail is padding whose positions also
+    restart, a segment of its own that no real token attends to.
+
+    With ``share_prefixes``: each row is a prefix tree. Sequences are sorted, so those that
+    begin alike are neighbours, and each one adds only the tokens after its longest common
+    prefix with the one before; every token attends to its own path from the root, and its
+    position id is its depth. The K answers to one prompt then share one copy of the prompt, and
+    every sequence in a row shares the chat template's system prompt."""
+    if not share_prefixes:
+        return _pack_end_to_end(sequences, pad_id, row_tokens)
+    return _pack_prefix_trees(sequences, pad_id, row_tokens)
+
+
+def _pack_end_to_end(sequences: list[torch.Tensor], pad_id: int, row_tokens: int) -> Packed:
     lengths = [len(s) for s in sequences]
     rows = balanced_rows(lengths, row_tokens)
     width = max(sum(lengths[i] for i in row) for row in rows)
@@ -71,7 +91,64 @@ def pack(sequences: list[torch.Tensor], pad_id: int, row_tokens: int = ROW_TOKEN
             row_of[i], start_of[i] = r, column
             column += lengths[i]
         position_ids[r, column:] = torch.arange(width - column)
-    return Packed(input_ids, position_ids, torch.tensor(row_of), torch.tensor(start_of), torch.tensor(lengths))
+    length = torch.tensor(lengths)
+    columns = torch.cat([start_of[i] + torch.arange(n) for i, n in enumerate(lengths)]) if lengths else length
+    return Packed(input_ids, position_ids, torch.tensor(row_of), columns, torch.cumsum(length, 0) - length, length)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _pack_prefix_trees(sequences: list[torch.Tensor], pad_id: int, row_tokens: int) -> Packed:
+    tokens = [s.tolist() for s in sequences]
+    order = sorted(range(len(tokens)), key=tokens.__getitem__)
+    # Each sequence adds the tokens after its common prefix with its sorted predecessor; a row
+    # is closed when the next one would take it past row_tokens (and then adds all its tokens).
+    shared = [0] + [_common_prefix(tokens[a], tokens[b]) for a, b in zip(order, order[1:])]
+    rows: list[list[tuple[int, int]]] = [[]]  # (sequence, tokens shared with the previous in its row)
+    used = 0
+    for i, n in zip(order, shared):
+        if rows[-1] and used + len(tokens[i]) - n > row_tokens:
+            rows.append([])
+            used, n = 0, 0
+        rows[-1].append((i, n))
+        used += len(tokens[i]) - n
+    paths: list[list[int]] = [[] for _ in tokens]  # each sequence's columns in its row
+    row_of = [0] * len(tokens)
+    layouts = []  # per row: (input ids, position ids)
+    for r, members in enumerate(rows):
+        ids: list[int] = []
+        positions: list[int] = []
+        previous: list[int] = []
+        for i, n in members:
+            path = previous[:n] + list(range(len(ids), len(ids) + len(tokens[i]) - n))
+            ids += tokens[i][n:]
+            positions += range(n, len(tokens[i]))
+            paths[i], row_of[i], previous = path, r, path
+        layouts.append((ids, positions))
+    width = max(len(ids) for ids, _ in layouts)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    # padding attends to itself only (a query that sees nothing would give NaN)
+    attention_mask = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1, 1)
+    for r, (ids, positions) in enumerate(layouts):
+        input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        position_ids[r, : len(ids)] = torch.tensor(positions, dtype=torch.long)
+    for i, path in enumerate(paths):
+        index = torch.tensor(path)
+        # token d of a path attends to tokens 0..d of the same path (its ancestors in the tree)
+        attention_mask[row_of[i], 0, index[:, None], index[None, :]] |= torch.ones(
+            len(path), len(path), dtype=torch.bool).tril()
+    length = torch.tensor([len(t) for t in tokens])
+    columns = torch.tensor([c for path in paths for c in path], dtype=torch.long)
+    return Packed(input_ids, position_ids, torch.tensor(row_of), columns, torch.cumsum(length, 0) - length, length,
+                  attention_mask)
 
 
 def spans(packed: Packed, offsets: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -80,7 +157,7 @@ def spans(packed: Packed, offsets: torch.Tensor, counts: torch.Tensor) -> tuple[
     seq = torch.repeat_interleave(torch.arange(len(counts)), counts)
     first = torch.cumsum(counts, 0) - counts  # where each sequence's span starts in the flat list
     within = torch.arange(int(counts.sum())) - first[seq]
-    return packed.row[seq], packed.start[seq] + offsets[seq] + within, seq, within
+    return packed.row[seq], packed.columns[packed.first[seq] + offsets[seq] + within], seq, within
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -89,15 +166,29 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def shares_prefixes(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s attention takes a custom 4-D mask, which prefix-tree rows need:
+    transformers' SDPA and eager attention do; flash-attention kernels only know segments, so
+    there sequences are packed end to end."""
+    return getattr(unwrap(model).config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
 def hidden_states(model: torch.nn.Module, packed: Packed) -> torch.Tensor:
-    """The backbone's last hidden states over the packed rows, (N, W, H): no output head, no
-    attention mask (the restarting position ids separate the sequences), no KV cache (with a
-    cache transformers would not look for packed sequences)."""
+    """The backbone's last hidden states over the packed rows, (N, W, H): no output head, no KV
+    cache (with a cache transformers would not look for packed sequences). Rows packed end to
+    end get no attention mask (transformers separates sequences by their restarting position
+    ids); prefix-tree rows get theirs, as a boolean mask for SDPA and an additive one for eager
+    attention (which adds the mask to the scores)."""
     inner = unwrap(model)
     backbone = getattr(inner, inner.base_model_prefix)
     device = next(model.parameters()).device
+    mask = packed.attention_mask
+    if mask is not None:
+        mask = mask.to(device)
+        if inner.config._attn_implementation == "eager":
+            mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
     return backbone(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
-                    use_cache=False).last_hidden_state
+                    attention_mask=mask, use_cache=False).last_hidden_state
 
 
 def packs_exactly(model: torch.nn.Module, check) -> bool:
@@ -124,10 +215,14 @@ def packs_exactly(model: torch.nn.Module, check) -> bool:
 
 
 def probe_sequences(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Three short sequences of different lengths, of ordinary tokens from the middle of the
-    vocabulary (special tokens at the start give extreme logits where fp32 rounding shows)."""
+    """Three short sequences of different lengths that share prefixes, of ordinary tokens from
+    the middle of the vocabulary (special tokens at the start give extreme logits where fp32
+    rounding shows)."""
     vocab = unwrap(model).get_input_embeddings().weight.shape[0]
-    return [(vocab // 3 + 7 * torch.arange(n)) % vocab for n in (7, 4, 9)]
+    ordinary = (vocab // 3 + 7 * torch.arange(12)) % vocab
+    # the second is a prefix of the first and the third shares its first 3 tokens: prefix-tree
+    # rows must give each of them what it gets alone
+    return [ordinary[:7], ordinary[:5], torch.cat([ordinary[:3], ordinary[6:12]])]
 
 
 def relative_gap(packed: torch.Tensor, padded: torch.Tensor) -> float:

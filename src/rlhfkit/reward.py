@@ -31,7 +31,8 @@ from rlhfkit.data.records import Message, Messages, Prompt, messages_to_dicts, u
 from rlhfkit.data.tokenize import fit, prompt_ids, response_ids, right_pad
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import TINY, build_tiny_model, disable_dropout, ensure_pad_token, prefer_eager_attention_on_cpu, resolve
-from rlhfkit.packing import hidden_states, pack, packs_exactly, probe_sequences, relative_gap, spans, unwrap
+from rlhfkit.packing import (hidden_states, pack, packs_exactly, probe_sequences, relative_gap, shares_prefixes, spans,
+                             unwrap)
 from rlhfkit.rollout import autocast
 
 MEAN_KEY, STD_KEY = "rlhfkit_reward_mean", "rlhfkit_reward_std"
@@ -138,7 +139,7 @@ def _padded_rewards(model, sequences: list[list[int]], pad_id: int) -> torch.Ten
 
 
 def _packed_rewards(model, sequences: list[list[int]]) -> torch.Tensor:
-    packed = pack([torch.tensor(s, dtype=torch.long) for s in sequences], pad_id=0)
+    packed = pack([torch.tensor(s, dtype=torch.long) for s in sequences], pad_id=0, share_prefixes=shares_prefixes(model))
     rows, columns, _, _ = spans(packed, packed.length - 1, torch.ones_like(packed.length))
     hidden = hidden_states(model, packed)
     return unwrap(model).score(hidden[rows.to(hidden.device), columns.to(hidden.device)])[:, 0].float()

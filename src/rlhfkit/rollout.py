@@ -14,9 +14,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.data.records import Messages
-from rlhfkit.data.tokenize import Example, end_of_turn_id, left_pad, prompt_ids, right_pad
+from rlhfkit.data.tokenize import Example, end_of_turn_id, left_pad, left_pad_after_common_prefix, prompt_ids, right_pad
 from rlhfkit.models import attention_implementation
-from rlhfkit.packing import hidden_states, pack, packs_exactly, probe_sequences, relative_gap, spans, unwrap
+from rlhfkit.packing import (hidden_states, pack, packs_exactly, probe_sequences, relative_gap, shares_prefixes, spans,
+                             unwrap)
 
 
 @dataclass
@@ -71,10 +72,11 @@ def generate(
             starts = track(starts, description=progress, transient=True)
         for start in starts:
             idx = order[start : start + batch_size]
-            input_ids, attention_mask = left_pad([encoded[i] for i in idx], tokenizer.pad_token_id)
+            input_ids, attention_mask, shared = left_pad_after_common_prefix([encoded[i] for i in idx],
+                                                                             tokenizer.pad_token_id)
             with autocast(precision), attention_implementation(model, "sdpa"):  # faster for decoding on CPU
                 out = decode(model, input_ids.to(device), attention_mask.to(device), max_new_tokens, stop,
-                             tokenizer.pad_token_id, temperature)
+                             tokenizer.pad_token_id, temperature, shared)
             for row, i in zip(out.tolist(), idx):
                 results[i] = cut_at_stop(row, stop, tokenizer)
     model.train(was_training)
@@ -90,10 +92,13 @@ def decode(
     stop: list[int],
     pad_id: int,
     temperature: float,
+    shared: int = 0,
 ) -> torch.Tensor:
     """The decoding loop: (B, N) new tokens for left-padded prompts, padded after each row's
     first stop token; N <= max_new_tokens (the loop ends when every row has stopped).
-    Finished rows leave the batch.
+    Finished rows leave the batch. The first ``shared`` columns, the same in every row (see
+    ``left_pad_after_common_prefix``), are computed once and their KV cache copied to all rows:
+    SmolLM2's system prompt is half of each world prompt's tokens.
 
     One forward per token with a KV cache; only the last position goes through the LM head.
     Sampling is plain softmax(logits / T) (no top-k/top-p: PPO's logprobs assume exactly that
@@ -113,6 +118,13 @@ def decode(
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     live = torch.ones(batch, dtype=torch.bool, device=device)  # rows of the batch not yet stopped
     cache, length = None, 0
+    if shared and batch > 1:
+        out = model(input_ids=input_ids[:1, :shared], attention_mask=attention_mask[:1, :shared],
+                    position_ids=positions[:1, :shared], use_cache=True, **extra)
+        if hasattr(out.past_key_values, "batch_repeat_interleave"):
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(batch)
+            step_ids, positions = input_ids[:, shared:], positions[:, shared:]
     for t in range(max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
                     past_key_values=cache, use_cache=True, **extra)
@@ -221,7 +233,7 @@ def packed_response_hidden(model, seqs: Sequences) -> tuple[torch.Tensor, torch.
     packed forward (no padding computed): (M, H) over all M response tokens of the batch, with
     each one's row b and response column t. Position P-1+t of a row predicts its token P+t."""
     real = [ids[mask.bool()] for ids, mask in zip(seqs.input_ids, seqs.attention_mask)]
-    packed = pack(real, pad_id=0)  # the pad id is never read: no real token attends to padding
+    packed = pack(real, pad_id=0, share_prefixes=shares_prefixes(model))  # no real token attends to padding
     prompt_lengths = seqs.attention_mask[:, : seqs.prompt_width].sum(-1)
     response_lengths = seqs.attention_mask[:, seqs.prompt_width :].sum(-1)
     rows, columns, b, t = spans(packed, prompt_lengths - 1, response_lengths)

@@ -9,6 +9,7 @@ exactly the distribution a rollout samples from.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -153,6 +154,20 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
         input_ids[i, width - len(seq) :] = torch.tensor(seq)
         attention_mask[i, width - len(seq) :] = 1
     return input_ids, attention_mask
+
+
+def left_pad_after_common_prefix(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Like ``left_pad``, but the prefix every sequence shares (a chat template's system prompt)
+    stays in the first ``shared`` columns and the padding goes after it, so that decoding can
+    compute the prefix once and copy its KV cache to every row. Each row keeps at least one
+    token after the prefix. Returns (input_ids, attention_mask, shared)."""
+    shared = len(os.path.commonprefix(sequences)) if len(sequences) > 1 else 0
+    shared = min(shared, min(len(s) for s in sequences) - 1)
+    if shared <= 0:
+        return (*left_pad(sequences, pad_id), 0)
+    input_ids, attention_mask = left_pad([s[shared:] for s in sequences], pad_id)
+    prefix = torch.tensor(sequences[0][:shared], dtype=torch.long).expand(len(sequences), shared)
+    return torch.cat([prefix, input_ids], 1), torch.cat([torch.ones_like(prefix), attention_mask], 1), shared
 
 
 def count_loss_tokens(examples: list[Example]) -> int:
