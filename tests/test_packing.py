@@ -6,9 +6,9 @@ import torch
 from rlhfkit.data.tokenize import right_pad
 from rlhfkit.models import build_tiny_model
 from rlhfkit.packing import balanced_rows, pack, packs_exactly, shares_prefixes, spans
-from rlhfkit.reward import build_reward_model, rewards_of
+from rlhfkit.reward import _reward_packing_gap, build_reward_model, rewards_of
 from rlhfkit.rollout import _causal_packing_gap, _response_logprobs, join, response_logprobs
-from rlhfkit.train.ppo import _padded_token_values, token_values
+from rlhfkit.train.ppo import _padded_token_values, _value_packing_gap, token_values
 from tests.test_rollout import tiny_gpt2
 
 
@@ -119,7 +119,8 @@ class IgnoresMask(IgnoresPositions):
 def test_a_model_that_drops_the_prefix_tree_mask_is_detected(tiny_tokenizer):
     model = build_tiny_model(tiny_tokenizer)
     model.model = IgnoresMask(model.model)
-    assert not packs_exactly(model, _causal_packing_gap)
+    with pytest.warns(UserWarning, match="using padded forwards"):
+        assert not packs_exactly(model, _causal_packing_gap)
 
 
 def test_a_model_that_cannot_pack_is_detected_and_scored_padded(tiny_tokenizer):
@@ -127,7 +128,8 @@ def test_a_model_that_cannot_pack_is_detected_and_scored_padded(tiny_tokenizer):
     seqs = varied_batch()
     expected = _response_logprobs(model, seqs, 1.0, False, False).detach()
     model.model = IgnoresPositions(model.model)
-    assert not packs_exactly(model, _causal_packing_gap)
+    with pytest.warns(UserWarning, match="using padded forwards"):
+        assert not packs_exactly(model, _causal_packing_gap)
     assert torch.allclose(response_logprobs(model, seqs).detach(), expected, atol=1e-5)
 
 
@@ -147,3 +149,17 @@ def test_demonstration_nll_is_the_response_tokens_cross_entropy(tiny_tokenizer):
             count += 1
     nll, n = demonstration_nll(model, examples, pad_id=0)
     assert n == count == 9 and abs(float(nll) - expected) < 1e-4
+
+
+def test_a_model_prepared_by_accelerate_in_bf16_still_packs(tiny_tokenizer):
+    """Accelerate's mixed precision wraps the model's forward in a bf16 autocast. The packing check
+    must compare the model's own fp32 forwards (it once compared bf16 padded against fp32 packed,
+    failed, and silently sent every SFT, RM and PPO forward of the default pipeline to padding)."""
+    from accelerate import Accelerator
+
+    model = Accelerator(mixed_precision="bf16", cpu=True).prepare(build_tiny_model(tiny_tokenizer))
+    assert "forward" in model.__dict__  # the autocast patch
+    assert packs_exactly(model, _causal_packing_gap)
+    assert "forward" in model.__dict__  # and it is put back
+    value = Accelerator(mixed_precision="bf16", cpu=True).prepare(build_reward_model("tiny", tiny_tokenizer, seed=0))
+    assert packs_exactly(value, _value_packing_gap) and packs_exactly(value, _reward_packing_gap)

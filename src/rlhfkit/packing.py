@@ -5,14 +5,24 @@ are short and a few ramble to the length limit, so on the default world half of 
 PPO batch was padding (measured: 501 real tokens in an 8 x 114 batch; a packed forward+backward
 took 2.0 s against 5.0 s padded, SmolLM2 on 2 CPU cores).
 
-Packing puts sequences one after another in a row, each with position ids that restart at 0, and
-no attention mask: transformers (>= 5) reads the restarts and lets every token attend only to its
-own sequence. Rows are balanced to about ``ROW_TOKENS`` tokens: one long row would make eager
-attention quadratic in the whole batch. Only the positions a loss needs (the ones that predict a
-response token, or a sequence's last token for a reward head) go through the output head.
+Two layouts, both in rows of about ``ROW_TOKENS`` tokens (one long row would make eager attention
+quadratic in the whole batch):
 
-Not every model honours packed position ids (hand-written models, old remote code), and some
-heads do more than a Linear (logit soft-capping). ``packs_exactly`` therefore checks each model
+- **Prefix trees** (models with SDPA or eager attention, which take a custom 4-D mask). Sequences
+  that begin alike share one copy of their common prefix, and each token attends to its own path
+  from the root. RLHF batches are full of shared prefixes: the K answers to one prompt (reward
+  model, GRPO), chosen and rejected (DPO), and the chat template's system prompt in every
+  sequence (24 of SmolLM2's ~47 prompt tokens on the world). Measured on SmolLM2: a reward-model
+  batch of 4 prompts x 4 answers, forward+backward, 3.96 s end to end -> 1.27 s as trees; a PPO
+  minibatch of 8 prompts, 3.05 -> 1.90 s.
+- **End to end** (other attention kernels): sequences one after another, position ids restarting
+  at 0 and no mask; transformers (>= 5) reads the restarts and keeps sequences apart.
+
+Only the positions a loss needs (the ones that predict a response token, or a sequence's last
+token for a reward head) go through the output head.
+
+Not every model honours packed position ids or custom masks (hand-written models, old remote
+code), and some heads do more than a Linear (logit soft-capping). ``packs_exactly`` therefore checks each model
 once, on a tiny input, against the ordinary padded forward, and callers fall back to padding
 when the two disagree.
 """
@@ -20,6 +30,7 @@ when the two disagree.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -203,6 +214,10 @@ def packs_exactly(model: torch.nn.Module, check) -> bool:
         was_training = model.training
         model.eval()
         device_type = next(model.parameters()).device.type
+        # Accelerate's mixed precision patches the instance's forward with a bf16 autocast; the
+        # packed path calls the backbone, outside that patch, so the check compares the class's
+        # own forward, in fp32 (in training both paths run under the same autocast).
+        patched_forward = model.__dict__.pop("forward", None)
         try:
             with torch.no_grad(), torch.autocast(device_type, enabled=False):
                 verdict = bool(check(model) < _PROBE_TOLERANCE)
@@ -210,6 +225,11 @@ def packs_exactly(model: torch.nn.Module, check) -> bool:
             verdict = False
         finally:
             model.train(was_training)
+            if patched_forward is not None:
+                model.forward = patched_forward
+        if not verdict:  # said once per model and check: padded forwards are correct but slower
+            warnings.warn(f"{type(unwrap(model)).__name__} gives different outputs packed and padded "
+                          f"({check.__qualname__}); using padded forwards, which are slower", stacklevel=2)
         verdicts[check.__qualname__] = verdict
     return verdict
 
