@@ -241,7 +241,8 @@ def train(cfg: RMConfig) -> Path:
         for m, micro in enumerate(mine):
             groups = [train_groups[i] for i in micro]
             with sync_gradients(acc, run.model, last=m == len(mine) - 1):
-                rewards, ranks, valid, margin = group_rewards(run.model, groups, pad_id)
+                with acc.autocast():  # packed forwards run outside the autocast patched into forward
+                    rewards, ranks, valid, margin = group_rewards(run.model, groups, pad_id)
                 loss, _ = ranking_loss(rewards, ranks, valid, margin)
                 total = loss.sum() + cfg.center_coef * center_penalty(rewards, valid).sum()
                 acc.backward(total / global_batch * world_size)

@@ -135,8 +135,11 @@ def train(cfg: SFTConfig) -> Path:
         tokens_seen += sum(len(train_examples[i]) for i in indices)
         loss_sum = torch.zeros(())
         for m, micro in enumerate(mine):
+            # acc.autocast(): packed forwards call the backbone and the LM head directly, outside
+            # the bf16 autocast accelerate patches into the model's own forward
             with sync_gradients(acc, run.model, last=m == len(mine) - 1):
-                nll, _ = demonstration_nll(run.model, [train_examples[i] for i in micro], pad_id)
+                with acc.autocast():
+                    nll, _ = demonstration_nll(run.model, [train_examples[i] for i in micro], pad_id)
                 acc.backward(nll / n_loss_tokens * world_size)
             loss_sum += nll.detach()
         grad_norm, skipped = optimizer_step(run.model, run.optimizer, run.scheduler, cfg.optim.max_grad_norm)
