@@ -80,3 +80,22 @@ def test_stages_with_different_precisions_run_in_one_process(tmp_path):
     sft.train(parse("sft", [*common, "--run.out", str(tmp_path / "a")]))
     out = sft.train(parse("sft", [*common, "--model.precision", "bf16", "--run.out", str(tmp_path / "b")]))
     assert (out / "complete.json").exists()
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "grpo"])
+def test_every_training_stage_runs_a_bf16_step(stage, imperfect_sft, tiny_mixed_rm, tmp_path):
+    """bf16 on CPU: accelerate patches the model's forward with an autocast that packed forwards
+    bypass, so each stage must open acc.autocast() itself; a packed forward without it raises
+    (rlhfkit.packing.hidden_states). SFT and RM once ran their packed forwards in fp32."""
+    import importlib
+
+    flags = ["--recipe", "tiny", "--model.precision", "bf16", "--run.steps", "1", "--eval.gold-prompts", "0",
+             "--eval.no-at-start", "--run.out", str(tmp_path / stage)]
+    if stage in ("rm", "dpo", "ppo", "grpo"):
+        flags += ["--model.name", str(imperfect_sft)]
+    if stage in ("ppo", "grpo"):
+        flags += ["--reward", str(tiny_mixed_rm)]
+    if stage in ("rm", "dpo"):
+        flags += ["--data.world-prompts", "8", "--data.world-eval-prompts", "4"]
+    out = importlib.import_module(f"rlhfkit.train.{stage}").train(parse(stage, flags))
+    assert (out / "complete.json").exists()

@@ -193,6 +193,11 @@ def hidden_states(model: torch.nn.Module, packed: Packed) -> torch.Tensor:
     inner = unwrap(model)
     backbone = getattr(inner, inner.base_model_prefix)
     device = next(model.parameters()).device
+    if {"_original_forward", "forward"} <= model.__dict__.keys() and not torch.is_autocast_enabled(device.type):
+        # accelerate's mixed precision lives in the model's patched forward, which this bypasses
+        # (the packing check unpatches it on purpose, to compare fp32 with fp32)
+        raise RuntimeError("packed forward of an accelerate mixed-precision model outside acc.autocast(): "
+                           "it would run in fp32; wrap the call in `with acc.autocast():`")
     mask = packed.attention_mask
     if mask is not None:
         mask = mask.to(device)
