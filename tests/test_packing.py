@@ -155,11 +155,11 @@ def test_a_model_prepared_by_accelerate_in_bf16_still_packs(tiny_tokenizer):
     """Accelerate's mixed precision wraps the model's forward in a bf16 autocast. The packing check
     must compare the model's own fp32 forwards (it once compared bf16 padded against fp32 packed,
     failed, and silently sent every SFT, RM and PPO forward of the default pipeline to padding)."""
-    from accelerate import Accelerator
+    from rlhfkit.train.loop import make_accelerator  # resets accelerate's process-wide precision
 
-    model = Accelerator(mixed_precision="bf16", cpu=True).prepare(build_tiny_model(tiny_tokenizer))
+    model = make_accelerator("bf16").prepare(build_tiny_model(tiny_tokenizer))
     assert "forward" in model.__dict__  # the autocast patch
     assert packs_exactly(model, _causal_packing_gap)
     assert "forward" in model.__dict__  # and it is put back
-    value = Accelerator(mixed_precision="bf16", cpu=True).prepare(build_reward_model("tiny", tiny_tokenizer, seed=0))
+    value = make_accelerator("bf16").prepare(build_reward_model("tiny", tiny_tokenizer, seed=0))
     assert packs_exactly(value, _value_packing_gap) and packs_exactly(value, _reward_packing_gap)
