@@ -30,6 +30,7 @@ when the two disagree.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -107,21 +108,12 @@ def _pack_end_to_end(sequences: list[torch.Tensor], pad_id: int, row_tokens: int
     return Packed(input_ids, position_ids, torch.tensor(row_of), columns, torch.cumsum(length, 0) - length, length)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _pack_prefix_trees(sequences: list[torch.Tensor], pad_id: int, row_tokens: int) -> Packed:
     tokens = [s.tolist() for s in sequences]
     order = sorted(range(len(tokens)), key=tokens.__getitem__)
     # Each sequence adds the tokens after its common prefix with its sorted predecessor; a row
     # is closed when the next one would take it past row_tokens (and then adds all its tokens).
-    shared = [0] + [_common_prefix(tokens[a], tokens[b]) for a, b in zip(order, order[1:])]
+    shared = [0] + [len(os.path.commonprefix([tokens[a], tokens[b]])) for a, b in zip(order, order[1:])]
     rows: list[list[tuple[int, int]]] = [[]]  # (sequence, tokens shared with the previous in its row)
     used = 0
     for i, n in zip(order, shared):
