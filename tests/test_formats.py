@@ -299,7 +299,6 @@ MALFORMED = {
     "hh-chosen-not-string": ("hh", {"chosen": 5, "rejected": hh("Hi", "B")}, "chosen", "expected a string, got int"),
     "hh-two-assistant-turns-before-reply": ("hh", {"chosen": hh("Hi", "A") + "\n\nAssistant: C", "rejected": hh("Hi", "B")}, "chosen", "end with a user message, got assistant"),
     "pref-prompt-wrong-type": ("pref", {"prompt": 42, "chosen": "a", "rejected": "b"}, "prompt", "expected a string or a list of {role, content} messages, got int"),
-    "pref-blank-chosen": ("pref", {"prompt": "p", "chosen": "  ", "rejected": "b"}, "chosen", "expected a non-empty response"),
     "pref-missing-rejected": ("pref", {"prompt": "p", "chosen": "a"}, "rejected", "missing; preference records need"),
     "pref-margin-not-number": ("pref", {**GOOD["pref"], "margin": "high"}, "margin", "expected a finite number, got 'high'"),
     "pref-prompt-ends-with-assistant": ("pref", {"prompt": [msg("user", "p"), msg("assistant", "x")], "chosen": "a", "rejected": "b"}, "prompt", "end with a user message, got assistant"),
@@ -318,7 +317,6 @@ MALFORMED = {
     "rank-length-mismatch": ("rank", {"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, 1]}, "ranking", "expected a list of 3 ranks (one per completion), got a list of 2"),
     "rank-negative-rank": ("rank", {"prompt": "p", "completions": ["a", "b"], "ranking": [0, -1]}, "ranking[1]", "non-negative integer rank, got -1"),
     "rank-single-completion": ("rank", {"prompt": "p", "completions": ["a"], "ranking": [0]}, "completions", "at least 2 completions, got a list of 1"),
-    "rank-empty-completion": ("rank", {"prompt": "p", "completions": ["a", ""], "ranking": [0, 1]}, "completions[1]", "non-empty response"),
     "rank-missing-ranking": (None, {"prompt": "p", "completions": ["a", "b"]}, "ranking", "missing; ranking records need"),
     "prompt-meta-not-object": ("prompt", {"prompt": "p", "meta": ["x"]}, "meta", "expected an object, got list"),
     "prompt-with-response-key": (None, {"prompt": "p", "response": "r"}, "response", "not a recognised field"),
@@ -456,7 +454,7 @@ def test_skip_bad_counts_and_keeps_the_first_problems(tmp_path):
         "{not json",
         json.dumps(GOOD["pref"]),
         "[1, 2]",
-        json.dumps({"prompt": "p", "chosen": "", "rejected": "b"}),
+        json.dumps({"prompt": "p", "chosen": 7, "rejected": "b"}),
         json.dumps({"prompt": "p", "chosen": "same", "rejected": "same"}),
     ] + [json.dumps({"prompt": 1, "chosen": "a", "rejected": "b"})] * 5
     path = write_text(tmp_path, "mixed.jsonl", "\n".join(lines) + "\n")
@@ -535,6 +533,20 @@ def test_hh_multi_turn_prompt_keeps_every_turn_stripped():
 def test_hh_transcript_may_start_without_blank_lines_and_keeps_inline_markers():
     row = {"chosen": "Human: a Human: b\n\nAssistant: c", "rejected": "Human: a Human: b\n\nAssistant: d"}
     assert parse_row(row, Format.HH, "x", 1) == Comparison(user("a Human: b"), "c", "d")
+
+
+def test_judged_responses_may_be_empty_but_demonstrations_may_not(tmp_path):
+    """An empty answer is a real outcome labelers rank (the world's candidates include one)."""
+    rows = [{"prompt": "p", "chosen": "a", "rejected": ""},
+            {"prompt": "p", "chosen": [msg("assistant", "a")], "rejected": [msg("assistant", " ")]},
+            {"chosen": [msg("user", "p"), msg("assistant", "a")], "rejected": [msg("user", "p"), msg("assistant", "")]}]
+    records, _ = read_records(write(tmp_path, "pairs.jsonl", rows))
+    assert [r.rejected for r in records] == ["", " ", ""]
+    ranking = {"prompt": "p", "completions": ["a", ""], "ranking": [0, 1]}
+    [record], _ = read_records(write(tmp_path, "ranks.jsonl", [ranking]))
+    assert record.completions == ("a", "")
+    with pytest.raises(DataError, match="completion.*non-empty response"):
+        read_records(write(tmp_path, "demo.jsonl", [{"prompt": "p", "completion": ""}]))
 
 
 def test_preference_with_identical_responses_is_dropped(tmp_path):

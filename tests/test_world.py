@@ -10,6 +10,7 @@ import statistics
 
 import pytest
 
+from rlhfkit.data.formats import read_comparisons, read_demonstrations, read_prompts, read_rankings
 from rlhfkit.data.records import Prompt, user
 from rlhfkit.data.world import (
     FAMILIES,
@@ -416,6 +417,12 @@ def test_export_writes_five_parseable_files_and_meta_round_trips(tmp_path):
     for r in rows["rankings"]:
         assert len(r["completions"]) == len(r["ranking"]) == 4
         assert sorted(set(r["ranking"])) == list(range(max(r["ranking"]) + 1))
+    # every file flows through the user-facing readers (the world's candidates include an empty
+    # answer, which a comparison may hold)
+    assert len(read_comparisons(paths["comparisons"])[0]) == len(rows["comparisons"])
+    assert len(read_rankings(paths["rankings"])[0]) == 12
+    assert len(read_demonstrations(paths["sft"])[0]) == 12
+    assert len(read_prompts(paths["eval_prompts"])[0]) == 9
     for original, row in zip(world.prompts(9, "eval"), rows["eval_prompts"]):
         reloaded = prompt_from_dict(row)
         assert reloaded == original and reloaded.meta == original.meta

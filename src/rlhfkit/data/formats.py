@@ -507,8 +507,8 @@ def _parse_preference(row: dict, at: _Where, report: ReadReport) -> Comparison |
     _require(row, at, Format.PREFERENCE, "chosen", "rejected")
     if "prompt" in row:
         prompt = _prompt(row["prompt"], "prompt", at)
-        chosen = _response(row["chosen"], "chosen", at)
-        rejected = _response(row["rejected"], "rejected", at)
+        chosen = _response(row["chosen"], "chosen", at, judged=True)
+        rejected = _response(row["rejected"], "rejected", at, judged=True)
     else:
         prompt, chosen, rejected = _implicit_prompt_pair(row, at)
     if chosen == rejected:
@@ -534,7 +534,8 @@ def _implicit_prompt_pair(row: dict, at: _Where) -> tuple[Messages, str, str]:
         )
     prompt = chosen[:-1]
     _check_prompt(prompt, "chosen", at)
-    return prompt, _final_reply(chosen, "chosen", at), _final_reply(rejected, "rejected", at)
+    return (prompt, _final_reply(chosen, "chosen", at, judged=True),
+            _final_reply(rejected, "rejected", at, judged=True))
 
 
 def _parse_demonstration(row: dict, at: _Where, report: ReadReport) -> Demonstration:
@@ -567,7 +568,7 @@ def _parse_ranking(row: dict, at: _Where, report: ReadReport) -> Ranking:
     for i, rank in enumerate(ranking):
         if not _is_int(rank) or rank < 0:
             raise at.error(f"ranking[{i}]", f"expected a non-negative integer rank, got {rank!r}")
-    texts = tuple(_response(c, f"completions[{i}]", at) for i, c in enumerate(completions))
+    texts = tuple(_response(c, f"completions[{i}]", at, judged=True) for i, c in enumerate(completions))
     return Ranking(prompt, texts, _dense_ranks(ranking), meta=_meta(row, at))
 
 
@@ -620,22 +621,27 @@ def _check_prompt(messages: Messages, name: str, at: _Where) -> None:
         )
 
 
-def _response(value: Any, name: str, at: _Where) -> str:
-    """A response is a non-empty string, or messages whose last one is the assistant's reply."""
+def _response(value: Any, name: str, at: _Where, judged: bool = False) -> str:
+    """A response is a string, or messages whose last one is the assistant's reply.
+
+    A demonstration must say something. A judged response (a side of a comparison, one of a
+    ranking's completions) may be empty: a model that answers nothing is a real outcome that
+    labelers rank, and the built-in world's candidates include it.
+    """
     if isinstance(value, str):
-        if not value.strip():
+        if not judged and not value.strip():
             raise at.error(name, "expected a non-empty response, got an empty string")
         return value
     if isinstance(value, list):
-        return _final_reply(_messages(value, name, at), name, at)
+        return _final_reply(_messages(value, name, at), name, at, judged)
     raise at.error(name, f"{_MESSAGES_OR_STRING}, got {_type_name(value)}")
 
 
-def _final_reply(messages: Messages, name: str, at: _Where) -> str:
+def _final_reply(messages: Messages, name: str, at: _Where, judged: bool = False) -> str:
     if not messages or messages[-1].role != "assistant":
         last = messages[-1].role if messages else "no messages"
         raise at.error(name, f"expected the last message to be from the assistant, got {last}")
-    if not messages[-1].content.strip():
+    if not judged and not messages[-1].content.strip():
         raise at.error(f"{name}[{len(messages) - 1}].content", "the assistant reply is empty")
     return messages[-1].content
 
