@@ -5,6 +5,7 @@ read back by the training stages' readers, and the commands."""
 import json
 import math
 import os
+import re
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -144,6 +145,25 @@ def test_a_retried_submission_is_stored_once(tmp_path):
     with pytest.raises(NotAssigned):  # a task never handed out
         store.submit(ids["bob"], Submission(2, "never-given-1", "skip"))
     assert len(store.labels()) == 1
+
+
+def test_a_database_that_cannot_be_opened_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    url = f"sqlite:///{blocker}/labels.db"  # a "folder" that is a file: SQLite cannot open it
+    with pytest.raises(ConfigError, match=f"cannot open the label database {re.escape(url)}: unable to open"):
+        Store(url)
+    with pytest.raises(ConfigError, match="not a database URL"):
+        Store("nosuchdialect://x")
+
+
+def test_an_unreachable_postgres_server_is_named_without_its_password():
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver (psycopg) is not installed")
+    # port 1 on 127.0.0.1: nothing listens there, so the connection is refused at once
+    with pytest.raises(ConfigError, match=r"cannot open the label database "
+                       r"postgresql\+psycopg://bob:\*\*\*@127\.0\.0\.1:1/labels: .*refused") as info:
+        Store("postgresql+psycopg://bob:secret@127.0.0.1:1/labels")
+    assert "secret" not in str(info.value)
 
 
 def test_tokens_are_stored_hashed_and_rotate(tmp_path):

@@ -53,7 +53,8 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
 from rlhfkit.data.records import Message, Messages, messages_to_dicts
 from rlhfkit.errors import ConfigError, RlhfkitError
@@ -307,7 +308,12 @@ class Store:
         # SQLite admits one writer; threads of this process queue on a lock that hands over at
         # once, instead of on SQLite's busy handler, which sleeps in steps of up to 100 ms.
         self._write_lock = threading.Lock() if self.sqlite else contextlib.nullcontext()
-        metadata.create_all(self.engine)
+        try:
+            metadata.create_all(self.engine)  # the first connection: where a bad URL shows
+        except OperationalError as e:
+            shown = make_url(self.url).render_as_string(hide_password=True)
+            reason = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
+            raise ConfigError(f"cannot open the label database {shown}: {reason}") from None
 
     def close(self) -> None:
         self.engine.dispose()
