@@ -5,7 +5,7 @@ import torch
 
 from rlhfkit.data.tokenize import right_pad
 from rlhfkit.models import build_tiny_model
-from rlhfkit.packing import balanced_rows, pack, packs_exactly, shares_prefixes, spans
+from rlhfkit.packing import balanced_rows, pack, packs_exactly, shares_prefixes, spans, tree_rows
 from rlhfkit.reward import _reward_packing_gap, build_reward_model, rewards_of
 from rlhfkit.rollout import _causal_packing_gap, _response_logprobs, join, response_logprobs
 from rlhfkit.train.ppo import _padded_token_values, _value_packing_gap, token_values
@@ -49,10 +49,33 @@ def test_pack_shares_prefixes_as_a_tree_by_hand():
     assert mask[7] == [0, 0, 0, 0, 0, 0, 1, 1]  # 8 sees only 7
     rows, columns, _, _ = spans(packed, packed.length - 1, torch.ones_like(packed.length))
     assert packed.input_ids[rows, columns].tolist() == [6, 5, 8, 4]  # each sequence's last token
-    # a smaller row budget cuts rows; each row starts its own tree, padding sees only itself
-    packed = pack(sequences, pad_id=0, row_tokens=6, share_prefixes=True)
-    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 0, 0, 0, 0]]
+    # when attention is costly, narrower rows win (see tree_rows); each row starts its own
+    # tree (so [1 2 6] repeats 1 2), and padding sees only itself
+    packed = pack(sequences, pad_id=0, share_prefixes=True, attention_width=1)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5], [1, 2, 6, 7, 8]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    assert packed.attention_mask[1, 0, 2].int().tolist() == [1, 1, 1, 0, 0]
+    # with [9] as well: rows of 6 cost 2 * 6 * 7 = 84, less than rows of 5 (three: 90) or one
+    # row of 9 (90); the second row ends in padding
+    packed = pack(sequences + [torch.tensor([9])], pad_id=0, share_prefixes=True, attention_width=1)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 0, 0, 0]]
     assert packed.attention_mask[1, 0, 3].int().tolist() == [0, 0, 0, 1, 0, 0]
+
+
+def test_tree_rows_weighs_repeated_prefixes_against_attention_by_hand():
+    # sorted lengths 4, 5, 3, 2 sharing 0, 4, 2, 0 with their predecessors (the batch above)
+    lengths, shared = [4, 5, 3, 2], [0, 4, 2, 0]
+    # one row: 4 + 1 + 1 + 2 = 8 wide. With attention_width 700: 8 * (1 + 8/700) = 8.09 against
+    # two rows of 5 (the second repeats the 2 shared tokens): 2 * 5 * (1 + 5/700) = 10.07
+    assert tree_rows(lengths, shared) == [0]
+    # attention_width 1: one row 8 * 9 = 72; rows [0 1] [2 3] 2 * 5 * 6 = 60; rows of width 6
+    # ([0 1 2] [3]) 2 * 6 * 7 = 84; capacity 5 is the cheapest
+    assert tree_rows(lengths, shared, attention_width=1) == [0, 2]
+    # attention_width 3: 8 * (1 + 8/3) = 29.3 against 10 * (1 + 5/3) = 26.7 -> still two rows;
+    # attention_width 10: 8 * 1.8 = 14.4 against 10 * 1.5 = 15 -> one row
+    assert tree_rows(lengths, shared, attention_width=3) == [0, 2]
+    assert tree_rows(lengths, shared, attention_width=10) == [0]
+    assert tree_rows([7], [0]) == [0] and tree_rows([], []) == [0]
 
 
 def varied_batch():

@@ -5,8 +5,7 @@ are short and a few ramble to the length limit, so on the default world half of 
 PPO batch was padding (measured: 501 real tokens in an 8 x 114 batch; a packed forward+backward
 took 2.0 s against 5.0 s padded, SmolLM2 on 2 CPU cores).
 
-Two layouts, both in rows of about ``ROW_TOKENS`` tokens (one long row would make eager attention
-quadratic in the whole batch):
+Two layouts, in rows (one long row would make attention quadratic in the whole batch):
 
 - **Prefix trees** (models with SDPA or eager attention, which take a custom 4-D mask). Sequences
   that begin alike share one copy of their common prefix, and each token attends to its own path
@@ -36,7 +35,13 @@ from dataclasses import dataclass
 
 import torch
 
-ROW_TOKENS = 192  # tokens per packed row; 128-256 measured best on CPU (longer rows pay for attention)
+ROW_TOKENS = 192  # tokens per end-to-end row; 128-256 measured best on CPU (longer rows pay for attention)
+# Prefix-tree rows are sized by a cost model: a row of width W costs W * (1 + W / ATTENTION_WIDTH),
+# the linear layers plus attention, which grows with the row. Fitted on SmolLM2 forward+backward
+# with eager attention on 2 CPU cores (time per position 3.2 ms at W ~190, 4.0 at ~370, 4.4 at
+# ~470); GPU attention kernels are cheaper, so there the model errs towards narrow rows.
+ATTENTION_WIDTH = 700
+_CAPACITY_STEP = 1.03  # row capacities tried: the longest sequence, then 3% wider each time
 _PROBE_TOLERANCE = 1e-3  # relative; fp32 packed vs padded outputs differ by ~1e-5 (summation order)
 
 
@@ -71,21 +76,52 @@ class Packed:
 
 
 def pack(sequences: list[torch.Tensor], pad_id: int, row_tokens: int = ROW_TOKENS,
-         share_prefixes: bool = False) -> Packed:
-    """Pack 1-D token tensors into rows of about ``row_tokens`` tokens.
+         share_prefixes: bool = False, attention_width: float = ATTENTION_WIDTH) -> Packed:
+    """Pack 1-D token tensors into rows.
 
-    Without ``share_prefixes``: sequences end to end in balanced rows (``balanced_rows``), each
-    with position ids restarting at 0; a row's unused tail is padding whose positions also
-    restart, a segment of its own that no real token attends to.
+    Without ``share_prefixes``: sequences end to end in balanced rows of about ``row_tokens``
+    tokens (``balanced_rows``), each with position ids restarting at 0; a row's unused tail is
+    padding whose positions also restart, a segment of its own that no real token attends to.
 
     With ``share_prefixes``: each row is a prefix tree. Sequences are sorted, so those that
     begin alike are neighbours, and each one adds only the tokens after its longest common
     prefix with the one before; every token attends to its own path from the root, and its
     position id is its depth. The K answers to one prompt then share one copy of the prompt, and
-    every sequence in a row shares the chat template's system prompt."""
+    every sequence in a row shares the chat template's system prompt. Rows are cut where the
+    cost model says (``tree_rows``, with ``attention_width``)."""
     if not share_prefixes:
         return _pack_end_to_end(sequences, pad_id, row_tokens)
-    return _pack_prefix_trees(sequences, pad_id, row_tokens)
+    return _pack_prefix_trees(sequences, pad_id, attention_width)
+
+
+def tree_rows(lengths: list[int], shared: list[int], attention_width: float = ATTENTION_WIDTH) -> list[int]:
+    """Where rows start in a sorted run of sequences that share prefixes with their predecessors.
+
+    ``lengths[j]`` is sequence j's length and ``shared[j]`` its common prefix with sequence j-1,
+    so in a row it adds ``lengths[j] - shared[j]`` tokens, and all of its tokens when it opens
+    the row. Every row is as wide as the widest (the rest is padding), so the batch costs
+    rows * width * (1 + width / attention_width). Each capacity tried fills rows greedily; the
+    cheapest layout wins. A new row repeats the shared prefix; one wide row pays for attention
+    over the whole batch: the cost model weighs the two."""
+    if not lengths:
+        return [0]
+    best: tuple[float, list[int]] | None = None
+    capacity = float(max(lengths))
+    while True:
+        starts, used, width = [0], lengths[0], lengths[0]
+        for j in range(1, len(lengths)):
+            if used + lengths[j] - shared[j] > capacity:
+                starts.append(j)
+                used = lengths[j]
+            else:
+                used += lengths[j] - shared[j]
+            width = max(width, used)
+        cost = len(starts) * width * (1 + width / attention_width)
+        if best is None or cost < best[0]:
+            best = (cost, starts)
+        if len(starts) == 1:  # wider capacities give this same single row
+            return best[1]
+        capacity *= _CAPACITY_STEP
 
 
 def _pack_end_to_end(sequences: list[torch.Tensor], pad_id: int, row_tokens: int) -> Packed:
@@ -108,20 +144,15 @@ def _pack_end_to_end(sequences: list[torch.Tensor], pad_id: int, row_tokens: int
     return Packed(input_ids, position_ids, torch.tensor(row_of), columns, torch.cumsum(length, 0) - length, length)
 
 
-def _pack_prefix_trees(sequences: list[torch.Tensor], pad_id: int, row_tokens: int) -> Packed:
+def _pack_prefix_trees(sequences: list[torch.Tensor], pad_id: int, attention_width: float) -> Packed:
     tokens = [s.tolist() for s in sequences]
     order = sorted(range(len(tokens)), key=tokens.__getitem__)
-    # Each sequence adds the tokens after its common prefix with its sorted predecessor; a row
-    # is closed when the next one would take it past row_tokens (and then adds all its tokens).
+    # Each sequence adds the tokens after its common prefix with its sorted predecessor; the
+    # first of a row adds all of its tokens.
     shared = [0] + [len(os.path.commonprefix([tokens[a], tokens[b]])) for a, b in zip(order, order[1:])]
-    rows: list[list[tuple[int, int]]] = [[]]  # (sequence, tokens shared with the previous in its row)
-    used = 0
-    for i, n in zip(order, shared):
-        if rows[-1] and used + len(tokens[i]) - n > row_tokens:
-            rows.append([])
-            used, n = 0, 0
-        rows[-1].append((i, n))
-        used += len(tokens[i]) - n
+    starts = tree_rows([len(tokens[i]) for i in order], shared, attention_width)
+    rows = [[(order[j], 0 if j == start else shared[j]) for j in range(start, end)]
+            for start, end in zip(starts, [*starts[1:], len(order)])]  # (sequence, tokens shared in its row)
     paths: list[list[int]] = [[] for _ in tokens]  # each sequence's columns in its row
     row_of = [0] * len(tokens)
     layouts = []  # per row: (input ids, position ids)
