@@ -13,7 +13,8 @@ Two layouts, in rows (one long row would make attention quadratic in the whole b
   model, GRPO), chosen and rejected (DPO), and the chat template's system prompt in every
   sequence (24 of SmolLM2's ~47 prompt tokens on the world). Measured on SmolLM2: a reward-model
   batch of 4 prompts x 4 answers, forward+backward, 3.96 s end to end -> 1.27 s as trees; a PPO
-  minibatch of 8 prompts, 3.05 -> 1.90 s.
+  minibatch of 8 prompts, 3.05 -> 1.90 s. Where rows are cut is a cost model's choice
+  (``tree_rows``): a new row repeats the shared prefix, a wide row pays for attention over it.
 - **End to end** (other attention kernels): sequences one after another, position ids restarting
   at 0 and no mask; transformers (>= 5) reads the restarts and keeps sequences apart.
 
