@@ -25,7 +25,9 @@ def tiny_run(tmp_path_factory) -> Path:
     from rlhfkit.cli import parse
     from rlhfkit.pipeline import run
 
-    return run(parse("run", ["tiny", "--runs-dir", str(tmp_path_factory.mktemp("runs")), "--name", "tiny"]))
+    # Resume checkpoints kept, so a test can resume from them (by default a finished stage's go).
+    return run(parse("run", ["tiny", "--runs-dir", str(tmp_path_factory.mktemp("runs")), "--name", "tiny",
+                             "--set", "pipeline.keep_checkpoints=true"]))
 
 
 @pytest.fixture(scope="session")

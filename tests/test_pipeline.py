@@ -41,14 +41,16 @@ def test_run_tiny_beats_sft_under_the_gold_judge_and_writes_the_report(tiny_run)
 
 def test_a_rerun_skips_finished_stages_and_an_unfinished_one_resumes(tiny_run, tmp_path, capsys):
     """A copy of the finished run with the PPO stage marked unfinished and the evaluation gone:
-    the rerun skips SFT, labels and RM, resumes PPO from its last checkpoint (the final step,
-    so no training), evaluates again and gets the same numbers."""
+    the rerun skips SFT, labels and RM, resumes PPO from its last checkpoint (step 20 of 30: none
+    is written at the last step), trains the rest again, evaluates and gets the same numbers."""
+    kept = sorted(p.name for p in (tiny_run / "ppo" / "checkpoints").glob("step-*"))
+    assert kept == ["step-0000010", "step-0000020"]  # save_every 10, the last two, none at the last step
     copy = tmp_path / "tiny"
     shutil.copytree(tiny_run, copy)
     (copy / "ppo" / "complete.json").unlink()
     shutil.rmtree(copy / "eval")
     before = json.loads((tiny_run / "eval" / "eval.json").read_text())
-    run(parse("run", ["tiny", "--runs-dir", str(tmp_path), "--name", "tiny"]))
+    run(parse("run", ["tiny", "--runs-dir", str(tmp_path), "--name", "tiny", "--set", "pipeline.keep_checkpoints=true"]))
     printed = capsys.readouterr().out
     for stage in ("sft", "labels", "rm"):
         assert f"{stage}[/]" not in printed  # rich markup never leaks
@@ -71,7 +73,8 @@ def test_every_algo_runs_in_the_pipeline_after_the_shared_stages(tiny_run, tmp_p
     keep = ["sft"] if algo == "dpo" else ["sft", "labels", "rm"]
     for stage in keep:
         shutil.copytree(tiny_run / stage, root / stage)
-    small = ["eval.prompts=8", f"{algo}.eval.gold_prompts=0", f"{algo}.eval.at_start=false", *flags]
+    small = ["eval.prompts=8", f"{algo}.eval.gold_prompts=0", f"{algo}.eval.at_start=false", f"{algo}.run.save_every=1",
+             *flags]
     out = run(parse("run", ["tiny", "--algo", algo, "--runs-dir", str(tmp_path), "--name", "run",
                             *[x for flag in small for x in ("--set", flag)]]))
     folder = algo.replace("-", "_")
@@ -84,6 +87,9 @@ def test_every_algo_runs_in_the_pipeline_after_the_shared_stages(tiny_run, tmp_p
         labels = json.loads((out / "labels" / "complete.json").read_text())
         assert labels["train_rankings"] == 24 and (out / "dpo" / "data" / "train_rankings.jsonl").exists()
     assert (out / "report.html").exists()
+    # A finished stage's resume checkpoints are deleted (the default); the final model stays.
+    assert (out / folder / "complete.json").exists() and (out / folder / "model.safetensors").exists()
+    assert not (out / folder / "checkpoints").exists()
 
 
 def test_overrides_parse_as_yaml_and_bad_ones_say_what_is_wrong():
@@ -147,6 +153,8 @@ def test_hh_recipe_runs_sft_rm_dpo_and_judges_with_its_reward_model(tmp_path):
     result = json.loads((out / "eval" / "eval.json").read_text())
     assert result["judge"] == "rm" and result["prompts"] == 4 and list(result["models"]) == ["base", "sft", "dpo"]
     assert (out / "report.html").exists()
+    for stage in ("sft", "rm", "dpo"):  # resume checkpoints deleted once each stage finished
+        assert (out / stage / "complete.json").exists() and not (out / stage / "checkpoints").exists()
 
 
 def test_human_labels_stop_after_sft_with_instructions_then_train_the_rm(tiny_run, tmp_path):

@@ -98,7 +98,7 @@ class RunConfig:
     seed: int = 0
     """Seed for initialisation, data order and sampling."""
     save_every: int = 50
-    """Write a resumable checkpoint every N steps (and at the end)."""
+    """Write a resumable checkpoint every N steps (not at the last: the final model is saved then)."""
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep."""
     eval_every: int = 50

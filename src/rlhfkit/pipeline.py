@@ -6,6 +6,9 @@ Each stage is the same function its own command calls (`rlhfkit sft`, `rlhfkit r
 its config taken from the recipe's section and its inputs pointed at the earlier stages' folders
 under ``runs/<name>/``. Stages talk only through those folders. A finished stage holds
 ``complete.json`` and is skipped on a rerun; an interrupted one resumes from its last checkpoint.
+A finished stage's resume checkpoints are deleted (`pipeline.keep_checkpoints: true` keeps them):
+nothing reads them once the stage is complete, and a PPO checkpoint (policy, value model and both
+optimizers' state) is ~3 GB.
 ``pipeline.json`` records what ran and how long it took; the report reads it.
 """
 
@@ -36,6 +39,7 @@ from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.train.loop import COMPLETE, mark_complete
 
 ALGOS = ("ppo", "dpo", "online-dpo", "grpo")
+PIPELINE_KEYS = ("algo", "stage_eval", "keep_checkpoints")
 # algo -> (config class, "module:function", recipe section, stage folder)
 RL_STAGES: dict[str, tuple[type, str, str, str]] = {
     "ppo": (PPOConfig, "rlhfkit.train.ppo:train", "ppo", "ppo"),
@@ -150,9 +154,10 @@ def make_plan(cfg: PipelineConfig) -> Plan:
     unknown = set(parse_overrides(cfg.set)) - set(recipe) - {"pipeline", "eval", "sft", "rm", *(s for _, _, s, _ in RL_STAGES.values())}
     if unknown:
         raise ConfigError(f"--set: unknown section(s) {', '.join(sorted(unknown))}")
-    extra = set(sections.get("pipeline") or {}) - {"algo", "stage_eval"}
+    extra = set(sections.get("pipeline") or {}) - set(PIPELINE_KEYS)
     if extra:
-        raise ConfigError(f"recipe {cfg.recipe}: unknown key(s) {', '.join(sorted(extra))} in `pipeline:` (known: algo, stage_eval)")
+        raise ConfigError(f"recipe {cfg.recipe}: unknown key(s) {', '.join(sorted(extra))} in `pipeline:` "
+                          f"(known: {', '.join(PIPELINE_KEYS)})")
     default_algo = (sections.get("pipeline") or {}).get("algo", "ppo")
     algo = cfg.algo or default_algo
     if algo not in ALGOS:
@@ -315,6 +320,13 @@ def eval_stage(plan: Plan, rl_folder: str) -> Callable[[Path], None]:
 # --- running ------------------------------------------------------------------------------------
 
 
+def drop_checkpoints(out: Path) -> None:
+    """Delete a finished stage's resume checkpoints: a rerun skips the stage, so only its final
+    model (beside complete.json) is ever read again."""
+    if (out / COMPLETE).exists():
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
 def record(root: Path, plan: Plan, done: dict[str, dict]) -> None:
     info = {"name": root.name, "recipe": plan.cfg.recipe, "algo": plan.algo, "labels": plan.cfg.labels,
             "stages": list(done.values())}
@@ -361,6 +373,8 @@ def run(cfg: PipelineConfig) -> Path:
         done[stage.name] = {**entry, "seconds": None, "status": "running"}
         record(root, plan, done)
         stage.run(out)
+        if not plan.section("pipeline").get("keep_checkpoints", False):
+            drop_checkpoints(out)
         earlier = (previous.get(stage.name, {}).get("seconds") or 0.0) if resumed else 0.0
         done[stage.name] = {**entry, "seconds": earlier + time.perf_counter() - start, "status": "done"}
         record(root, plan, done)
