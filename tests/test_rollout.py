@@ -77,9 +77,11 @@ def test_response_logits_equal_the_full_forward_sliced(tiny_tokenizer, arch):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("prunable", [True, False])
 def test_decoding_loop_matches_transformers_generate(tiny_tokenizer, arch, prunable, monkeypatch):
-    """Our loop (finished rows leave the batch) gives the greedy tokens of HF generate for
-    prompts of different lengths that stop at different steps; also when the cache cannot drop
-    rows and finished rows stay in the batch."""
+    """Our loop gives the greedy tokens of HF generate for prompts of different lengths that stop
+    at different steps: all in one batch (finished rows leave it), two rows at a time (waiting
+    prompts join as rows finish, their cache left-padded to the batch's), and when the cache
+    cannot drop rows (finished rows stay; nobody joins until the batch is done). The prompts'
+    common prefix is computed once and copied to every row."""
     from transformers import cache_utils
 
     from rlhfkit.data.tokenize import left_pad, left_pad_after_common_prefix
@@ -90,7 +92,8 @@ def test_decoding_loop_matches_transformers_generate(tiny_tokenizer, arch, pruna
     prompts = [user(t) for t in ("hi", "What is 12 + 30?", "Name the capital of France, please.", "ok", "Why?",
                                  "Tell me a story about a cat.")]
     pad = tiny_tokenizer.pad_token_id
-    ids, mask = left_pad([prompt_ids(tiny_tokenizer, p) for p in prompts], pad)
+    encoded = [prompt_ids(tiny_tokenizer, p) for p in prompts]
+    ids, mask = left_pad(encoded, pad)
 
     def hf(stop):
         with torch.no_grad():
@@ -104,20 +107,19 @@ def test_decoding_loop_matches_transformers_generate(tiny_tokenizer, arch, pruna
         for pos, token in enumerate(row):
             firsts.setdefault(token, set()).add(pos if pos == row.index(token) else None)
     stop = max(firsts, key=lambda tok: len({p for p in firsts[tok] if p is not None}))
+    expected = [row[: row.index(stop) + 1] if stop in row else row for row in hf([stop]).tolist()]
+    stopped_at = {len(row) for row in expected}
+    assert len(stopped_at) > 1  # the rows really stop at different steps
     if not prunable:
         monkeypatch.delattr(cache_utils.Cache, "batch_select_indices")
         assert not hasattr(cache_utils.DynamicCache, "batch_select_indices")
-    ours = decode(model, ids, mask, 10, [stop], pad, temperature=0.0)
-    expected = hf([stop])
-    assert torch.equal(ours, expected[:, : ours.shape[1]])
-    # the prompts' common prefix computed once, its cache copied to every row: the same tokens
-    shared_ids, shared_mask, shared = left_pad_after_common_prefix(
-        [prompt_ids(tiny_tokenizer, p) for p in prompts], pad)
-    assert shared == 4 and shared_ids[:, :shared].tolist() == [prompt_ids(tiny_tokenizer, prompts[0])[:4]] * len(prompts)
-    assert torch.equal(decode(model, shared_ids, shared_mask, 10, [stop], pad, 0.0, shared), ours)
-    assert (expected[:, ours.shape[1]:] == pad).all()
-    stopped_at = {row.index(stop) if stop in row else None for row in ours.tolist()}
-    assert len(stopped_at) > 1  # the rows really stopped at different steps
+    _, _, shared = left_pad_after_common_prefix(encoded, pad)
+    assert shared == 4  # the chat template's common start: computed once, its cache copied
+    for batch_size in (len(prompts), 2, 1):
+        finished = []
+        assert decode(model, encoded, 10, [stop], pad, 0.0, batch_size, on_finished=finished.append) == expected
+        assert sum(finished) == len(prompts)
+    assert decode(model, encoded, 0, [stop], pad, 0.0) == [[]] * len(prompts)
 
 
 def test_cpu_trains_with_eager_attention_and_decodes_with_sdpa(tiny_tokenizer, monkeypatch):
@@ -130,7 +132,7 @@ def test_cpu_trains_with_eager_attention_and_decodes_with_sdpa(tiny_tokenizer, m
     model = load_model(ModelConfig(name="tiny"), tiny_tokenizer).eval()
     assert model.config._attn_implementation == "eager"
     seen, real_decode = [], rollout.decode
-    monkeypatch.setattr(rollout, "decode", lambda m, *a: seen.append(m.config._attn_implementation) or real_decode(m, *a))
+    monkeypatch.setattr(rollout, "decode", lambda m, *a, **k: seen.append(m.config._attn_implementation) or real_decode(m, *a, **k))
     generate(model, tiny_tokenizer, [user("hi")], max_new_tokens=3)
     assert seen == ["sdpa"] and model.config._attn_implementation == "eager"
 

@@ -7,6 +7,7 @@ Responses are cut after their first end-of-turn token; ``finished`` says whether
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -46,104 +47,214 @@ def generate(
     generator_seed: int | None = None,
     progress: str = "",
 ) -> list[Generation]:
-    """Generate one response per prompt. ``temperature`` 0 means greedy decoding. ``progress``
-    names a progress bar over the batches (none when empty).
+    """Generate one response per prompt. ``temperature`` 0 means greedy decoding. At most
+    ``batch_size`` prompts decode together; as answers finish, waiting prompts take their places
+    (see ``decode``). ``progress`` names a progress bar over the prompts (none when empty).
 
-    Prompts are sorted by length so each batch pads little, and results are returned in the
-    caller's order. Sampling uses a private RNG when ``generator_seed`` is given, so evaluation
-    does not disturb the training RNG stream (exact resume depends on that).
+    Prompts are taken shortest first, so rows that decode together pad little, and results are
+    returned in the caller's order. Sampling uses a private RNG when ``generator_seed`` is
+    given, so evaluation does not disturb the training RNG stream (exact resume depends on that).
     """
     eot = end_of_turn_id(tokenizer)
     stop = sorted({eot, tokenizer.eos_token_id} - {None})
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    results: list[Generation | None] = [None] * len(prompts)
     rng_context = torch.random.fork_rng() if generator_seed is not None else contextlib.nullcontext()
-    with rng_context:
+    with rng_context, progress_bar(progress, len(prompts)) as advance:
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
-        starts = range(0, len(order), batch_size)
-        if progress:
-            from rich.progress import track
-
-            starts = track(starts, description=progress, transient=True)
-        for start in starts:
-            idx = order[start : start + batch_size]
-            input_ids, attention_mask, shared = left_pad_after_common_prefix([encoded[i] for i in idx],
-                                                                             tokenizer.pad_token_id)
-            with autocast(precision), attention_implementation(model, "sdpa"):  # faster for decoding on CPU
-                out = decode(model, input_ids.to(device), attention_mask.to(device), max_new_tokens, stop,
-                             tokenizer.pad_token_id, temperature, shared)
-            for row, i in zip(out.tolist(), idx):
-                results[i] = cut_at_stop(row, stop, tokenizer)
+        with autocast(precision), attention_implementation(model, "sdpa"):  # faster for decoding on CPU
+            rows = decode(model, [encoded[i] for i in order], max_new_tokens, stop, tokenizer.pad_token_id,
+                          temperature, batch_size, on_finished=advance)
     model.train(was_training)
+    results: list[Generation | None] = [None] * len(prompts)
+    for i, row in zip(order, rows):
+        results[i] = cut_at_stop(row, stop, tokenizer)
     return results  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int):
+    """A transient rich progress bar over ``total`` prompts; yields ``advance(n)``. No bar when
+    ``description`` is empty."""
+    if not description:
+        yield lambda n: None
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+@dataclass
+class _Rows:
+    """The rows decoding together: their KV cache, the attention mask over the cache's columns,
+    each row's next token (sampled, not yet fed) and its position, and which prompt it answers."""
+
+    cache: object
+    mask: torch.Tensor  # (B, L): 1 where a cache column holds a real token of that row
+    token: torch.Tensor  # (B,)
+    position: torch.Tensor  # (B,): the position ``token`` takes when fed
+    prompt: torch.Tensor  # (B,): index into the prompts
 
 
 @torch.no_grad()
 def decode(
     model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    prompts: list[list[int]],
     max_new_tokens: int,
     stop: list[int],
     pad_id: int,
     temperature: float,
-    shared: int = 0,
-) -> torch.Tensor:
-    """The decoding loop: (B, N) new tokens for left-padded prompts, padded after each row's
-    first stop token; N <= max_new_tokens (the loop ends when every row has stopped).
-    Finished rows leave the batch. The first ``shared`` columns, the same in every row (see
-    ``left_pad_after_common_prefix``), are computed once and their KV cache copied to all rows:
-    SmolLM2's system prompt is half of each world prompt's tokens.
+    batch_size: int = 16,
+    on_finished=lambda n: None,
+) -> list[list[int]]:
+    """The decoding loop: for each prompt (token ids), its new tokens up to and including the
+    first stop token, or ``max_new_tokens`` of them. Plain softmax(logits / T) sampling (no
+    top-k/top-p: PPO's logprobs assume exactly that distribution); T = 0 is greedy.
 
     One forward per token with a KV cache; only the last position goes through the LM head.
-    Sampling is plain softmax(logits / T) (no top-k/top-p: PPO's logprobs assume exactly that
-    distribution); T = 0 is greedy. Position ids count real tokens, as in training. The model
-    builds its own cache on the first call (hybrid and sliding-window models need their kind).
+    Position ids count real tokens, as in training, so padding changes nothing. The model builds
+    its own cache (hybrid and sliding-window models need their kind).
 
-    Our own loop rather than ``model.generate``: finished rows leave the batch, and nothing from
-    a model's ``generation_config`` (repetition penalties, top-k defaults) can silently change
-    the distribution PPO's logprobs assume."""
+    Continuous batching: finished rows leave the batch and its cache, and once a quarter of the
+    ``batch_size`` slots are free, waiting prompts are prefilled and join it (their cache
+    left-padded to the batch's length). A step costs nearly as much for one row as for sixteen
+    on CPU (reading the weights and per-layer overhead), so without refilling, a batch's
+    slowest answer kept the loop running nearly empty. Caches that cannot drop rows keep them
+    (their tokens ignored) and take no new ones until the batch is done.
 
-    batch, device = input_ids.shape[0], input_ids.device
+    The prompts' common prefix (a chat template's system prompt) is computed once and its KV
+    cache copied into every new row.
+
+    Our own loop rather than ``model.generate``: nothing from a model's ``generation_config``
+    (repetition penalties, top-k defaults) can silently change the distribution PPO's logprobs
+    assume."""
+    device = next(model.parameters()).device
     stop_ids = torch.tensor(stop, device=device)
     extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    out_tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    alive = torch.arange(batch, device=device)  # rows still generating, in the cache's order
-    step_ids, mask = input_ids, attention_mask
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    live = torch.ones(batch, dtype=torch.bool, device=device)  # rows of the batch not yet stopped
-    cache, length = None, 0
-    if shared and batch > 1:
-        out = model(input_ids=input_ids[:1, :shared], attention_mask=attention_mask[:1, :shared],
-                    position_ids=positions[:1, :shared], use_cache=True, **extra)
-        if hasattr(out.past_key_values, "batch_repeat_interleave"):
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(batch)
-            step_ids, positions = input_ids[:, shared:], positions[:, shared:]
-    for t in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, **extra)
-        logits, cache = out.logits[:, -1].float(), out.past_key_values
-        token = sample_tokens(logits, temperature) if temperature > 0 else logits.argmax(-1)
-        out_tokens[alive[live], t], length = token[live], t + 1
-        live &= ~torch.isin(token, stop_ids)
-        if not bool(live.any()):
-            break
-        if not bool(live.all()) and hasattr(cache, "batch_select_indices"):
-            # Drop finished rows from the batch and the cache: responses end at very different
-            # lengths, and a step's forward costs more with every row still in it. (A cache
-            # that cannot select rows keeps them; their tokens are ignored.)
-            keep = live.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            alive, token, mask, positions, live = alive[keep], token[keep], mask[keep], positions[keep], live[keep]
-        step_ids, positions = token[:, None], positions[:, -1:] + 1
-        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-    return out_tokens[:, :length]
+    out: list[list[int]] = [[] for _ in prompts]
+    prefix = _prefix_cache(model, prompts, device, extra)
+    waiting = list(range(len(prompts)))
+    rows: _Rows | None = None
+    refill_at = max(1, batch_size // 4)
+
+    def record(tokens: torch.Tensor, batch: _Rows) -> torch.Tensor:
+        """Append each live row's token; True where a row has just finished."""
+        done = torch.isin(tokens, stop_ids) & (batch.prompt >= 0)
+        for j, (i, token) in enumerate(zip(batch.prompt.tolist(), tokens.tolist())):
+            if i >= 0:  # -1: a finished row kept by a cache that cannot drop rows
+                out[i].append(token)
+                done[j] |= len(out[i]) >= max_new_tokens
+        return done
+
+    if max_new_tokens <= 0:
+        return out
+
+    while waiting or rows is not None:
+        free = batch_size - (0 if rows is None else len(rows.prompt))
+        if waiting and (rows is None or (free >= min(refill_at, len(waiting)) and _can_merge(rows.cache))):
+            take, waiting = waiting[:free], waiting[free:]
+            new, logits = _prefill(model, [prompts[i] for i in take], take, prefix, pad_id, device, extra)
+            new.token = _pick(logits, temperature)
+            done = record(new.token, new)
+            rows = new if rows is None else _merge(rows, new)
+            done = torch.cat([torch.zeros(len(rows.prompt) - len(done), dtype=torch.bool, device=device), done])
+        else:
+            step = model(input_ids=rows.token[:, None], attention_mask=torch.cat([rows.mask, rows.mask.new_ones(len(rows.mask), 1)], 1),
+                         position_ids=rows.position[:, None], past_key_values=rows.cache, use_cache=True, **extra)
+            rows.cache, rows.mask = step.past_key_values, torch.cat([rows.mask, rows.mask.new_ones(len(rows.mask), 1)], 1)
+            rows.position = rows.position + 1
+            rows.token = _pick(step.logits[:, -1].float(), temperature)
+            done = record(rows.token, rows)
+        if bool(done.any()):
+            on_finished(int(done.sum()))
+            rows = _drop(rows, done)
+    return out
+
+
+def _pick(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return sample_tokens(logits, temperature) if temperature > 0 else logits.argmax(-1)
+
+
+def _prefix_cache(model, prompts: list[list[int]], device, extra: dict):
+    """(KV cache of the prompts' common prefix, its length), or None when there is no prefix to
+    share or the model's cache cannot be copied to several rows."""
+    if len(prompts) < 2:
+        return None
+    _, _, shared = left_pad_after_common_prefix(prompts, pad_id=0)
+    if not shared:
+        return None
+    ids = torch.tensor([prompts[0][:shared]], device=device)
+    cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(shared, device=device)[None],
+                  use_cache=True, **extra).past_key_values
+    return (cache, shared) if hasattr(cache, "batch_repeat_interleave") else None
+
+
+def _prefill(model, prompts: list[list[int]], which: list[int], prefix, pad_id: int, device, extra: dict):
+    """Run the prompts (all sharing ``prefix``'s tokens when it is given) into a fresh cache:
+    the rows and the logits that predict each one's first new token."""
+    cache, shared = None, 0
+    if prefix is not None:
+        cache, shared = copy.deepcopy(prefix[0]), prefix[1]
+        cache.batch_repeat_interleave(len(prompts))
+    rest_ids, rest_mask = left_pad([p[shared:] for p in prompts], pad_id)
+    mask = torch.cat([torch.ones(len(prompts), shared, dtype=torch.long), rest_mask], 1).to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    step = model(input_ids=rest_ids.to(device), attention_mask=mask, position_ids=positions[:, shared:],
+                 past_key_values=cache, use_cache=True, **extra)
+    rows = _Rows(step.past_key_values, mask, None, positions[:, -1] + 1, torch.tensor(which, device=device))
+    return rows, step.logits[:, -1].float()
+
+
+def _can_merge(cache) -> bool:
+    """New rows can join only a plain dynamic cache whose rows can also leave."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return (type(cache) is DynamicCache and hasattr(cache, "batch_select_indices")
+            and all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers))
+
+
+def _merge(a: _Rows, b: _Rows) -> _Rows:
+    """One batch of both: the shorter cache is left-padded with masked columns."""
+    width = max(a.mask.shape[1], b.mask.shape[1])
+
+    def pad(x: torch.Tensor, dim: int) -> torch.Tensor:
+        missing = width - x.shape[dim]
+        if not missing:
+            return x
+        shape = list(x.shape)
+        shape[dim] = missing
+        return torch.cat([x.new_zeros(shape), x], dim)
+
+    for la, lb in zip(a.cache.layers, b.cache.layers):
+        la.keys = torch.cat([pad(la.keys, 2), pad(lb.keys, 2)])
+        la.values = torch.cat([pad(la.values, 2), pad(lb.values, 2)])
+    return _Rows(a.cache, torch.cat([pad(a.mask, 1), pad(b.mask, 1)]), torch.cat([a.token, b.token]),
+                 torch.cat([a.position, b.position]), torch.cat([a.prompt, b.prompt]))
+
+
+def _drop(rows: _Rows, done: torch.Tensor) -> _Rows | None:
+    """The rows still decoding (None when none is). Rows leave the cache where it allows; columns
+    that are padding for every remaining row are cut from its left."""
+    if not hasattr(rows.cache, "batch_select_indices"):
+        # This cache cannot drop rows: finished ones stay, their further tokens never recorded.
+        rows.prompt = torch.where(done, -1, rows.prompt)
+        return rows if bool((rows.prompt >= 0).any()) else None
+    if bool(done.all()):
+        return None
+    keep = (~done).nonzero().squeeze(1)
+    rows.cache.batch_select_indices(keep)
+    rows = _Rows(rows.cache, rows.mask[keep], rows.token[keep], rows.position[keep], rows.prompt[keep])
+    unused = int(rows.mask.any(0).int().argmax())  # leading columns no remaining row attends to
+    if unused and _can_merge(rows.cache):
+        for layer in rows.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
+        rows.mask = rows.mask[:, unused:]
+    return rows
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
