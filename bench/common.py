@@ -58,7 +58,7 @@ COMMON_DIFFERENCES = [
     "end-of-turn token (a non-conversational dataset), so both sides see the same token ids (checked; "
     "mismatches are reported). A conversational dataset would make TRL also train on the template's newline "
     "after <|im_end|>.",
-    "Output: TRL saves nothing (save_strategy='no'); rlhfkit writes its final checkpoint and model folder "
+    "Output: TRL saves nothing (save_strategy='no'); rlhfkit writes its model folder "
     "after the last timed step (it cannot be turned off). Both log every step.",
 ]
 
