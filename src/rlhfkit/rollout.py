@@ -89,6 +89,11 @@ def progress_bar(description: str, total: int):
         yield lambda n: bar.advance(task, n)
 
 
+# Waiting prompts join a running batch once this share of its slots is free: a prefill forward
+# costs about a decoding step, so joining one row at a time would add a step per row.
+REFILL_FRACTION = 0.25
+
+
 @dataclass
 class _Rows:
     """The rows decoding together: their KV cache, the attention mask over the cache's columns,
@@ -140,7 +145,7 @@ def decode(
     prefix = _prefix_cache(model, prompts, device, extra)
     waiting = list(range(len(prompts)))
     rows: _Rows | None = None
-    refill_at = max(1, batch_size // 4)
+    refill_at = max(1, int(batch_size * REFILL_FRACTION))
 
     def record(tokens: torch.Tensor, batch: _Rows) -> torch.Tensor:
         """Append each live row's token; True where a row has just finished."""
