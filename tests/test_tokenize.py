@@ -66,3 +66,6 @@ def test_left_pad_after_common_prefix_keeps_the_shared_prefix_in_front():
     assert left_pad_after_common_prefix([[7, 8], [7, 8, 9]], 0)[2] == 1
     assert left_pad_after_common_prefix([[1, 2], [3]], 0)[2] == 0
     assert left_pad_after_common_prefix([[1, 2]], 0)[0].tolist() == [[1, 2]]
+    # a shorter prefix, computed for more sequences than these, may be given
+    ids, mask, shared = left_pad_after_common_prefix([[7, 8, 1, 2, 3], [7, 8, 4]], 0, shared=1)
+    assert shared == 1 and ids.tolist() == [[7, 8, 1, 2, 3], [7, 0, 0, 8, 4]]

@@ -15,7 +15,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.data.records import Messages
-from rlhfkit.data.tokenize import Example, end_of_turn_id, left_pad, left_pad_after_common_prefix, prompt_ids, right_pad
+from rlhfkit.data.tokenize import (Example, common_prefix_length, end_of_turn_id, left_pad, left_pad_after_common_prefix,
+                                   prompt_ids, right_pad)
 from rlhfkit.models import attention_implementation
 from rlhfkit.packing import (hidden_states, pack, packs_exactly, probe_sequences, relative_gap, shares_prefixes, spans,
                              unwrap)
@@ -138,10 +139,12 @@ def decode(
     Our own loop rather than ``model.generate``: nothing from a model's ``generation_config``
     (repetition penalties, top-k defaults) can silently change the distribution PPO's logprobs
     assume."""
+    out: list[list[int]] = [[] for _ in prompts]
+    if max_new_tokens <= 0:
+        return out
     device = next(model.parameters()).device
     stop_ids = torch.tensor(stop, device=device)
     extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    out: list[list[int]] = [[] for _ in prompts]
     prefix = _prefix_cache(model, prompts, device, extra)
     waiting = list(range(len(prompts)))
     rows: _Rows | None = None
@@ -156,23 +159,19 @@ def decode(
                 done[j] |= len(out[i]) >= max_new_tokens
         return done
 
-    if max_new_tokens <= 0:
-        return out
-
     while waiting or rows is not None:
         free = batch_size - (0 if rows is None else len(rows.prompt))
         if waiting and (rows is None or (free >= min(refill_at, len(waiting)) and _can_merge(rows.cache))):
             take, waiting = waiting[:free], waiting[free:]
-            new, logits = _prefill(model, [prompts[i] for i in take], take, prefix, pad_id, device, extra)
-            new.token = _pick(logits, temperature)
+            new = _prefill(model, [prompts[i] for i in take], take, prefix, pad_id, temperature, device, extra)
             done = record(new.token, new)
             rows = new if rows is None else _merge(rows, new)
             done = torch.cat([torch.zeros(len(rows.prompt) - len(done), dtype=torch.bool, device=device), done])
         else:
-            step = model(input_ids=rows.token[:, None], attention_mask=torch.cat([rows.mask, rows.mask.new_ones(len(rows.mask), 1)], 1),
-                         position_ids=rows.position[:, None], past_key_values=rows.cache, use_cache=True, **extra)
-            rows.cache, rows.mask = step.past_key_values, torch.cat([rows.mask, rows.mask.new_ones(len(rows.mask), 1)], 1)
-            rows.position = rows.position + 1
+            rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows.mask), 1)], 1)  # the fed token's column
+            step = model(input_ids=rows.token[:, None], attention_mask=rows.mask, position_ids=rows.position[:, None],
+                         past_key_values=rows.cache, use_cache=True, **extra)
+            rows.cache, rows.position = step.past_key_values, rows.position + 1
             rows.token = _pick(step.logits[:, -1].float(), temperature)
             done = record(rows.token, rows)
         if bool(done.any()):
@@ -188,9 +187,7 @@ def _pick(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 def _prefix_cache(model, prompts: list[list[int]], device, extra: dict):
     """(KV cache of the prompts' common prefix, its length), or None when there is no prefix to
     share or the model's cache cannot be copied to several rows."""
-    if len(prompts) < 2:
-        return None
-    _, _, shared = left_pad_after_common_prefix(prompts, pad_id=0)
+    shared = common_prefix_length(prompts)
     if not shared:
         return None
     ids = torch.tensor([prompts[0][:shared]], device=device)
@@ -199,20 +196,21 @@ def _prefix_cache(model, prompts: list[list[int]], device, extra: dict):
     return (cache, shared) if hasattr(cache, "batch_repeat_interleave") else None
 
 
-def _prefill(model, prompts: list[list[int]], which: list[int], prefix, pad_id: int, device, extra: dict):
-    """Run the prompts (all sharing ``prefix``'s tokens when it is given) into a fresh cache:
-    the rows and the logits that predict each one's first new token."""
+def _prefill(model, prompts: list[list[int]], which: list[int], prefix, pad_id: int, temperature: float, device,
+             extra: dict) -> _Rows:
+    """Run the prompts (all sharing ``prefix``'s tokens when it is given) into a fresh cache and
+    pick each one's first new token."""
     cache, shared = None, 0
     if prefix is not None:
         cache, shared = copy.deepcopy(prefix[0]), prefix[1]
         cache.batch_repeat_interleave(len(prompts))
-    rest_ids, rest_mask = left_pad([p[shared:] for p in prompts], pad_id)
-    mask = torch.cat([torch.ones(len(prompts), shared, dtype=torch.long), rest_mask], 1).to(device)
+    ids, mask, _ = left_pad_after_common_prefix(prompts, pad_id, shared)
+    ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    step = model(input_ids=rest_ids.to(device), attention_mask=mask, position_ids=positions[:, shared:],
+    step = model(input_ids=ids[:, shared:], attention_mask=mask, position_ids=positions[:, shared:],
                  past_key_values=cache, use_cache=True, **extra)
-    rows = _Rows(step.past_key_values, mask, None, positions[:, -1] + 1, torch.tensor(which, device=device))
-    return rows, step.logits[:, -1].float()
+    token = _pick(step.logits[:, -1].float(), temperature)
+    return _Rows(step.past_key_values, mask, token, positions[:, -1] + 1, torch.tensor(which, device=device))
 
 
 def _can_merge(cache) -> bool:

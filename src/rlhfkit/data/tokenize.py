@@ -156,13 +156,21 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return input_ids, attention_mask
 
 
-def left_pad_after_common_prefix(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens every sequence starts with (0 for fewer than two), leaving each at least one more."""
+    if len(sequences) < 2:
+        return 0
+    return max(0, min(len(os.path.commonprefix(sequences)), min(len(s) for s in sequences) - 1))
+
+
+def left_pad_after_common_prefix(sequences: list[list[int]], pad_id: int,
+                                 shared: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Like ``left_pad``, but the prefix every sequence shares (a chat template's system prompt)
     stays in the first ``shared`` columns and the padding goes after it, so that decoding can
-    compute the prefix once and copy its KV cache to every row. Each row keeps at least one
-    token after the prefix. Returns (input_ids, attention_mask, shared)."""
-    shared = len(os.path.commonprefix(sequences)) if len(sequences) > 1 else 0
-    shared = min(shared, min(len(s) for s in sequences) - 1)
+    compute the prefix once and copy its KV cache to every row. ``shared`` defaults to
+    ``common_prefix_length``; a smaller value (a prefix computed for more sequences) may be
+    given. Returns (input_ids, attention_mask, shared)."""
+    shared = common_prefix_length(sequences) if shared is None else shared
     if shared <= 0:
         return (*left_pad(sequences, pad_id), 0)
     input_ids, attention_mask = left_pad([s[shared:] for s in sequences], pad_id)
