@@ -104,6 +104,10 @@ def test_overrides_parse_as_yaml_and_bad_ones_say_what_is_wrong():
             parse_overrides([bad])
     with pytest.raises(ConfigError, match="unknown section"):
         make_plan(parse("run", ["tiny", "--set", "ppp.run.steps=3"]))
+    with pytest.raises(ConfigError, match="unknown key.*keep_checkpoint.*known: algo, stage_eval, keep_checkpoints"):
+        make_plan(parse("run", ["tiny", "--set", "pipeline.keep_checkpoint=true"]))
+    with pytest.raises(ConfigError, match="pipeline.keep_checkpoints must be true or false, got 'always'"):
+        make_plan(parse("run", ["tiny", "--set", "pipeline.keep_checkpoints=always"]))
     with pytest.raises(ConfigError, match="unknown key 'stepz'"):
         stages(make_plan(parse("run", ["tiny", "--set", "ppo.run.stepz=3"])))[3].run(Path("/nonexistent"))
 

@@ -158,6 +158,9 @@ def make_plan(cfg: PipelineConfig) -> Plan:
     if extra:
         raise ConfigError(f"recipe {cfg.recipe}: unknown key(s) {', '.join(sorted(extra))} in `pipeline:` "
                           f"(known: {', '.join(PIPELINE_KEYS)})")
+    keep = (sections.get("pipeline") or {}).get("keep_checkpoints", False)
+    if not isinstance(keep, bool):
+        raise ConfigError(f"recipe {cfg.recipe}: pipeline.keep_checkpoints must be true or false, got {keep!r}")
     default_algo = (sections.get("pipeline") or {}).get("algo", "ppo")
     algo = cfg.algo or default_algo
     if algo not in ALGOS:
