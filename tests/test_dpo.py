@@ -51,11 +51,37 @@ def test_each_variant_trains_and_starts_from_the_reference(variant, tmp_path):
         assert start["eval/margin"] == 0.0 and start["eval/rewards_chosen"] == 0.0
     if variant == "sigmoid":
         assert start["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
-        # first step, before the update; the reference pass batched the pairs in another order,
-        # so packed rows differ and fp32 rounding moves the loss by ~1e-6
-        assert metrics[1]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-5)
+        # first step, before the update: the reference pass batched the pairs as training does
+        assert metrics[1]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert (out / "data" / "train_reference_logps.safetensors").exists() == (variant != "simpo")
     assert (out / "model.safetensors").exists() and (out / "complete.json").exists()
+
+
+def test_bf16_reference_rounds_as_training_so_the_first_loss_is_ln2(tmp_path):
+    """In bf16 another batch layout moves summed logprobs by whole rounding steps; the reference
+    pass uses training's first-epoch micro-batches (over more than one epoch of pairs: 40 prompts'
+    pairs in 8s, so the last step wraps) and evaluation's batches, so both start at exactly ln 2."""
+    out = dpo.train(parse("dpo", [*QUICK, "--model.precision", "bf16", "--run.steps", "2", "--optim.lr", "0",
+                                  "--eval.batch-size", "5", "--run.out", str(tmp_path / "dpo")]))
+    metrics = rows(out)
+    assert metrics[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert [m["dpo/loss"] for m in metrics[1:]] == pytest.approx([math.log(2)] * 2, abs=1e-7)
+
+
+def test_first_epoch_batches_cover_every_pair_once_in_training_order():
+    from types import SimpleNamespace
+
+    from rlhfkit.config import BatchConfig
+    from rlhfkit.train.loop import DataOrder, micro_batches
+
+    run = SimpleNamespace(acc=SimpleNamespace(num_processes=2), batch=BatchConfig(micro_batch_size=3, grad_accum=2),
+                          order=DataOrder(20, seed=1), global_batch=12)
+    batches = dpo.first_epoch_batches(run, 20)
+    step0 = run.order.batch(0, 12)
+    assert batches[:4] == [micro_batches(step0, run.batch, 0, 2)[0], micro_batches(step0, run.batch, 0, 2)[1],
+                           micro_batches(step0, run.batch, 1, 2)[0], micro_batches(step0, run.batch, 1, 2)[1]]
+    assert {i for b in batches for i in b} == set(range(20)) and len(batches) == 7  # step 1's last one: all seen
+    assert dpo.eval_batches(7, 3) == [[0, 1, 2], [3, 4, 5], [6]]
 
 
 def test_reference_per_batch_equals_precomputed(tmp_path):
@@ -75,7 +101,7 @@ def test_lora_reference_is_the_base_and_the_saved_model_is_merged(tmp_path):
     out = dpo.train(parse("dpo", [*QUICK, "--model.lora", "--run.steps", "3", "--optim.lr", "1e-2",
                                   "--run.out", str(tmp_path / "dpo")]))
     metrics = rows(out)
-    assert metrics[1]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-5)  # adapters start at zero (rounding: as above)
+    assert metrics[1]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-7)  # adapters start at zero
     assert metrics[-1]["dpo/margin"] != 0.0
     assert not any("lora" in key for key in load_file(out / "model.safetensors"))
 

@@ -27,7 +27,8 @@ from rlhfkit.eval.policy import PolicyEvaluator, frozen_reference, remember_refe
 from rlhfkit.losses import DPOLoss, dpo_loss
 from rlhfkit.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
 from rlhfkit.rollout import join, response_logprobs
-from rlhfkit.train.loop import begin_stage, mark_complete, optimizer_step, start_training, sync_gradients
+from rlhfkit.train.loop import (TrainingRun, begin_stage, mark_complete, micro_batches, optimizer_step, start_training,
+                               sync_gradients)
 
 # --- 1. pairs -----------------------------------------------------------------------------------
 
@@ -72,26 +73,54 @@ def sequence_logprobs(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def reference_table(model, pairs: list[Pair], pad_id: int, batch_size: int) -> torch.Tensor:
-    """(N, 2) reference logprobs of every pair's chosen and rejected response. Pairs go through
-    in order of length (little padding per batch); the table is in the pairs' own order."""
+def reference_table(model, pairs: list[Pair], pad_id: int, batches: list[list[int]]) -> torch.Tensor:
+    """(N, 2) reference logprobs of every pair's chosen and rejected response, computed over the
+    given batches of pair indices (a pair in several batches keeps its first value)."""
     model.eval()
-    table = torch.zeros(len(pairs), 2)
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt) + max(len(pairs[i].chosen), len(pairs[i].rejected)))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+    table = torch.full((len(pairs), 2), float("nan"))
+    for rows in batches:
         logps, _ = sequence_logprobs(model, [pairs[i] for i in rows], pad_id)
-        table[rows] = torch.stack(logps.float().chunk(2), dim=1)
+        new = table[rows, 0].isnan()
+        table[torch.tensor(rows)[new]] = torch.stack(logps.float().chunk(2), dim=1)[new]
+    if table.isnan().any():
+        raise RuntimeError(f"reference batches left {int(table[:, 0].isnan().sum())} of {len(pairs)} pairs out")
     return table
 
 
-def precomputed_reference(acc, out: Path, model, lora: bool, splits: dict[str, list[Pair]], pad_id: int,
-                          batch_size: int, resuming: bool) -> dict[str, torch.Tensor]:
-    """Reference logprobs of every pair, (N, 2) per split: computed once by the starting policy
-    (LoRA: adapters off) on the main process and saved in OUT/data. The other processes, and a
-    resumed run (whose policy has moved away from the reference), read them back."""
+def first_epoch_batches(run: TrainingRun, n: int) -> list[list[int]]:
+    """Every process's micro-batches, step by step from step 0, until each of the ``n`` pairs has
+    appeared once. The reference pass batches pairs exactly as the first epoch's training forwards
+    do, so the policy and its reference round alike in bf16 (another batch layout packs rows
+    differently and moved summed logprobs by ~0.07 on SmolLM2) and the step-1 loss is exactly the
+    starting loss, ln 2 for sigmoid DPO."""
+    seen: set[int] = set()
+    batches: list[list[int]] = []
+    world = run.acc.num_processes
+    step = 0
+    while len(seen) < n:
+        indices = run.order.batch(step, run.global_batch)
+        for rank in range(world):
+            for micro in micro_batches(indices, run.batch, rank, world):
+                if not seen.issuperset(micro):
+                    batches.append(micro)
+                    seen.update(micro)
+        step += 1
+    return batches
+
+
+def eval_batches(n: int, size: int) -> list[list[int]]:
+    """The held-out pairs in order, ``size`` at a time (evaluation's batches)."""
+    return [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+
+
+def precomputed_reference(acc, out: Path, model, lora: bool, splits: dict[str, tuple[list[Pair], list[list[int]]]],
+                          pad_id: int, resuming: bool) -> dict[str, torch.Tensor]:
+    """Reference logprobs of every pair, (N, 2) per split, over that split's batches: computed
+    once by the starting policy (LoRA: adapters off) on the main process and saved in OUT/data.
+    The other processes, and a resumed run (whose policy has moved away from the reference), read
+    them back."""
     tables = {}
-    for split, pairs in splits.items():
+    for split, (pairs, batches) in splits.items():
         path = out / "data" / f"{split}_reference_logps.safetensors"
         if not pairs:
             continue
@@ -101,7 +130,7 @@ def precomputed_reference(acc, out: Path, model, lora: bool, splits: dict[str, l
             acc.print(f"reference logprobs of {len(pairs)} {split} pairs (computed once, saved with the run)")
             starting = frozen_reference(model, None) if lora else contextlib.nullcontext(model)
             with acc.autocast(), starting as ref:
-                table = reference_table(ref, pairs, pad_id, batch_size)
+                table = reference_table(ref, pairs, pad_id, batches)
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file({"logps": table.contiguous()}, str(path.with_suffix(".tmp")))
             path.with_suffix(".tmp").replace(path)
@@ -168,8 +197,10 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
                                 cfg.model.precision, 1.0, acc.autocast, run.bar.print)
     ref_tables: dict[str, torch.Tensor] = {}
     if variant.needs_reference and algo.precompute_reference:
-        ref_tables = precomputed_reference(acc, out, run.raw_model, cfg.model.lora, {"train": train_pairs, "eval": eval_pairs},
-                                           pad_id, cfg.eval.batch_size, resuming=run.start_step > 0)
+        splits = {"train": (train_pairs, first_epoch_batches(run, len(train_pairs))),
+                  "eval": (eval_pairs, eval_batches(len(eval_pairs), cfg.eval.batch_size))}
+        ref_tables = precomputed_reference(acc, out, run.raw_model, cfg.model.lora, splits, pad_id,
+                                           resuming=run.start_step > 0)
     if not keeps_reference and gold_prompts and acc.is_main_process:  # the SFT answers, for the final win rate
         remember_reference_answers(evaluator, out / "data" / "reference_answers.json", resuming=run.start_step > 0)
 
@@ -195,8 +226,7 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
         run.raw_model.eval()
         sums: dict[str, float] = {}
         with acc.autocast():
-            for start in range(0, len(eval_pairs), cfg.eval.batch_size):
-                indices = list(range(start, min(start + cfg.eval.batch_size, len(eval_pairs))))
+            for indices in eval_batches(len(eval_pairs), cfg.eval.batch_size):
                 loss, stats = batch_loss(run.raw_model, [eval_pairs[i] for i in indices], indices, "eval")
                 for key, value in pair_metrics(loss, stats).items():
                     sums[key] = sums.get(key, 0.0) + float(value)
