@@ -89,7 +89,7 @@ class EvalStageConfig:
     """Prompts per generation batch."""
     temperature: float = 1.0
     """Sampling temperature for the sampled win rates and the KL estimate (1 = the policy itself)."""
-    samples: int = 8
+    report_samples: int = 8
     """Prompts whose answers (base / SFT / RL) the report shows side by side."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Autocast precision for generation."""

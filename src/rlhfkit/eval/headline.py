@@ -140,7 +140,7 @@ def evaluate_run(models: dict[str, str], rl: str, judge: str, prompts: str, cfg:
             say(f"  {a} vs {b} ({decoding}): {result}")
 
     samples = []
-    for i in range(min(cfg.samples, len(held))):
+    for i in range(min(cfg.report_samples, len(held))):
         samples.append({
             "prompt": held[i].messages[-1].content, "messages": messages_to_dicts(held[i].messages),
             "family": held[i].meta.get("family", ""),
