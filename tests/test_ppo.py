@@ -41,12 +41,15 @@ def run_ppo(tiny_sft: Path, out: Path, *flags: str) -> list[dict]:
 @pytest.mark.parametrize("variant", [[], ["--algo.kl-estimator", "k3"], ["--algo.whiten-rewards"],
                                      ["--model.lora"]], ids=["k1", "k3", "whiten", "lora"])
 def test_first_step_has_zero_kl_and_unit_ratio(tiny_sft, tmp_path, variant):
-    """Before any update the policy is the reference (KL exactly 0) and the recomputed logprobs
-    equal the rollout's (ratio 1 on the first minibatch); with LoRA the reference is the policy
-    with its adapters disabled, which is the same function while the adapters are zero."""
-    first = run_ppo(tiny_sft, tmp_path / "ppo", "--run.steps", "1", *variant)[0]
+    """Before any update the policy is the reference (KL exactly 0) and the first update's
+    logprobs are the rollout's (ratio 1 on the first minibatch; its forward is shared, and a fresh
+    no-grad forward gives the same numbers); with LoRA the reference is the policy with its
+    adapters disabled, which is the same function while the adapters are zero."""
+    first, second = run_ppo(tiny_sft, tmp_path / "ppo", "--run.steps", "2", *variant)
     assert first["ppo/kl"] == pytest.approx(0.0, abs=1e-6)
-    assert first["ppo/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-5)
+    assert first["ppo/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-6)
+    assert second["ppo/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-6)
+    assert first["ppo/first_forward_gap"] == 0.0 and "ppo/first_forward_gap" not in second
     assert 0 < first["ppo/eos_fraction"] <= 1 and first["ppo/response_tokens"] > 0
 
 

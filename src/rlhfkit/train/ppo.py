@@ -161,14 +161,14 @@ def logprobs_and_entropy(model, seqs: Sequences, temperature: float) -> tuple[to
 
 
 def per_minibatch(forward, seqs: Sequences, minibatches: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """``forward(minibatch) -> tensors (b, R)`` run on each minibatch, reassembled as (B, R).
+    """``forward(index, minibatch) -> tensors (b, R)`` run on each minibatch, reassembled as (B, R).
 
     The rollout-time logprobs and values are computed on the first epoch's minibatches, the
     very inputs (same rows, same packing) the first updates will see: in bf16 another batch
     layout moves logprobs by ~1e-3, enough to make the first ratio visibly differ from 1."""
     outputs: list[torch.Tensor] = []
-    for rows in minibatches:
-        parts = forward(full_width(seqs, rows))
+    for index, rows in enumerate(minibatches):
+        parts = forward(index, full_width(seqs, rows))
         if not outputs:
             outputs = [part.new_zeros((len(seqs.input_ids),) + part.shape[1:]) for part in parts]
         for whole, part in zip(outputs, parts):
@@ -278,7 +278,24 @@ def train(cfg: PPOConfig) -> Path:
     if run.start_step == 0 and cfg.eval.at_start:
         run.log.log(0, evaluate(0))
 
+    def policy_and_value(sub: Sequences) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The forward every update runs: logprobs, entropy and values, (b, R) each."""
+        with acc.autocast():
+            return (*logprobs_and_entropy(policy, sub, algo.temperature), token_values(models.value, sub))
+
+    def forward_gap(kept: tuple[torch.Tensor, ...], sub: Sequences) -> float:
+        """Largest |logprob or value| difference between the kept forward and a fresh no-grad one of
+        the same minibatch: 0 unless forwards are not deterministic (dropout left on, a
+        non-deterministic kernel), which would make the rollout's logprobs noise."""
+        again = policy_and_value(sub)
+        gap = max(float((a - b.detach()).abs().max()) for a, b in zip(again[::2], kept[::2]))
+        if gap > 1e-3:
+            run.bar.print(f"warning: the same forward gave logprobs/values {gap:.2e} apart: "
+                          "PPO's ratios will not start at 1 (dropout on? a non-deterministic kernel?)")
+        return gap
+
     metrics: dict[str, float] = {}
+    metrics_first: dict[str, float] = {}  # logged at a run's first step only
     for step in range(run.start_step, cfg.run.steps):
         t0 = time.perf_counter()
         # 1-2. Prompts and rollouts (a per-step seed: resuming replays the same samples).
@@ -292,15 +309,20 @@ def train(cfg: PPOConfig) -> Path:
         mask = seqs.response_mask.float()  # 1 up to and including the first EOS
         t_rollout = time.perf_counter()
 
-        # 3. Logprobs (same temperature as sampling), reference logprobs and values, no grad, on
-        # the first PPO epoch's minibatches (every epoch's shuffle is drawn here).
+        # 3. Logprobs (same temperature as sampling), reference logprobs and values on the first
+        # PPO epoch's minibatches (every epoch's shuffle is drawn here). The first minibatch's
+        # forward keeps its graph: with the same weights and inputs it is also the first update's
+        # forward, which so runs once instead of twice (one policy and one value forward a step).
         shuffle = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
         epochs = [torch.randperm(len(gens), generator=shuffle).split(algo.minibatch_size) for _ in range(algo.epochs)]
+        first_update = policy_and_value(full_width(seqs, epochs[0][0]))
         with torch.no_grad(), acc.autocast():
-            logprobs, entropy, ref_logprobs, values = per_minibatch(
-                lambda sub: (*logprobs_and_entropy(policy, sub, algo.temperature),
-                             reference_logprobs(policy, reference, sub, algo.temperature),
-                             token_values(models.value, sub)), seqs, epochs[0])
+            if step == run.start_step:  # once a run: the graph-keeping forward must be the no-grad one
+                metrics_first = {"ppo/first_forward_gap": forward_gap(first_update, full_width(seqs, epochs[0][0]))}
+            logprobs, entropy, values, ref_logprobs = per_minibatch(
+                lambda index, sub: (*(t.detach() for t in (first_update if index == 0 else policy_and_value(sub))),
+                                    reference_logprobs(policy, reference, sub, algo.temperature)),
+                seqs, epochs[0])
 
         # 4. Scores at the EOS; the "EOS trick" replaces the score of responses that never ended.
         texts = [g.text for g in gens]
@@ -329,9 +351,9 @@ def train(cfg: PPOConfig) -> Path:
                 # where padded forwards are used, another padding width changes bf16 logprobs by
                 # ~1e-3 and the first ratio drifted from 1 by up to 0.65% (measured, SmolLM2).
                 sub, m = full_width(seqs, rows), mask[rows]
+                new_logprobs, _, new_values = first_update if first_update is not None else policy_and_value(sub)
+                first_update = None  # its graph is freed by this update's backward
                 with acc.autocast():
-                    new_logprobs, _ = logprobs_and_entropy(policy, sub, algo.temperature)
-                    new_values = token_values(models.value, sub)
                     ptx_loss = ptx_batch_loss(policy, [ptx[i] for i in ptx_order.batch(update, algo.minibatch_size)],
                                               pad_id) if ptx else torch.zeros(())
                 update += 1
@@ -342,7 +364,7 @@ def train(cfg: PPOConfig) -> Path:
                     first_ratio = float(pg_stats["ratio"])
                     if abs(first_ratio - 1) > 1e-3:
                         run.bar.print(f"warning: step {step + 1}: ratio {first_ratio:.4f} != 1 before the first update: "
-                                      "rollout and training forwards disagree (dropout? temperature? padding?)")
+                                      "the rollout's logprobs are not the policy's (rows mixed up? temperature?)")
                 if not torch.isfinite(loss):
                     run.bar.print(f"step {step + 1}: non-finite PPO loss, minibatch skipped")
                     continue
@@ -373,8 +395,9 @@ def train(cfg: PPOConfig) -> Path:
             "ppo/seconds_per_step": time.perf_counter() - t0, "ppo/seconds_rollout": t_rollout - t0,
             "ppo/seconds_score": t_score - t_rollout, "ppo/seconds_train": t_train - t_score,
             "ppo/ratio_first_minibatch": first_ratio,
-            **{f"ppo/{k}": sum(v) / max(len(v), 1) for k, v in stats.items()},
+            **{f"ppo/{k}": sum(v) / max(len(v), 1) for k, v in stats.items()}, **metrics_first,
         }
+        metrics_first = {}
         if cfg.prompts == "world":
             metrics["ppo/gold_score"] = sum(s.score for s in world.judge_many(batch_prompts, texts)) / len(texts)
         run.bar.update(done, f"score {metrics['ppo/score']:.3f}  kl {metrics['ppo/kl']:.3f}")
