@@ -48,7 +48,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trl-reference", choices=["precomputed", "on-the-fly"], default="on-the-fly",
                    help="TRL's reference logprobs (its default: a frozen copy on every batch)")
     p.add_argument("--reference-batch-size", type=int, default=16,
-                   help="pairs per forward of a precomputed reference pass (rlhfkit's eval.batch_size default)")
+                   help="pairs per forward of TRL's precomputed reference pass (--trl-reference precomputed); "
+                        "rlhfkit's pass batches pairs as its training micro-batches, so they round alike")
 
 
 def global_batch(args) -> int:

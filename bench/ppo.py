@@ -258,8 +258,8 @@ def differences(spec: dict) -> list[str]:
         "gradient clipping: TRL's PPO loop never clips; rlhfkit runs with --optim.max-grad-norm 0 (default 1.0)",
         "attention: rlhfkit trains with eager attention on CPU and decodes with sdpa; TRL uses the model's "
         "default (sdpa) throughout",
-        "end of run: rlhfkit writes a checkpoint and the final policy/value folders (not timed); TRL saves nothing "
-        "(save_strategy=no)",
+        "end of run: rlhfkit writes the final policy/value folders (not timed; no checkpoint at the last step); "
+        "TRL saves nothing (save_strategy=no)",
     ]
     if spec["precision"] == "bf16":
         notes.append("bf16: TRL 1.12's PPOTrainer builds its Accelerator without mixed_precision, so its bf16 flag "
