@@ -256,8 +256,8 @@ def differences(spec: dict) -> list[str]:
         "missing_eos_penalty: off on both (rlhfkit replaces the score of an unfinished response with the penalty, "
         "TRL subtracts it: not the same function); rlhfkit's default is -1",
         "gradient clipping: TRL's PPO loop never clips; rlhfkit runs with --optim.max-grad-norm 0 (default 1.0)",
-        "attention: rlhfkit trains with eager attention on CPU and decodes with sdpa for prompts and its "
-        "one-query kernel for new tokens (rlhfkit/decode_attention.py); TRL uses the model's default (sdpa) throughout",
+        "attention: rlhfkit trains with eager attention on CPU and decodes with sdpa; TRL uses the model's "
+        "default (sdpa) throughout",
         "end of run: rlhfkit writes the final policy/value folders (not timed; no checkpoint at the last step); "
         "TRL saves nothing (save_strategy=no)",
     ]

@@ -122,13 +122,11 @@ def test_decoding_loop_matches_transformers_generate(tiny_tokenizer, arch, pruna
     assert decode(model, encoded, 0, [stop], pad, 0.0) == [[]] * len(prompts)
 
 
-def test_cpu_trains_with_eager_attention_and_decodes_with_the_decoding_kernel(tiny_tokenizer, monkeypatch):
-    """Eager attention for training forwards on CPU (faster backward), SDPA with the one-query
-    decoding kernel inside the decoding loop (faster there), the model's setting restored
-    afterwards, and they agree (several queries per row go through SDPA itself)."""
+def test_cpu_trains_with_eager_attention_and_decodes_with_sdpa(tiny_tokenizer, monkeypatch):
+    """Eager attention for training forwards on CPU (faster backward), sdpa inside the decoding
+    loop (faster there), the model's setting restored afterwards, and the two agree."""
     import rlhfkit.rollout as rollout
     from rlhfkit.config import ModelConfig
-    from rlhfkit.decode_attention import DECODE_ATTENTION
     from rlhfkit.models import attention_implementation, load_model
 
     model = load_model(ModelConfig(name="tiny"), tiny_tokenizer).eval()
@@ -136,15 +134,15 @@ def test_cpu_trains_with_eager_attention_and_decodes_with_the_decoding_kernel(ti
     seen, real_decode = [], rollout.decode
     monkeypatch.setattr(rollout, "decode", lambda m, *a, **k: seen.append(m.config._attn_implementation) or real_decode(m, *a, **k))
     generate(model, tiny_tokenizer, [user("hi")], max_new_tokens=3)
-    assert seen == [DECODE_ATTENTION] and model.config._attn_implementation == "eager"
+    assert seen == ["sdpa"] and model.config._attn_implementation == "eager"
 
     prompts = [prompt_ids(tiny_tokenizer, user(t)) for t in ("hi", "What is 12 + 30?")]
     seqs = join(prompts, [[70, 71, end_of_turn_id(tiny_tokenizer)], [80]], tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         eager = response_logprobs(model, seqs)
-        for implementation in ("sdpa", DECODE_ATTENTION):
-            with attention_implementation(model, implementation):
-                torch.testing.assert_close(eager, response_logprobs(model, seqs), atol=1e-5, rtol=1e-5)
+        with attention_implementation(model, "sdpa"):
+            sdpa = response_logprobs(model, seqs)
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
 
 
 def test_minibatch_is_cut_to_its_own_widths_with_the_same_logprobs(tiny_tokenizer):
