@@ -315,10 +315,11 @@ def train(cfg: PPOConfig) -> Path:
         # forward, which so runs once instead of twice (one policy and one value forward a step).
         shuffle = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
         epochs = [torch.randperm(len(gens), generator=shuffle).split(algo.minibatch_size) for _ in range(algo.epochs)]
-        first_update = policy_and_value(full_width(seqs, epochs[0][0]))
+        first_sub = full_width(seqs, epochs[0][0])
+        first_update = policy_and_value(first_sub)
         with torch.no_grad(), acc.autocast():
             if step == run.start_step:  # once a run: the graph-keeping forward must be the no-grad one
-                metrics_first = {"ppo/first_forward_gap": forward_gap(first_update, full_width(seqs, epochs[0][0]))}
+                metrics_first = {"ppo/first_forward_gap": forward_gap(first_update, first_sub)}
             logprobs, entropy, values, ref_logprobs = per_minibatch(
                 lambda index, sub: (*(t.detach() for t in (first_update if index == 0 else policy_and_value(sub))),
                                     reference_logprobs(policy, reference, sub, algo.temperature)),
