@@ -52,8 +52,8 @@ ARCHS = ["llama", "qwen2", "mistral"]
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("padded", [True, False])
 def test_steps_give_the_models_logits_bit_for_bit(arch, precision, padded):
-    """Many steps (past the cache buffers' headroom, so they are reallocated), with rows leaving
-    midway (the loop replaces the cache; the step copies it into new buffers): every step's logits
+    """The prompts' forward with the step's cast weights gives the model's cache exactly. Then many
+    steps (past the cache buffers' headroom, so they are reallocated), with rows leaving midway (the loop replaces the cache; the step copies it into new buffers): every step's logits
     equal the model's forward exactly, and the cache holds what the model's cache holds, rounded
     as attention rounds it. Qwen2 has q/k/v biases; the tiny Llama of the tour is also checked
     with its multi-head attention (no key/value sharing)."""
@@ -61,10 +61,13 @@ def test_steps_give_the_models_logits_bit_for_bit(arch, precision, padded):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         step = DecodeStep.build(model, rows=5)
         assert step is not None
-        assert (step.head.linear == step.head._packed_linear) == (precision == "bf16" and packs_weights(
-            torch.device("cpu"), torch.bfloat16))
+        assert step.head.packed == (precision == "bf16" and packs_weights(torch.device("cpu"), torch.bfloat16))
         theirs, mask, positions = prefill(model, rows=5, width=9, padded=padded)
-        ours = copy.deepcopy(theirs)
+        with step.model_uses_cast_weights():  # the prompts' forward with the step's weights: the same cache
+            ours, _, _ = prefill(model, rows=5, width=9, padded=padded)
+        for a, b in zip(ours.layers, theirs.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert "forward" not in vars(model.model.layers[0].self_attn.q_proj)  # the model's own forward is back
         torch.manual_seed(2)
         for index in range(HEADROOM + 8):
             if index == 10:  # two rows finish: both caches drop them

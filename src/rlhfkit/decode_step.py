@@ -1,18 +1,19 @@
 """One decoding step of a Llama-family model, with the model's own numbers and less overhead.
 
 Profiled on SmolLM2-135M (2 CPU cores, bf16 autocast): a decoding step through the model's
-``forward`` cost 23.5 ms for one row and 35.6 ms for sixteen, and reading the weights was only
-about half of it. The rest was per-token overhead: 30 layers of module calls, each projection
-cast by autocast and run as its own matmul, and the KV cache grown by ``torch.cat`` (a fresh copy
-of every layer's keys and values, in fp32, each step).
+``forward`` cost 23.5 ms for one row and 35.6 ms for sixteen. Its matmuls took twice the time of
+the same matmuls on weights packed once for oneDNN (22 vs 14 ms for sixteen rows, weights streamed
+from memory as in a step): ``F.linear`` reorders a bf16 weight on every call. The rest was
+per-token overhead: 30 layers of module calls, autocast's casts, and the KV cache grown by
+``torch.cat`` (a fresh copy of every layer's keys and values, in fp32, each step).
 
 ``DecodeStep`` runs the same operations in the same order and dtypes, with three changes that
 leave every result bit for bit as it was (``tests/test_decode_step.py`` compares logits exactly):
 
 - the weights are cast once to the dtype autocast would give them (the cast is a rounding, the
-  same each time); in bf16/fp16, q/k/v and gate/up are concatenated, one matmul each (oneDNN
-  computes each output column the same either way; in fp32 MKL's one-row kernel does not, so
-  there they stay separate);
+  same each time) and, for bf16 on CPU, reordered once into oneDNN's blocked layout, which
+  ``F.linear`` redoes on every call; the prompts' prefill through the model's ``forward`` uses
+  them too (``model_uses_cast_weights``);
 - the KV cache is kept in that dtype, in buffers with room to grow, so a step writes one column
   instead of copying the cache; attention reads a view of the columns in use;
 - attention is called directly with the mask the model would build (padding only: a step's one
@@ -25,6 +26,7 @@ decode through their own ``forward``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -41,36 +43,24 @@ ARCHITECTURES = ("llama", "qwen2", "mistral")
 HEADROOM = 32
 
 
-class _Projections:
-    """Linear layers applied to one input, their weights (and biases) cast to ``dtype``; returns
-    each output. ``fuse``: one matmul over the concatenated weights. ``pack_rows``: the weights
-    are reordered once into oneDNN's blocked layout for about that many input rows (``F.linear``
-    reorders a bf16 weight on every call, which on CPU cost ~40% of a decoding step's matmuls)."""
+class _Linear:
+    """``linear`` with its weight (and bias) cast once to ``dtype``, as autocast would cast them
+    on every call. ``pack_rows``: the weight is also reordered once into oneDNN's blocked layout
+    for about that many input rows; ``F.linear`` reorders a bf16 weight on every call, which was
+    ~40% of a decoding step's matmul time on CPU."""
 
-    def __init__(self, linears: list[nn.Linear], dtype: torch.dtype, fuse: bool, pack_rows: int | None):
-        self.sizes = [linear.out_features for linear in linears]
-        if fuse and len(linears) > 1:
-            weights = [_cast_into_rows([linear.weight for linear in linears], dtype)]
-            biases = [None] if all(linear.bias is None for linear in linears) else \
-                [_cast_into_rows([linear.weight.new_zeros(linear.out_features) if linear.bias is None else linear.bias
-                                  for linear in linears], dtype)]
-        else:
-            weights = [linear.weight.detach().to(dtype) for linear in linears]
-            biases = [None if linear.bias is None else linear.bias.detach().to(dtype) for linear in linears]
-        self.biases, self.dtype = biases, dtype
-        self.weights, self.linear = weights, F.linear
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, pack_rows: int | None):
+        self.dtype = dtype
+        self.weight = linear.weight.detach().to(dtype)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
         if pack_rows:
-            self.weights = [torch.ops.mkldnn._reorder_linear_weight(w, pack_rows) for w in weights]
-            self.linear = self._packed_linear
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, pack_rows)
+        self.packed = bool(pack_rows)
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if len(self.weights) < len(self.sizes):
-            return self.linear(x, self.weights[0], self.biases[0]).split(self.sizes, dim=-1)
-        return tuple(self.linear(x, w, b) for w, b in zip(self.weights, self.biases))
-
-    def _packed_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # Not an autocast op: the input gets the cast autocast would give it for F.linear.
-        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), weight, bias, "none", [], "")
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:  # not an autocast op: the input gets the cast autocast would give it
+            return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
 def packs_weights(device: torch.device, dtype: torch.dtype) -> bool:
@@ -84,10 +74,13 @@ def packs_weights(device: torch.device, dtype: torch.dtype) -> bool:
 class _Layer:
     input_norm: nn.Module
     post_norm: nn.Module
-    qkv: _Projections
-    o: _Projections
-    gate_up: _Projections
-    down: _Projections
+    q: _Linear
+    k: _Linear
+    v: _Linear
+    o: _Linear
+    gate: _Linear
+    up: _Linear
+    down: _Linear
     act: nn.Module
     scaling: float
 
@@ -99,11 +92,12 @@ class DecodeStep:
     attention; ``cache`` (a ``DynamicCache``) gets the new column the same way. Build it inside
     the autocast context the steps run in: the weights are cast for it."""
 
-    def __init__(self, causal_lm: nn.Module, layers: list[_Layer], head: _Projections, dtype: torch.dtype,
-                 dims: tuple[int, int, int]):
+    def __init__(self, causal_lm: nn.Module, layers: list[_Layer], head: _Linear, dtype: torch.dtype,
+                 dims: tuple[int, int, int], linears: dict[nn.Linear, _Linear]):
         self.causal_lm = causal_lm
         self.layers = layers
         self.head = head
+        self.linears = linears  # the model's linear layers and their cast copies
         self.dtype = dtype  # of the weights, and of the KV cache (attention would round it to that)
         self.heads, self.kv_heads, self.head_dim = dims
         self._views: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
@@ -127,8 +121,8 @@ class DecodeStep:
             return None
         device = head.weight.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else head.weight.dtype
-        fuse = dtype in (torch.bfloat16, torch.float16)
         pack = rows if packs_weights(device, dtype) else None
+        linears = {}
         layers = []
         for layer in backbone.layers:
             attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -136,14 +130,31 @@ class DecodeStep:
             projections += [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
             if any(type(p) is not nn.Linear for p in projections) or getattr(attn, "is_causal", True) is not True:
                 return None
-            q, k, v, o, gate, up, down = projections
+            for linear in projections:
+                linears[linear] = _Linear(linear, dtype, pack)
             layers.append(_Layer(layer.input_layernorm, layer.post_attention_layernorm,
-                                 _Projections([q, k, v], dtype, fuse, pack), _Projections([o], dtype, fuse, pack),
-                                 _Projections([gate, up], dtype, fuse, pack), _Projections([down], dtype, fuse, pack),
-                                 mlp.act_fn, attn.scaling))
+                                 *(linears[linear] for linear in projections), mlp.act_fn, attn.scaling))
+        linears[head] = _Linear(head, dtype, pack)
         first = backbone.layers[0].self_attn
         dims = (first.q_proj.out_features // first.head_dim, first.k_proj.out_features // first.head_dim, first.head_dim)
-        return cls(lm, layers, _Projections([head], dtype, fuse, pack), dtype, dims)
+        return cls(lm, layers, linears[head], dtype, dims, linears)
+
+    @contextlib.contextmanager
+    def model_uses_cast_weights(self):
+        """Within: the model's own linear layers compute with the cast (and packed) weights, so its
+        forward (the prompts' prefill) skips autocast's casting and oneDNN's reordering of every
+        weight; the results are the same bit for bit. The layers' forwards are restored after."""
+        own = {linear: linear.__dict__.get("forward") for linear in self.linears}  # a hook's wrapper, if any
+        for linear, cast in self.linears.items():
+            linear.forward = cast
+        try:
+            yield
+        finally:
+            for linear, forward in own.items():
+                if forward is None:
+                    del linear.forward
+                else:
+                    linear.forward = forward
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
@@ -158,7 +169,7 @@ class DecodeStep:
         for index, layer in enumerate(self.layers):
             residual = hidden
             x = layer.input_norm(hidden)
-            q, k, v = layer.qkv(x)
+            q, k, v = layer.q(x), layer.k(x), layer.v(x)
             q = q.view(rows, 1, h, d).transpose(1, 2)
             k = k.view(rows, 1, kv, d).transpose(1, 2)
             v = v.view(rows, 1, kv, d).transpose(1, 2)
@@ -171,11 +182,11 @@ class DecodeStep:
                 out = F.scaled_dot_product_attention(q.reshape(rows, kv, h // kv, d), keys, values,
                                                      attn_mask=attend, scale=layer.scaling)
             out = out.reshape(rows, h, 1, d).transpose(1, 2).contiguous().reshape(rows, 1, h * d)
-            hidden = residual + layer.o(out)[0]
+            hidden = residual + layer.o(out)
             residual = hidden
-            gate, up = layer.gate_up(layer.post_norm(hidden))
-            hidden = residual + layer.down(layer.act(gate) * up)[0]
-        return self.head(backbone.norm(hidden))[0][:, -1]
+            x = layer.post_norm(hidden)
+            hidden = residual + layer.down(layer.act(layer.gate(x)) * layer.up(x))
+        return self.head(backbone.norm(hidden))[:, -1]
 
     def _append(self, index: int, layer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new column into this layer's buffers and return the columns in use. A cache
@@ -207,13 +218,3 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-
-def _cast_into_rows(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """The tensors stacked along their first dimension in ``dtype``: each one is read once and
-    written once, cast on the way (a cast then ``torch.cat`` would copy twice)."""
-    out = tensors[0].new_empty((sum(len(t) for t in tensors), *tensors[0].shape[1:]), dtype=dtype)
-    start = 0
-    for tensor in tensors:
-        out[start : start + len(tensor)].copy_(tensor.detach())
-        start += len(tensor)
-    return out

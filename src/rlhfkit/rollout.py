@@ -139,18 +139,25 @@ def decode(
     cache copied into every new row.
 
     Prompts go through the model's ``forward``; decoding steps of Llama-family models through
-    ``DecodeStep`` (the same numbers with less overhead; ``fast_steps=False``: the model's own).
+    ``DecodeStep``, and their prompts with its cast weights (the same numbers with less overhead;
+    ``fast_steps=False``: the model's own forward throughout).
 
     Our own loop rather than ``model.generate``: nothing from a model's ``generation_config``
     (repetition penalties, top-k defaults) can silently change the distribution PPO's logprobs
     assume."""
-    out: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens <= 0:
-        return out
+        return [[] for _ in prompts]
+    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    fast = DecodeStep.build(model, rows=batch_size) if fast_steps else None
+    with fast.model_uses_cast_weights() if fast is not None else contextlib.nullcontext():
+        return _decode(model, prompts, max_new_tokens, stop, pad_id, temperature, batch_size, on_finished, fast, extra)
+
+
+def _decode(model, prompts, max_new_tokens, stop, pad_id, temperature, batch_size, on_finished, fast, extra):
+    """``decode``'s loop; ``fast``: its DecodeStep or None."""
+    out: list[list[int]] = [[] for _ in prompts]
     device = next(model.parameters()).device
     stop_ids = torch.tensor(stop, device=device)
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    fast = DecodeStep.build(model) if fast_steps else None
     prefix = _prefix_cache(model, prompts, device, extra)
     waiting = list(range(len(prompts)))
     rows: _Rows | None = None
