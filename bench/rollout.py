@@ -8,8 +8,9 @@ generated tokens per second of each and the ratio, per batch size.
     python bench/rollout.py --model smollm2-135m-instruct --batch-sizes 16 64 --precision bf16
     python bench/rollout.py --model tiny
 
-Run on a quiet machine: both sides share it, one after the other, repeated --repeats times
-(the median is reported).
+Run on a quiet machine: both sides share it, in turn (ours, HF, ours, HF, ...), --repeats times
+each. Printed: the median tokens/s of each side and the median of the pair-by-pair ratios, with
+their range; alternating keeps the machine's drifts out of the ratio.
 """
 
 from __future__ import annotations
@@ -45,13 +46,16 @@ def hf_generate(model, tokenizer, prompts, max_new_tokens, temperature, batch_si
     return results
 
 
-def timed(fn, repeats):
-    times, out = [], None
+def timed_pairs(ours, theirs, repeats):
+    """Both sides in turn, ``repeats`` times: (our times, their times, our last output, theirs).
+    Alternating keeps a drift in the machine's speed out of the ratio, taken pair by pair."""
+    times, outputs = ([], []), [None, None]
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        for side, fn in enumerate((ours, theirs)):
+            start = time.perf_counter()
+            outputs[side] = fn()
+            times[side].append(time.perf_counter() - start)
+    return times[0], times[1], outputs[0], outputs[1]
 
 
 def main() -> None:
@@ -71,23 +75,26 @@ def main() -> None:
     model.to(device)
     print(f"model {args.model} on {device}, {args.precision}, max_new_tokens {args.max_new_tokens}, "
           f"temperature {args.temperature}, median of {args.repeats}")
-    print(f"{'batch':>5} {'mode':>8} {'rlhfkit tok/s':>14} {'HF generate tok/s':>18} {'ratio':>6}")
+    print(f"{'batch':>5} {'mode':>8} {'rlhfkit tok/s':>14} {'HF generate tok/s':>18} {'ratio (range)':>6}")
     for batch_size in args.batch_sizes:
         prompts = [p.messages for p in World(seed=0).prompts(batch_size * args.batches, "eval")]
         for mode, temperature in (("greedy", 0.0), ("sampled", args.temperature)):
-            ours_s, ours = timed(lambda: generate(model, tokenizer, prompts, args.max_new_tokens, temperature,
-                                                  batch_size, args.precision, generator_seed=0), args.repeats)
-            theirs_s, theirs = timed(lambda: hf_generate(model, tokenizer, prompts, args.max_new_tokens, temperature,
-                                                         batch_size, args.precision), args.repeats)
+            ours_s, theirs_s, ours, theirs = timed_pairs(
+                lambda: generate(model, tokenizer, prompts, args.max_new_tokens, temperature, batch_size,
+                                 args.precision, generator_seed=0),
+                lambda: hf_generate(model, tokenizer, prompts, args.max_new_tokens, temperature, batch_size,
+                                    args.precision), args.repeats)
             if mode == "greedy" and [g.token_ids for g in ours] != [g.token_ids for g in theirs]:
                 same = sum(a.token_ids == b.token_ids for a, b in zip(ours, theirs))
                 print(f"warning: greedy outputs differ on {len(prompts) - same}/{len(prompts)} prompts "
                       "(bf16 rounding can flip near-ties; fp32 must match exactly)")
                 if args.precision == "fp32":
                     raise SystemExit("greedy outputs differ in fp32: the decoding loop is wrong")
-            ours_tps = sum(len(g.token_ids) for g in ours) / ours_s
-            theirs_tps = sum(len(g.token_ids) for g in theirs) / theirs_s
-            print(f"{batch_size:>5} {mode:>8} {ours_tps:>14.1f} {theirs_tps:>18.1f} {ours_tps / theirs_tps:>5.2f}x")
+            ours_tokens, theirs_tokens = sum(len(g.token_ids) for g in ours), sum(len(g.token_ids) for g in theirs)
+            ratios = [(ours_tokens / a) / (theirs_tokens / b) for a, b in zip(ours_s, theirs_s)]
+            print(f"{batch_size:>5} {mode:>8} {ours_tokens / statistics.median(ours_s):>14.1f} "
+                  f"{theirs_tokens / statistics.median(theirs_s):>18.1f} {statistics.median(ratios):>5.2f}x "
+                  f"({min(ratios):.2f}-{max(ratios):.2f})")
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ class DecodeStep:
         cos, sin = backbone.rotary_emb(hidden, positions[:, None])
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, D): broadcast over heads
         # The model's SDPA mask for one query per row is the padding mask, or none without padding.
-        attend = None if bool(mask.all()) else mask[:, None, None, :].bool()
+        attend = None if bool(mask.all()) else _additive_mask(mask[:, None, None, :].bool(), self.dtype)
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         for index, layer in enumerate(self.layers):
             residual = hidden
@@ -218,3 +218,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+
+
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """SDPA's own conversion of a boolean mask (0 where allowed, -inf elsewhere, in the queries'
+    dtype), done once per step instead of in each layer's attention call."""
+    return torch.zeros_like(allowed, dtype=dtype).masked_fill_(~allowed, float("-inf"))
