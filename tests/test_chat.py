@@ -73,7 +73,7 @@ def run_chat(monkeypatch, capsys, folder, lines, context=None, **flags):
         except StopIteration:
             raise EOFError from None
 
-    def fake_answer(model, tok, ids, cfg, max_new_tokens):
+    def fake_answer(model, tok, ids, cfg, max_new_tokens, *cast_weights):
         prompts.append(tokenizer.decode(ids))
         return f"answer{len(prompts)}", ""
 

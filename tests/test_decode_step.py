@@ -1,6 +1,7 @@
 """The lean decoding step gives the model's own logits, bit for bit, and the decoding loop the
 same tokens with it as without it."""
 
+import contextlib
 import copy
 
 import pytest
@@ -135,3 +136,28 @@ def test_decoding_gives_the_same_tokens_with_the_step_as_without(tiny_tokenizer,
     runs = [run(stop, fast) for fast in (True, False)]
     assert runs[0] == runs[1]
     assert len({len(row) for row in runs[0]}) > 1  # rows really finish at different steps
+
+
+def test_weights_cast_once_gives_the_same_generation(tiny_tokenizer):
+    """Serving and chat cast a fixed model's weights once: HF generate gives the same tokens and
+    logits within the context; the model's own forwards are back after it; a model DecodeStep
+    does not cover gets a context that changes nothing."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlhfkit.decode_step import weights_cast_once
+
+    model = build_tiny_model(tiny_tokenizer).eval()
+    ids = torch.tensor([prompt_ids(tiny_tokenizer, user("What is 12 + 30?"))])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast_weights = weights_cast_once(model)
+    outputs = []
+    for context in (cast_weights, contextlib.nullcontext):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), context():
+            outputs.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                          do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                          pad_token_id=tiny_tokenizer.pad_token_id))
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    assert all(torch.equal(a, b) for a, b in zip(outputs[0].logits, outputs[1].logits))
+    assert "forward" not in vars(model.lm_head)
+    assert weights_cast_once(GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2))) \
+        is contextlib.nullcontext

@@ -27,6 +27,7 @@ decode through their own ``forward``.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -211,6 +212,17 @@ class DecodeStep:
         value_buffer[:, :, :used] = values
         self._buffers[index] = (key_buffer, value_buffer)
         self._views[index] = (keys, values)
+
+
+def weights_cast_once(model: nn.Module, rows: int = 1) -> Callable[[], contextlib.AbstractContextManager]:
+    """For a model whose weights stay as they are (serving, chat): a function giving a context in
+    which the model's forward computes with its weights cast and packed once, now, for the
+    autocast setting in force here (``DecodeStep.model_uses_cast_weights``). The same results bit
+    for bit, ~20% faster to decode one row on CPU in bf16; the cast copies stay in memory (half
+    the fp32 weights' size in bf16; none in fp32). Models ``DecodeStep`` does not cover get a
+    context that changes nothing."""
+    step = DecodeStep.build(model, rows)
+    return step.model_uses_cast_weights if step is not None else contextlib.nullcontext
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

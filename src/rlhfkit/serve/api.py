@@ -40,6 +40,7 @@ from pydantic import BaseModel, Field
 from rlhfkit.config import ModelConfig, require_positive
 from rlhfkit.data.records import Message
 from rlhfkit.data.tokenize import end_of_turn_id, prompt_ids
+from rlhfkit.decode_step import weights_cast_once
 from rlhfkit.errors import ConfigError
 from rlhfkit.rollout import autocast
 
@@ -243,6 +244,8 @@ class Engine:
         # Only the last position's logits are needed; models whose forward cannot say so compute all.
         keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.last_logits = {"logits_to_keep": 1} if keeps else {}
+        with autocast(precision):  # the weights are cast once for the precision generation runs in
+            self.cast_weights = weights_cast_once(model)
 
     def tokens(self, ids: list[int], params: Params, generator: torch.Generator) -> Iterator[int]:
         """Sampled tokens, one forward pass each over the new token (the KV cache holds the rest)."""
@@ -268,7 +271,7 @@ class Engine:
         if cancelled.is_set():  # the client left while this request waited its turn
             return Completion("", finish, len(ids), 0)
         # autocast is per thread: enter it in the generating one.
-        with torch.inference_mode(), autocast(self.precision):
+        with torch.inference_mode(), autocast(self.precision), self.cast_weights():
             for token in self.tokens(ids, params, generator):
                 if cancelled.is_set():  # the client left
                     break

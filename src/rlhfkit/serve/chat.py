@@ -9,6 +9,7 @@ generation through a stopping criterion without leaving the program.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 from rlhfkit.config import ModelConfig
 from rlhfkit.data.records import Message, Messages
 from rlhfkit.data.tokenize import end_of_turn_id, prompt_ids
+from rlhfkit.decode_step import weights_cast_once
 from rlhfkit.errors import ConfigError
 from rlhfkit.models import load_model, load_tokenizer
 from rlhfkit.rollout import autocast, cut_at_stop
@@ -125,9 +127,10 @@ class StopOnEvent(StoppingCriteria):
 
 
 def stream_answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: list[int], cfg: ChatConfig,
-                  max_new_tokens: int) -> tuple[str, str]:
+                  max_new_tokens: int, cast_weights=contextlib.nullcontext) -> tuple[str, str]:
     """Generate an answer to the prompt ``ids``, printing it as it comes. Returns (the answer text,
-    a note for the user: "" when it ended with the end-of-turn token)."""
+    a note for the user: "" when it ended with the end-of-turn token). ``cast_weights``: from
+    ``weights_cast_once`` (the same tokens, faster)."""
     stop = sorted({end_of_turn_id(tokenizer), tokenizer.eos_token_id} - {None})  # as rollout.generate
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     interrupted = threading.Event()
@@ -139,7 +142,7 @@ def stream_answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, id
 
     def work() -> None:
         try:
-            with autocast(cfg.precision):  # autocast is per thread: enter it in the generating one
+            with autocast(cfg.precision), cast_weights():  # autocast is per thread: enter it in the generating one
                 result["out"] = model.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                     eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
@@ -191,6 +194,8 @@ def chat(cfg: ChatConfig) -> None:
     model = load_model(ModelConfig(name=cfg.model, precision=cfg.precision), tokenizer, seed=cfg.seed,
                        training=False)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    with autocast(cfg.precision):  # the weights are cast once for the precision answers run in
+        cast_weights = weights_cast_once(model)
     torch.manual_seed(cfg.seed)
     ctx = context_length(model)
     # Leave room for an answer; a long answer may still use up to the rest of the context.
@@ -225,7 +230,7 @@ def chat(cfg: ChatConfig) -> None:
                   f"besides the answer; not sent)")
             continue
         room = cfg.max_new_tokens if ctx is None else min(cfg.max_new_tokens, ctx - len(ids))
-        answer, note = stream_answer(model, tokenizer, ids, cfg, room)
+        answer, note = stream_answer(model, tokenizer, ids, cfg, room, cast_weights)
         conv.turns.append(Message("assistant", answer))
         if note:
             print(note)
