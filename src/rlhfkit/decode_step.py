@@ -16,8 +16,12 @@ leave every result bit for bit as it was (``tests/test_decode_step.py`` compares
   them too (``model_uses_cast_weights``);
 - the KV cache is kept in that dtype, in buffers with room to grow, so a step writes one column
   instead of copying the cache; attention reads a view of the columns in use;
-- attention is called directly with the mask the model would build (padding only: a step's one
-  query may see every earlier column).
+- attention is called directly, as transformers calls SDPA, with the mask the model would build
+  (padding only: a step's one query may see every earlier column) converted once per step to
+  the additive form SDPA would convert it to in every layer.
+
+The exactness is tested on CPU. On CUDA (weights cast once, no packing) it has not been run:
+cuBLAS and SDPA may choose other kernels for the same math there, and differ in the last bits.
 
 Models it cannot run exactly (another architecture, adapters or quantized layers in place of
 plain ``nn.Linear``, sliding-window or mixed attention) get ``None`` from ``DecodeStep.build`` and
@@ -211,7 +215,6 @@ class DecodeStep:
         key_buffer[:, :, :used] = keys  # the rounding attention would apply to them anyway
         value_buffer[:, :, :used] = values
         self._buffers[index] = (key_buffer, value_buffer)
-        self._views[index] = (keys, values)
 
 
 def weights_cast_once(model: nn.Module, rows: int = 1) -> Callable[[], contextlib.AbstractContextManager]:
@@ -228,8 +231,6 @@ def weights_cast_once(model: nn.Module, rows: int = 1) -> Callable[[], contextli
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 
 
 def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
