@@ -330,7 +330,8 @@ def rlhfkit_worker(spec: dict, result: Path) -> None:
     from rlhfkit.cli import main as rlhfkit_main
     from rlhfkit.data.records import messages_to_dicts
 
-    fixed, out = spec["fixed"], Path.cwd() / "rlhfkit-run"
+    # Next to the result file, in the bench's temp folder, whatever folder the worker runs in.
+    fixed, out = spec["fixed"], result.parent / "rlhfkit-run"
     # Each step's rollouts (prompt index, response text, finished), for the common scorer.
     index = {json.dumps(json.loads(l)["prompt"]): i
              for i, l in enumerate(Path(spec["prompts_file"]).read_text().splitlines())}
