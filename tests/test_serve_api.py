@@ -273,3 +273,25 @@ def test_serve_binds_loopback_by_default(monkeypatch, tiny_tokenizer):
     http = TestClient(app, base_url="http://127.0.0.1")
     assert http.get("/v1/models").status_code == 401
     assert http.get("/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
+
+
+def test_bf16_engine_answers_the_same_with_its_weights_cast_once(tiny_tokenizer):
+    """In bf16 the engine casts the weights once at start (a Llama is covered); its answers are
+    those of autocast's per-call casting, token for token."""
+    import contextlib
+    import threading
+
+    from rlhfkit.data.records import user
+    from rlhfkit.models import build_tiny_model
+
+    engine = api.Engine(build_tiny_model(tiny_tokenizer), tiny_tokenizer, "bf16")
+    assert engine.cast_weights is not contextlib.nullcontext
+    ids = prompt_ids(tiny_tokenizer, user("What is 12 + 30?"))
+    answers = []
+    for cast in (engine.cast_weights, contextlib.nullcontext):
+        engine.cast_weights = cast
+        for temperature in (0.0, 1.0):
+            params = Params(max_tokens=12, temperature=temperature, top_p=1.0, stop=(), seed=3)
+            answers.append(engine.complete(ids, params, threading.Event(), lambda piece: None))
+    assert answers[:2] == answers[2:]
+    assert answers[0].completion_tokens > 0
