@@ -54,10 +54,11 @@ ARCHS = ["llama", "qwen2", "mistral"]
 @pytest.mark.parametrize("padded", [True, False])
 def test_steps_give_the_models_logits_bit_for_bit(arch, precision, padded):
     """The prompts' forward with the step's cast weights gives the model's cache exactly. Then many
-    steps (past the cache buffers' headroom, so they are reallocated), with rows leaving midway (the loop replaces the cache; the step copies it into new buffers): every step's logits
-    equal the model's forward exactly, and the cache holds what the model's cache holds, rounded
-    as attention rounds it. Qwen2 has q/k/v biases; the tiny Llama of the tour is also checked
-    with its multi-head attention (no key/value sharing)."""
+    steps (past the cache buffers' headroom, so they are reallocated), with rows leaving midway
+    (the loop replaces the cache; the step copies it into new buffers): every step's logits equal
+    the model's forward exactly, and the cache holds what the model's cache holds, rounded as
+    attention rounds it. Qwen2 has q/k/v biases; the next test checks the tour's tiny Llama, whose
+    attention is multi-head (no key/value sharing)."""
     model = tiny(arch)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         step = DecodeStep.build(model, rows=5)

@@ -141,7 +141,8 @@ class DecodeStep:
                                  *(linears[linear] for linear in projections), mlp.act_fn, attn.scaling))
         linears[head] = _Linear(head, dtype, pack)
         first = backbone.layers[0].self_attn
-        dims = (first.q_proj.out_features // first.head_dim, first.k_proj.out_features // first.head_dim, first.head_dim)
+        head_dim = first.head_dim
+        dims = (first.q_proj.out_features // head_dim, first.k_proj.out_features // head_dim, head_dim)
         return cls(lm, layers, linears[head], dtype, dims, linears)
 
     @contextlib.contextmanager
