@@ -73,3 +73,42 @@ def test_resume_refuses_changed_settings_but_not_a_moved_folder_or_more_steps(tm
     check_same_config(saved, parse("ppo", ["--recipe", "tiny", "--run.out", "elsewhere/y/ppo", "--model.name", "elsewhere/y/sft"]))
     with pytest.raises(RlhfkitError, match="model.name"):  # another SFT model is another run
         check_same_config(saved, parse("ppo", ["--recipe", "tiny", "--run.out", "runs/x/ppo", "--model.name", "runs/x/sft2"]))
+
+
+def test_optimizer_gives_weights_mapped_from_a_checkpoint_their_own_memory(tmp_path, tiny_tokenizer):
+    """fp32 weights loaded from safetensors stay views of the copy-on-write file mapping; the
+    optimizer's first update would fault on every page. build_optimizer copies them once:
+    afterwards no trainable weight is file-mapped, values and tied weights are unchanged, and a
+    frozen weight is left mapped (reads do not copy)."""
+    import bisect
+
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.models import build_tiny_model
+    from rlhfkit.train.loop import copy_file_mapped, file_mapped_ranges
+
+    build_tiny_model(tiny_tokenizer, seed=0).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+
+    def mapped(p: torch.Tensor) -> bool:
+        ranges = file_mapped_ranges()
+        i = bisect.bisect_right([start for start, _ in ranges], p.data_ptr()) - 1
+        return i >= 0 and p.data_ptr() < ranges[i][1]
+
+    params = dict(model.named_parameters())
+    if not any(mapped(p) for p in params.values()):
+        import pytest
+
+        pytest.skip("this platform's loader does not map checkpoint weights (nothing to copy)")
+    before = {name: p.detach().clone() for name, p in params.items()}
+    frozen = params["model.norm.weight"].requires_grad_(False)
+    assert mapped(frozen)
+    build_optimizer(model.parameters(), OptimConfig(lr=0.1))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and not any(mapped(p) for p in trainable)
+    assert mapped(frozen)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert copy_file_mapped(trainable) == 0  # nothing left to copy

@@ -4,6 +4,7 @@ checkpoints with exact resume, metrics and the progress bar. No algorithm lives 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import math
@@ -62,8 +63,52 @@ def begin_stage(cfg: Any) -> tuple[Accelerator, Path]:
 
 def build_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
+    copy_file_mapped(params)
     # fused AdamW is several times faster on CPU than the foreach default (torch >= 2.4).
     return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
+
+
+def file_mapped_ranges() -> list[tuple[int, int]]:
+    """Sorted (start, end) address ranges of this process's file-backed mappings; empty where
+    ``/proc/self/maps`` does not exist (not Linux)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:  # "start-end perms offset dev inode [path]"; inode 0: anonymous
+                fields = line.split()
+                if len(fields) >= 6 and fields[4] != "0":
+                    start, end = fields[0].split("-")
+                    ranges.append((int(start, 16), int(end, 16)))
+    except OSError:
+        return []
+    return sorted(ranges)
+
+
+def copy_file_mapped(params: list[torch.Tensor]) -> int:
+    """Give trainable weights that still live in a memory-mapped checkpoint their own memory;
+    returns how many were copied.
+
+    Why: ``from_pretrained`` maps safetensors files copy-on-write and an fp32 weight of the
+    file's dtype stays a view of the mapping, so the first optimizer step writes every page of
+    it and each write faults and copies one page. SmolLM2-135M policy + value model (1.08 GB):
+    3.3 s of page faults in the first update on this project's 2-core VM, against 0.39 s to copy
+    them here in one go. Weights already in anonymous memory (built, converted, LoRA) are left.
+    """
+    ranges = file_mapped_ranges()
+    if not ranges:
+        return 0
+    starts = [start for start, _ in ranges]
+    copied = 0
+    with torch.no_grad():
+        for p in params:
+            if p.device.type != "cpu" or p.numel() == 0:
+                continue
+            address = p.data_ptr()
+            i = bisect.bisect_right(starts, address) - 1
+            if i >= 0 and address < ranges[i][1]:
+                p.data = p.data.clone()
+                copied += 1
+    return copied
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
