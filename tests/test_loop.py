@@ -80,26 +80,31 @@ def test_optimizer_gives_weights_mapped_from_a_checkpoint_their_own_memory(tmp_p
     optimizer's first update would fault on every page. build_optimizer copies them once:
     afterwards no trainable weight is file-mapped, values and tied weights are unchanged, and a
     frozen weight is left mapped (reads do not copy)."""
-    import bisect
-
     from transformers import AutoModelForCausalLM
 
     from rlhfkit.models import build_tiny_model
-    from rlhfkit.train.loop import copy_file_mapped, file_mapped_ranges
+    from rlhfkit.train.loop import copy_file_mapped, file_mapped_ranges, in_file_mapping
 
     build_tiny_model(tiny_tokenizer, seed=0).save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
 
+    import sys
+
+    import numpy as np
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("file mappings are read from /proc/self/maps (Linux only)")
+
     def mapped(p: torch.Tensor) -> bool:
-        ranges = file_mapped_ranges()
-        i = bisect.bisect_right([start for start, _ in ranges], p.data_ptr()) - 1
-        return i >= 0 and p.data_ptr() < ranges[i][1]
+        return in_file_mapping(p, file_mapped_ranges())
+
+    # The lookup itself, on known memory: a copy-on-write file mapping, and fresh memory.
+    (tmp_path / "floats").write_bytes(np.arange(4096, dtype=np.float32).tobytes())
+    assert mapped(torch.from_numpy(np.memmap(tmp_path / "floats", dtype=np.float32, mode="c")))
+    assert not mapped(torch.zeros(4096))
 
     params = dict(model.named_parameters())
-    if not any(mapped(p) for p in params.values()):
-        import pytest
-
-        pytest.skip("this platform's loader does not map checkpoint weights (nothing to copy)")
     before = {name: p.detach().clone() for name, p in params.items()}
     frozen = params["model.norm.weight"].requires_grad_(False)
     assert mapped(frozen)

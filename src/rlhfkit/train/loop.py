@@ -95,20 +95,22 @@ def copy_file_mapped(params: list[torch.Tensor]) -> int:
     them here in one go. Weights already in anonymous memory (built, converted, LoRA) are left.
     """
     ranges = file_mapped_ranges()
-    if not ranges:
-        return 0
-    starts = [start for start, _ in ranges]
     copied = 0
     with torch.no_grad():
         for p in params:
-            if p.device.type != "cpu" or p.numel() == 0:
-                continue
-            address = p.data_ptr()
-            i = bisect.bisect_right(starts, address) - 1
-            if i >= 0 and address < ranges[i][1]:
+            if in_file_mapping(p, ranges):
                 p.data = p.data.clone()
                 copied += 1
     return copied
+
+
+def in_file_mapping(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    """Whether a CPU tensor's memory starts inside one of ``ranges`` (``file_mapped_ranges()``)."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return False
+    address = tensor.data_ptr()
+    i = bisect.bisect_right(ranges, (address, float("inf"))) - 1
+    return i >= 0 and address < ranges[i][1]
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
