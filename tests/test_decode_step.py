@@ -162,3 +162,32 @@ def test_weights_cast_once_gives_the_same_generation(tiny_tokenizer):
     assert "forward" not in vars(model.lm_head)
     assert weights_cast_once(GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2))) \
         is contextlib.nullcontext
+
+
+def test_cpus_whose_onednn_refuses_to_pack_bf16_decode_with_plain_cast_weights(monkeypatch):
+    """oneDNN refuses to pack bf16 weights without avx_ne_convert or AVX-512 (AVX2-only CPUs such
+    as Zen 3 raise "bf16 path needs the cpu support ..."): there the step must still build, with
+    unpacked weights, and give the model's logits exactly."""
+    import rlhfkit.decode_step as decode_step
+
+    def refuse(weight, rows):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    decode_step._onednn_packs_bf16.cache_clear()
+    try:
+        assert not packs_weights(torch.device("cpu"), torch.bfloat16)
+        model = tiny("llama")
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            step = DecodeStep.build(model, rows=2)
+            assert step is not None and not step.head.packed
+            cache, mask, positions = prefill(model, rows=2, width=5, padded=True)
+            theirs = copy.deepcopy(cache)
+            tokens = torch.tensor([5, 7])
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            expected = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
+                             past_key_values=theirs, use_cache=True, logits_to_keep=1).logits[:, -1]
+            assert torch.equal(step(tokens, positions, mask, cache), expected)
+    finally:
+        monkeypatch.undo()
+        decode_step._onednn_packs_bf16.cache_clear()

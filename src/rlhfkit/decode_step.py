@@ -31,6 +31,7 @@ decode through their own ``forward``.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,8 +72,21 @@ class _Linear:
 def packs_weights(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether oneDNN can hold prepacked weights here: bf16 on CPU (where oneDNN runs bf16
     matmuls; fp32 goes to MKL, whose results a packed oneDNN matmul would not reproduce)."""
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    return device.type == "cpu" and dtype == torch.bfloat16 and _onednn_packs_bf16()
+
+
+@functools.cache
+def _onednn_packs_bf16() -> bool:
+    """Whether this CPU lets oneDNN pack bf16 weights: it refuses without avx_ne_convert or
+    AVX-512 BW/VL/DQ (e.g. on AVX2-only Zen 3), a capability torch exposes no check for."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 1)
+    except RuntimeError:
+        return False
+    return True
 
 
 @dataclass
