@@ -201,6 +201,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def is_wrapped(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a DDP / FSDP / DeepSpeed wrapper, not a transformers model: its own
+    forward must run (it syncs gradients), so packed forwards, which call the backbone, are off."""
+    return not hasattr(unwrap(model), "base_model_prefix")
+
+
 def shares_prefixes(model: torch.nn.Module) -> bool:
     """Whether ``model``'s attention takes a custom 4-D mask, which prefix-tree rows need:
     transformers' SDPA and eager attention do; flash-attention kernels only know segments, so
@@ -235,8 +241,8 @@ def packs_exactly(model: torch.nn.Module, check) -> bool:
     """Whether packed forwards of ``model`` give what its padded forwards give, decided once per
     model and check: ``check(model)`` returns the largest ``relative_gap`` between the two on a
     tiny input (the LM head, a value head and a reward head are checked separately)."""
-    if not hasattr(unwrap(model), "base_model_prefix"):
-        return False  # a DDP / FSDP / DeepSpeed wrapper: its own forward must run (gradient sync)
+    if is_wrapped(model):
+        return False
     verdicts = model.__dict__.setdefault("_rlhfkit_packs_exactly", {})
     verdict = verdicts.get(check.__qualname__)
     if verdict is None:

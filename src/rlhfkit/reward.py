@@ -31,8 +31,8 @@ from rlhfkit.data.records import Message, Messages, Prompt, messages_to_dicts, u
 from rlhfkit.data.tokenize import fit, prompt_ids, response_ids, right_pad
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import TINY, build_tiny_model, disable_dropout, ensure_pad_token, prefer_eager_attention_on_cpu, resolve
-from rlhfkit.packing import (hidden_states, pack, packs_exactly, probe_sequences, relative_gap, shares_prefixes, spans,
-                             unwrap)
+from rlhfkit.packing import (hidden_states, is_wrapped, pack, packs_exactly, probe_sequences, relative_gap,
+                             shares_prefixes, spans, unwrap)
 from rlhfkit.rollout import autocast
 
 MEAN_KEY, STD_KEY = "rlhfkit_reward_mean", "rlhfkit_reward_std"
@@ -127,7 +127,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: Messages, response: str, 
 def rewards_of(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
     """Raw scalar rewards (N,) of sequences, read at each one's last token. Decoders whose packed
     forward matches their padded one (rlhfkit.packing) run packed; others right-padded."""
-    if not is_encoder(unwrap(model).config) and packs_exactly(model, _reward_packing_gap):
+    if not is_wrapped(model) and not is_encoder(unwrap(model).config) and packs_exactly(model, _reward_packing_gap):
         return _packed_rewards(model, sequences)
     return _padded_rewards(model, sequences, pad_id)
 

@@ -160,10 +160,7 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
     # 1. Rankings (a file, or world prompts answered by the policy and ranked by simulated
     # labelers; cached in OUT/data) -> pairs -> token ids.
     if comparisons is None:
-        if acc.is_main_process:
-            train_rankings, eval_rankings = load_rankings(cfg.data, cfg.model, cfg.run.seed, out)
-        acc.wait_for_everyone()
-        if not acc.is_main_process:  # reads the main process's cache
+        with acc.main_process_first():  # the others read the main process's cache of sampled rankings
             train_rankings, eval_rankings = load_rankings(cfg.data, cfg.model, cfg.run.seed, out)
         comparisons = to_comparisons(train_rankings, algo.pairs), to_comparisons(eval_rankings, algo.pairs)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)

@@ -196,11 +196,8 @@ def train(cfg: RMConfig) -> Path:
     say = acc.print
 
     # 1-2. Rankings -> groups of token ids (every completion of a prompt stays together).
-    if acc.is_main_process:
+    with acc.main_process_first():  # the others read the main process's cache of sampled rankings
         train_rankings, eval_rankings = load_rankings(cfg.data, cfg.model, cfg.run.seed, out)
-    acc.wait_for_everyone()
-    if not acc.is_main_process:
-        train_rankings, eval_rankings = load_rankings(cfg, out)  # reads the main process's cache
     encoder = backbone_is_encoder(cfg.model.name, cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, chat=not encoder)
     train_groups = to_groups(tokenizer, train_rankings, cfg.data.max_seq_len, encoder)
