@@ -100,3 +100,40 @@ def test_every_training_stage_runs_a_bf16_step(stage, imperfect_sft, tiny_mixed_
         flags += ["--data.world-prompts", "8", "--data.world-eval-prompts", "4"]
     out = importlib.import_module(f"rlhfkit.train.{stage}").train(parse(stage, flags))
     assert (out / "complete.json").exists()
+
+
+# One good record of each stage's data, and the same record broken (a field missing).
+GOOD = {"sft": {"prompt": "What is 2 + 2?", "completion": "4"},
+        "rm": {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"},
+        "dpo": {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}}
+BROKEN = {"sft": {"prompt": "What is 2 + 2?"}, "rm": {"prompt": "What is 2 + 2?", "chosen": "4"},
+          "dpo": {"prompt": "What is 2 + 2?", "chosen": "4"}}
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
+def test_a_failed_start_leaves_no_folder_so_the_corrected_command_runs(stage, tmp_path, capsys):
+    data, out = tmp_path / "data.jsonl", tmp_path / "out"
+    args = [stage, "--recipe", "tiny", "--model.name", "tiny", "--data.train", str(data), "--data.eval-fraction", "0",
+            "--run.steps", "1", "--batch.micro-batch-size", "1", "--run.out", str(out)]
+    if stage != "rm":
+        args += ["--eval.gold-prompts", "0", "--eval.no-at-start"]
+    data.write_text("\n".join(json.dumps(r) for r in (GOOD[stage], BROKEN[stage])) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and "data.jsonl, line 2" in capsys.readouterr().err
+    assert not out.exists()
+    data.write_text(json.dumps(GOOD[stage]) + "\n")
+    main(args)  # not refused as "already holds a run"
+    assert (out / "complete.json").exists()
+
+
+def test_a_failed_resume_keeps_the_run(tmp_path, capsys):
+    out = tmp_path / "sft"
+    args = ["sft", "--recipe", "tiny", "--run.steps", "2", "--eval.gold-prompts", "0", "--eval.no-at-start",
+            "--data.world-examples", "40", "--batch.micro-batch-size", "4", "--run.out", str(out)]
+    main(args)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(SystemExit):
+        main([*args, "--run.resume", "--optim.lr", "0.5"])
+    assert "the config changed (optim.lr" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before and (out / "complete.json").exists()

@@ -11,7 +11,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from rlhfkit.config import BestOfNConfig, DPOConfig, GRPOConfig, OnlineDPOConfig, PPOConfig, RMConfig, SFTConfig, from_dict, load_recipe_section
+from rlhfkit.config import (BestOfNConfig, DPOConfig, GRPOConfig, OnlineDPOConfig, PPOConfig, RMConfig, SFTConfig, from_dict,
+                            load_recipe_section, require_finite)
 from rlhfkit.errors import RlhfkitError
 
 
@@ -132,7 +133,9 @@ def parse(name: str, args: list[str]) -> Any:
         recipe, args = split_recipe(args)
         if recipe:
             default = from_dict(cls, {**load_recipe_section(recipe, section), "recipe": recipe}, f"recipe {recipe}: {section}")
-    return tyro.cli(cls, default=default, args=args, prog=f"rlhfkit {name}", description=help_line)
+    cfg = tyro.cli(cls, default=default, args=args, prog=f"rlhfkit {name}", description=help_line)
+    require_finite(cfg)
+    return cfg
 
 
 def resolve_function(spec: str) -> Callable[[Any], Any]:

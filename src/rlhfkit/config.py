@@ -9,6 +9,7 @@ are computed once here and checked loudly.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_type_hints
@@ -493,6 +494,17 @@ def require_positive(cfg: Any, *fields: str) -> None:
             raise ConfigError(f"{name} must be positive, got {value}")
 
 
+def require_finite(cfg: Any, where: str = "") -> None:
+    """Fail before any work when a number in a (nested) config is NaN or infinite, naming the
+    field: ``lr <= 0`` is False for NaN, so range checks alone let it through."""
+    for f in dataclasses.fields(cfg):
+        value, name = getattr(cfg, f.name), f"{where}{f.name}"
+        if dataclasses.is_dataclass(value):
+            require_finite(value, f"{name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value}")
+
+
 def exact_div(a: int, b: int, what: str) -> int:
     """a / b when it divides exactly, else a loud error naming the sizes (cleanrl's habit)."""
     if b <= 0 or a % b:
@@ -551,7 +563,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
             except ValueError:
                 raise ConfigError(f"{where}.{key}: expected a number, got {value!r}") from None
         kwargs[key] = value
-    return cls(**kwargs)
+    cfg = cls(**kwargs)
+    require_finite(cfg, f"{where}.")
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:

@@ -11,6 +11,11 @@ class ConfigError(RlhfkitError):
     pass
 
 
+class TrainingDiverged(RlhfkitError):
+    """Training broke down (non-finite weights, a loss blown up, a gradient stuck at 0): the run
+    stops before anything is saved as finished."""
+
+
 class DataError(RlhfkitError):
     """A malformed record. Names the file, the line (or row), the field and what was expected."""
 

@@ -172,6 +172,16 @@ def make_plan(cfg: PipelineConfig) -> Plan:
     return Plan(cfg, algo, Path(cfg.runs_dir) / name, sections)
 
 
+def check_settings(plan: Plan) -> None:
+    """Every stage's settings, built and checked before the run folder exists: a mistake in the
+    recipe or in --set stops the run with nothing written, so the corrected command is not refused."""
+    cls = RL_STAGES[plan.algo][0]
+    for stage_cls, section in ((SFTConfig, "sft"), (RMConfig, "rm"), (cls, RL_STAGES[plan.algo][2])):
+        if section in plan.sections:
+            plan.stage_config(stage_cls, section).check()
+    from_dict(EvalStageConfig, plan.section("eval"), f"recipe {plan.cfg.recipe}: eval")
+
+
 # --- the stages ---------------------------------------------------------------------------------
 
 
@@ -346,6 +356,7 @@ def run(cfg: PipelineConfig) -> Path:
     root = plan.root
     if cfg.labels not in ("simulated", "human") and not Path(cfg.labels).exists():
         raise RlhfkitError(f"--labels {cfg.labels}: no such file")
+    check_settings(plan)
     if cfg.overwrite and root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)

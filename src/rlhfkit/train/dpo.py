@@ -27,7 +27,7 @@ from rlhfkit.eval.policy import PolicyEvaluator, frozen_reference, remember_refe
 from rlhfkit.losses import DPOLoss, dpo_loss
 from rlhfkit.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
 from rlhfkit.rollout import join, response_logprobs
-from rlhfkit.train.loop import (TrainingRun, begin_stage, mark_complete, micro_batches, optimizer_step, start_training,
+from rlhfkit.train.loop import (TrainingRun, begin_stage, mark_complete, micro_batches, stage, start_training,
                                sync_gradients)
 
 # --- 1. pairs -----------------------------------------------------------------------------------
@@ -150,6 +150,7 @@ def pair_metrics(loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> dict[str
 # --- the stage ----------------------------------------------------------------------------------
 
 
+@stage
 def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]] | None = None) -> Path:
     """``comparisons``: (train, held-out) pairs made by the caller (online DPO's iterations);
     otherwise they come from ``cfg.data``."""
@@ -252,12 +253,10 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
                 acc.backward(loss.sum() / global_batch * world_size)
             for key, value in pair_metrics(loss, stats).items():
                 sums[key] = sums.get(key, torch.zeros(())) + value.cpu()
-        grad_norm, skipped = optimizer_step(run.model, run.optimizer, run.scheduler, cfg.optim.max_grad_norm)
         done = step + 1
-        if skipped:
-            run.bar.print(f"step {done}: non-finite gradient norm, update skipped")
-        train_seconds += time.perf_counter() - t_step
         metrics = {f"dpo/{k}": float(acc.reduce(v, reduction="sum")) / global_batch for k, v in sums.items()}
+        grad_norm, skipped = run.update(done, metrics["dpo/loss"])
+        train_seconds += time.perf_counter() - t_step
         metrics.update({"dpo/grad_norm": grad_norm, "dpo/skipped": float(skipped), "dpo/lr": run.scheduler.get_last_lr()[0],
                         "dpo/pairs_per_s": (done - run.start_step) * global_batch / max(train_seconds, 1e-9)})
         run.bar.update(done, f"loss {metrics['dpo/loss']:.4f}  acc {metrics['dpo/accuracy']:.2f}  "

@@ -27,9 +27,10 @@ from rlhfkit.losses import aggregate_loss, policy_gradient_loss
 from rlhfkit.models import apply_lora, load_model, load_tokenizer, save_model
 from rlhfkit.reward import reward_function
 from rlhfkit.rollout import generate, join, response_logprobs, select
-from rlhfkit.train.loop import begin_stage, mark_complete, optimizer_step, start_training
+from rlhfkit.train.loop import begin_stage, mark_complete, stage, start_training
 
 
+@stage
 def train(cfg: GRPOConfig) -> Path:
     acc, out = begin_stage(cfg)
     if acc.num_processes > 1:
@@ -113,10 +114,8 @@ def train(cfg: GRPOConfig) -> Path:
             else:  # a NaN/inf reward or logprob would poison the weights: leave this share out, say so
                 non_finite += 1
             kl_sum += float(stats.get("kl", 0.0)) * float(sub_mask.sum())
-        grad_norm, skipped = optimizer_step(run.model, run.optimizer, run.scheduler, cfg.optim.max_grad_norm)
         done = step + 1
-        if skipped:
-            run.bar.print(f"step {done}: non-finite gradient norm, update skipped")
+        grad_norm, skipped = run.update(done, None)  # non-finite micro-batches were left out above
         if non_finite:
             run.bar.print(f"step {done}: non-finite loss in {non_finite} micro-batch(es), left out of the update "
                           f"(rewards this step: {rewards.flatten().tolist()[:8]}...)")

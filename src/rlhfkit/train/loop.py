@@ -6,21 +6,22 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from rlhfkit.config import BatchConfig, OptimConfig, RunConfig, save_config, to_dict
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import RlhfkitError, TrainingDiverged
 
 COMPLETE = "complete.json"  # written last: its presence means the stage finished
 
@@ -40,6 +41,27 @@ def make_accelerator(precision: str) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+
+
+def stage(train: Callable[..., Path]) -> Callable[..., Path]:
+    """Marks a stage's ``train(cfg, ...)``: when a run into an empty or new ``run.out`` stops on a
+    user's mistake (bad data, a bad setting) before it saved any progress (a checkpoint, a
+    finished round), the folder it started is removed, so the corrected command is not refused as
+    "already holds a run". A diverged run keeps its metrics to read."""
+
+    @functools.wraps(train)
+    def run(cfg: Any, *args, **kwargs) -> Path:
+        out = Path(cfg.run.out)
+        fresh = not out.exists() or not any(out.iterdir())
+        try:
+            return train(cfg, *args, **kwargs)
+        except RlhfkitError as error:
+            progress = any(out.rglob("checkpoints")) or any(out.rglob(COMPLETE))
+            if fresh and not progress and not isinstance(error, TrainingDiverged):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+    return run
 
 
 def begin_stage(cfg: Any) -> tuple[Accelerator, Path]:
@@ -151,6 +173,44 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> tuple[f
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return float(norm), skipped
+
+
+@dataclass
+class DivergenceGuard:
+    """Notices training that has broken down, from what each optimizer update reports: the
+    weights no longer finite, ``patience`` updates in a row skipped (a non-finite loss or
+    gradient) or with a gradient of exactly 0 (a saturated model: at lr 1e3 SFT's loss jumped to
+    4.5e6, then sat at ln(vocab) with zero gradient), or a loss ``blowup`` times its first value.
+    ``check`` returns what went wrong, or None."""
+
+    patience: int = 3
+    blowup: float = 1e3
+    first_loss: float | None = None
+    skipped_in_a_row: int = 0
+    zero_in_a_row: int = 0
+
+    def check(self, loss: float | None, grad_norm: float, skipped: bool, had_gradient: bool,
+              weights_finite: bool) -> str | None:
+        if not weights_finite:
+            return "the weights hold NaN or inf after this update"
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        self.zero_in_a_row = self.zero_in_a_row + 1 if had_gradient and grad_norm == 0 else 0
+        if self.skipped_in_a_row >= self.patience:
+            return f"{self.skipped_in_a_row} updates in a row had a non-finite loss or gradient"
+        if self.zero_in_a_row >= self.patience:
+            return f"the gradient was exactly 0 in {self.zero_in_a_row} updates in a row (the model has saturated)"
+        if loss is not None and math.isfinite(loss):
+            if self.first_loss is None:
+                self.first_loss = loss
+            elif abs(loss) > self.blowup * max(abs(self.first_loss), 1.0):
+                return f"the loss went from {self.first_loss:.4g} to {loss:.4g}"
+        return None
+
+
+def non_finite_weights(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters that hold a NaN or an inf."""
+    with torch.no_grad():
+        return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
 
 
 def sync_gradients(acc: Accelerator, model, last: bool):
@@ -446,6 +506,7 @@ class TrainingRun:
     acc: Accelerator
     out: Path
     run: RunConfig
+    optim: OptimConfig
     batch: BatchConfig
     model: torch.nn.Module  # prepared: DDP-wrapped under several processes
     raw_model: torch.nn.Module  # the underlying model, for evaluation and saving
@@ -456,6 +517,7 @@ class TrainingRun:
     order: DataOrder
     log: MetricsLog
     bar: Progress
+    guard: DivergenceGuard = field(default_factory=DivergenceGuard)
 
     @property
     def global_batch(self) -> int:
@@ -466,18 +528,53 @@ class TrainingRun:
         indices = self.order.batch(step, self.global_batch)
         return indices, micro_batches(indices, self.batch, self.acc.process_index, self.acc.num_processes)
 
+    def update(self, done: int, loss: float | None, loss_has_scale: bool = True) -> tuple[float, bool]:
+        """One optimizer update (``optimizer_step``); returns (grad norm, skipped). Stops the run
+        with ``TrainingDiverged`` when the guard sees it has diverged. ``loss``: the update's loss
+        (reduced over processes) or None; a non-finite one counts as a skipped update. RL
+        surrogates, whose size says nothing of divergence, pass ``loss_has_scale=False``."""
+        had_gradient = any(p.grad is not None for p in self.model.parameters())
+        grad_norm, skipped = optimizer_step(self.model, self.optimizer, self.scheduler, self.optim.max_grad_norm)
+        skipped = skipped or (loss is not None and not math.isfinite(loss))
+        if skipped:
+            self.bar.print(f"step {done}: non-finite loss or gradient norm, update skipped")
+        # NaN weights make NaN gradients (a skip), or answers that no reward tells apart (no gradient)
+        weights_finite = (had_gradient and not skipped) or not non_finite_weights(self.raw_model)
+        problem = self.guard.check(loss if loss_has_scale else None, grad_norm, skipped, had_gradient, weights_finite)
+        if problem:
+            self.diverged(done, problem)
+        return grad_norm, skipped
+
+    def require_finite_weights(self, done: int, metrics: dict[str, float]) -> None:
+        """Before a checkpoint and before the stage saves its model: neither may hold NaN or inf."""
+        bad = non_finite_weights(self.raw_model)
+        if bad:
+            self.log.log(done, metrics)
+            self.diverged(done, f"{len(bad)} weight tensors hold NaN or inf (first: {bad[0]})")
+
+    def diverged(self, done: int, problem: str) -> None:
+        self.bar.close()
+        self.log.close()
+        metrics = f" (metrics so far: {self.log.path})" if self.log.path.exists() else ""
+        raise TrainingDiverged(
+            f"{self.out}: training diverged at step {done}: {problem}. Nothing was saved as finished{metrics}; "
+            f"lower --optim.lr (now {self.optim.lr:g}) and rerun with --run.overwrite")
+
     def finish_step(self, done: int, metrics: dict[str, float], evaluate, extra_state=dict,
                     extra_tensors=dict) -> dict[str, float]:
         """Evaluate, log and checkpoint when due; returns the step's metrics (with eval ones).
         ``extra_state()`` gives stage state to checkpoint beside the weights (JSON-able) and
         ``extra_tensors()`` stage tensors; both come back in ``state`` on resume."""
+        # Not at the last step: the stage saves its final model and complete.json right after, and
+        # a finished stage is never resumed (a PPO checkpoint is ~3 GB, ~10 s of disk writes here).
+        checkpoint = done % self.run.save_every == 0 and done < self.run.steps
+        if checkpoint or done == self.run.steps:  # on every process (they hold the same weights)
+            self.require_finite_weights(done, metrics)
         if is_due(done, self.run.eval_every, self.run.steps):
             metrics.update(evaluate(done))
         if is_due(done, self.run.log_every, self.run.steps):
             self.log.log(done, metrics)
-        # Not at the last step: the stage saves its final model and complete.json right after, and
-        # a finished stage is never resumed (a PPO checkpoint is ~3 GB, ~10 s of disk writes here).
-        if done % self.run.save_every == 0 and done < self.run.steps:
+        if checkpoint:
             if self.acc.is_main_process:
                 save_checkpoint(self.out, done, self.raw_model, self.optimizer, self.scheduler, extra_state(),
                                 self.run.keep_checkpoints, extra_tensors())
@@ -504,7 +601,7 @@ def start_training(acc: Accelerator, out: Path, model: torch.nn.Module, optim: O
     prepared = acc.prepare(model)
     prepared.train()
     return TrainingRun(
-        acc=acc, out=out, run=run, batch=batch, model=prepared, raw_model=acc.unwrap_model(prepared),
+        acc=acc, out=out, run=run, optim=optim, batch=batch, model=prepared, raw_model=acc.unwrap_model(prepared),
         optimizer=optimizer, scheduler=scheduler, start_step=start, state=state, order=DataOrder(n_examples, run.seed),
         log=MetricsLog(out, acc.is_main_process, resume_step=start),
         bar=Progress(run.steps, start, name, acc.is_main_process),

@@ -27,7 +27,7 @@ from rlhfkit.models import load_model, load_tokenizer
 from rlhfkit.reward import reward_function
 from rlhfkit.rollout import generate
 from rlhfkit.train import dpo
-from rlhfkit.train.loop import COMPLETE, MetricsLog, begin_stage, mark_complete
+from rlhfkit.train.loop import COMPLETE, MetricsLog, begin_stage, mark_complete, stage
 
 MODEL_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja")
@@ -99,6 +99,7 @@ def messages(dicts: list[dict]) -> tuple[Message, ...]:
     return tuple(Message(**m) for m in dicts)
 
 
+@stage
 def train(cfg: OnlineDPOConfig) -> Path:
     acc, out = begin_stage(cfg)
     if acc.num_processes > 1:

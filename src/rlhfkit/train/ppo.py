@@ -30,7 +30,7 @@ from rlhfkit.packing import packs_exactly, relative_gap, unwrap
 from rlhfkit.reward import MEAN_KEY, build_reward_model, reward_function
 from rlhfkit.rollout import (Sequences, demonstration_nll, generate, join, packed_response_hidden, probe_batch,
                              response_logprobs, scatter_responses)
-from rlhfkit.train.loop import DataOrder, begin_stage, mark_complete, optimizer_step, start_training
+from rlhfkit.train.loop import DataOrder, begin_stage, mark_complete, stage, start_training
 
 # --- models and rewards -----------------------------------------------------------------------
 
@@ -233,6 +233,7 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 # --- the stage --------------------------------------------------------------------------------
 
 
+@stage
 def train(cfg: PPOConfig) -> Path:
     acc, out = begin_stage(cfg)
     if acc.num_processes > 1:
@@ -366,11 +367,12 @@ def train(cfg: PPOConfig) -> Path:
                     if abs(first_ratio - 1) > 1e-3:
                         run.bar.print(f"warning: step {step + 1}: ratio {first_ratio:.4f} != 1 before the first update: "
                                       "the rollout's logprobs are not the policy's (rows mixed up? temperature?)")
-                if not torch.isfinite(loss):
-                    run.bar.print(f"step {step + 1}: non-finite PPO loss, minibatch skipped")
+                finite = bool(torch.isfinite(loss))
+                if finite:
+                    loss.backward()
+                run.update(step + 1, float(loss.detach()), loss_has_scale=False)  # a non-finite loss: the update is skipped
+                if not finite:
                     continue
-                loss.backward()
-                optimizer_step(run.model, run.optimizer, run.scheduler, cfg.optim.max_grad_norm)
                 stats["pg_loss"].append(float(masked_mean(pg.detach(), m)))
                 stats["vf_loss"].append(float(masked_mean(vf.detach(), m)))
                 stats["vf_clipfrac"].append(float(vf_stats["value_clipfrac"]))

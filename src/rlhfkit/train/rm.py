@@ -33,7 +33,7 @@ from rlhfkit.reward import (
 from rlhfkit.train.loop import (
     begin_stage,
     mark_complete,
-    optimizer_step,
+    stage,
     start_training,
     sync_gradients,
 )
@@ -191,6 +191,7 @@ def reference_stats(model, tokenizer, cfg: RMConfig, train: list[Ranking], encod
 # --- the stage ----------------------------------------------------------------------------------
 
 
+@stage
 def train(cfg: RMConfig) -> Path:
     acc, out = begin_stage(cfg)
     say = acc.print
@@ -247,11 +248,9 @@ def train(cfg: RMConfig) -> Path:
             sums["loss"] += loss.detach().sum().cpu()
             for key in ("pairs", "correct", "best", "worst"):
                 sums[key] += stats[key].sum().cpu()
-        grad_norm, skipped = optimizer_step(run.model, run.optimizer, run.scheduler, cfg.optim.max_grad_norm)
         done = step + 1
-        if skipped:
-            run.bar.print(f"step {done}: non-finite gradient norm, update skipped")
         totals = {k: float(acc.reduce(v, reduction="sum")) for k, v in sums.items()}
+        grad_norm, skipped = run.update(done, totals["loss"] / global_batch)
         train_seconds += time.perf_counter() - t_step
         metrics = {"train/loss": totals["loss"] / global_batch,
                    "train/accuracy": totals["correct"] / max(totals["pairs"], 1.0),

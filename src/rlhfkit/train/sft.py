@@ -21,9 +21,7 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.eval.gold import gold_evaluate
 from rlhfkit.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
 from rlhfkit.rollout import demonstration_nll
-from rlhfkit.train.loop import (
-    begin_stage, mark_complete, optimizer_step, start_training, sync_gradients,
-)
+from rlhfkit.train.loop import begin_stage, mark_complete, stage, start_training, sync_gradients
 
 
 def preferred_responses(source: str, **options) -> tuple[list[Demonstration], ReadReport]:
@@ -76,6 +74,7 @@ def eval_loss(model, examples: list[Example], pad_id: int, batch_size: int) -> f
     return total / max(tokens, 1)
 
 
+@stage
 def train(cfg: SFTConfig) -> Path:
     acc, out = begin_stage(cfg)
     say = acc.print
@@ -142,11 +141,9 @@ def train(cfg: SFTConfig) -> Path:
                     nll, _ = demonstration_nll(run.model, [train_examples[i] for i in micro], pad_id)
                 acc.backward(nll / n_loss_tokens * world_size)
             loss_sum += nll.detach()
-        grad_norm, skipped = optimizer_step(run.model, run.optimizer, run.scheduler, cfg.optim.max_grad_norm)
         done = step + 1
-        if skipped:
-            run.bar.print(f"step {done}: non-finite gradient norm, update skipped")
         loss = float(acc.reduce(loss_sum, reduction="sum")) / n_loss_tokens
+        grad_norm, skipped = run.update(done, loss)
         train_seconds += time.perf_counter() - t_step  # throughput excludes evaluation and saving
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/skipped": float(skipped),
                    "train/lr": run.scheduler.get_last_lr()[0], "train/tokens_per_s": tokens_seen / max(train_seconds, 1e-9)}
