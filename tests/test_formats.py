@@ -150,7 +150,7 @@ SAMPLES: dict[str, tuple[Format, list[dict], list]] = {
     ),
     "ranking": (
         Format.RANKING,
-        [{"prompt": "Pick", "completions": ["x", "y", "z"], "ranking": [3, 7, 3]}],
+        [{"prompt": "Pick", "completions": ["x", "y", "z"], "ranking": [1, 2, 1]}],  # gaps: 0 and 1 are free
         [Ranking(user("Pick"), ("x", "y", "z"), (0, 1, 0))],
     ),
     "prompt": (
@@ -315,7 +315,10 @@ MALFORMED = {
     "demo-empty-prompt": ("demo", {"prompt": "", "completion": "c"}, "prompt", "expected a non-empty prompt"),
     "demo-messages-not-a-list": ("demo", {"messages": "hello"}, "messages", "expected a list of {role, content} messages, got str"),
     "rank-length-mismatch": ("rank", {"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, 1]}, "ranking", "expected a list of 3 ranks (one per completion), got a list of 2"),
-    "rank-negative-rank": ("rank", {"prompt": "p", "completions": ["a", "b"], "ranking": [0, -1]}, "ranking[1]", "non-negative integer rank, got -1"),
+    "rank-negative-rank": ("rank", {"prompt": "p", "completions": ["a", "b"], "ranking": [0, -1]}, "ranking[1]", "an integer from 0 (best) to 1, got -1"),
+    "rank-beyond-completions": ("rank", {"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, 5, 1]}, "ranking[1]", "the rank of completion 1, an integer from 0 (best) to 2, got 5"),
+    "rank-same-text-ranked-twice": ("rank", {"prompt": "p", "completions": ["a", "b", "a"], "ranking": [0, 1, 2]}, "completions[2]", "the same text as completions[0] but ranked 2, not 0"),
+    "pref-lone-surrogate": ("pref", {"prompt": "p \ud800 q", "chosen": "a", "rejected": "b"}, "prompt", "not valid Unicode text: a lone surrogate '\\ud800' at character 2"),
     "rank-single-completion": ("rank", {"prompt": "p", "completions": ["a"], "ranking": [0]}, "completions", "at least 2 completions, got a list of 1"),
     "rank-missing-ranking": (None, {"prompt": "p", "completions": ["a", "b"]}, "ranking", "missing; ranking records need"),
     "prompt-meta-not-object": ("prompt", {"prompt": "p", "meta": ["x"]}, "meta", "expected an object, got list"),
@@ -400,6 +403,60 @@ def test_file_level_errors_raise_even_with_skip_bad(tmp_path, case, skip_bad):
         read_records(path, skip_bad=skip_bad)
     assert str(info.value).startswith(str(path))
     assert fragment in str(info.value)
+
+
+def test_bad_utf8_names_its_line_and_can_be_skipped(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "b\xff"}\n{"prompt": "c"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl, line 2: not UTF-8 text: byte 0xff at byte 14 of the line"):
+        read_records(path)
+    records, report = read_records(path, skip_bad=True)
+    assert [r.messages[0].content for r in records] == ["a", "c"] and report.skipped_bad == 1
+    json_file = tmp_path / "d.json"
+    json_file.write_bytes(b'[\n{"prompt": "a"},\n{"prompt": "\xff"}\n]')
+    with pytest.raises(DataError, match=r"d.json, line 3: not UTF-8 text: byte 0xff"):
+        read_records(json_file)
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.jsonl.gz"])
+def test_a_utf8_byte_order_mark_is_read(tmp_path, name):
+    """Windows tools write one at the start of UTF-8 files; json refused it."""
+    rows = [{"prompt": "a"}, {"prompt": "b"}]
+    text = json.dumps(rows) if name == "d.json" else "".join(json.dumps(r) + "\n" for r in rows)
+    data = b"\xef\xbb\xbf" + text.encode()
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    records, _ = read_records(tmp_path / name)
+    assert [r.messages[0].content for r in records] == ["a", "b"]
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json"])
+def test_deeply_nested_json_is_a_data_error_not_a_recursion_error(tmp_path, name):
+    deep = "[" * 20_000 + "]" * 20_000
+    write_text(tmp_path, name, f'[{{"prompt": "a", "meta": {{"x": {deep}}}}}]' if name == "d.json"
+               else f'{{"prompt": "a"}}\n{{"prompt": "b", "meta": {{"x": {deep}}}}}\n')
+    where = "d.json" if name == "d.json" else "d.jsonl, line 2"
+    with pytest.raises(DataError, match=f"{where}: invalid JSON: nested too deeply to read"):
+        read_records(tmp_path / name)
+
+
+def test_pairs_that_prefer_an_empty_response_are_counted_and_a_file_of_only_those_refused(tmp_path):
+    """The world's own comparisons prefer silence to a wrong answer 191 times in 12,000; a file
+    where every chosen response is empty has its preferred answers in another field."""
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": " ", "rejected": "wrong"}]
+    records, report = read_records(write(tmp_path, "pairs.jsonl", rows))
+    assert len(records) == 2 and "1 pairs prefer an empty response" in report.summary()
+    with pytest.raises(DataError, match="pairs.jsonl: field 'chosen': empty in all 1 pairs; is the preferred"):
+        read_records(write(tmp_path, "pairs.jsonl", rows[1:]))
+
+
+def test_all_tied_rankings_carry_no_preference_and_are_dropped_and_counted(tmp_path):
+    rows = [{"prompt": "p", "completions": ["a", "b"], "ranking": [0, 1]},
+            {"prompt": "q", "completions": ["a", "b", "c"], "ranking": [1, 1, 1]}]
+    records, report = read_records(write(tmp_path, "r.jsonl", rows))
+    assert len(records) == 1 and report.dropped_all_tied == 1
+    assert "dropped 1 rankings whose completions are all tied" in report.summary()
+    with pytest.raises(DataError, match="no usable records; 1 rankings had all their completions tied"):
+        read_records(write(tmp_path, "tied.jsonl", rows[1:]))
 
 
 def test_hub_name_that_cannot_be_reached(monkeypatch):

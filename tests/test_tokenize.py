@@ -69,3 +69,27 @@ def test_left_pad_after_common_prefix_keeps_the_shared_prefix_in_front():
     # a shorter prefix, computed for more sequences than these, may be given
     ids, mask, shared = left_pad_after_common_prefix([[7, 8, 1, 2, 3], [7, 8, 4]], 0, shared=1)
     assert shared == 1 and ids.tolist() == [[7, 8, 1, 2, 3], [7, 0, 0, 8, 4]]
+
+
+def test_huge_texts_are_cut_before_tokenising_without_changing_what_fit_keeps(tiny_tokenizer):
+    """A 20 MB field tokenised whole took ~4 GB and minutes, to keep max_len tokens. The cut to
+    max_len * CHARS_PER_TOKEN characters (the prompt's tail, the response's head) gives exactly
+    the uncut fit, and the tokenizer never sees more than that."""
+    from rlhfkit.data.tokenize import CHARS_PER_TOKEN, response_ids, tokenize_pair
+
+    prompt, response, max_len = user("tell me " * 5_000 + "a story"), "once upon a time " * 5_000, 64
+    uncut = fit(prompt_ids(tiny_tokenizer, prompt), response_ids(tiny_tokenizer, response), max_len)
+    seen = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(tiny_tokenizer, name)
+
+        def __call__(self, text, **kw):
+            seen.append(len(text))
+            return tiny_tokenizer(text, **kw)
+
+    example, _ = tokenize_pair(Recording(), prompt, response, max_len)
+    assert (example.prompt, example.response) == (uncut.prompt, uncut.response)
+    assert example.prompt_truncated and example.response_truncated
+    assert max(seen) < max_len * CHARS_PER_TOKEN + 200  # + the chat template's own text

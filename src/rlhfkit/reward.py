@@ -28,7 +28,7 @@ from transformers import logging as transformers_logging
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhfkit.data.records import Message, Messages, Prompt, messages_to_dicts, user
-from rlhfkit.data.tokenize import fit, prompt_ids, response_ids, right_pad
+from rlhfkit.data.tokenize import CHARS_PER_TOKEN, Example, TruncationReport, right_pad, tokenize_pair
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import TINY, build_tiny_model, disable_dropout, ensure_pad_token, prefer_eager_attention_on_cpu, resolve
 from rlhfkit.packing import (hidden_states, is_wrapped, pack, packs_exactly, probe_sequences, relative_gap,
@@ -113,15 +113,22 @@ def _head(model) -> torch.nn.Linear:
     raise RlhfkitError(f"{type(model).__name__} has no recognisable scalar head (score/classifier)")
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, prompt: Messages, response: str, max_len: int, encoder: bool) -> list[int]:
-    """Token ids the reward model reads for one (prompt, response)."""
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: Messages, response: str, max_len: int, encoder: bool,
+           report: TruncationReport | None = None) -> list[int]:
+    """Token ids the reward model reads for one (prompt, response); ``report`` counts truncation."""
     if not encoder:
-        return fit(prompt_ids(tokenizer, prompt), response_ids(tokenizer, response), max_len).input_ids
-    turns = [f"{m.role.capitalize()}: {m.content}" for m in prompt] + [f"Assistant: {response}"]
-    ids = tokenizer("\n\n".join(turns), add_special_tokens=True)["input_ids"]
-    if len(ids) > max_len:  # keep [CLS] and the end, where the response is
-        ids = ids[:1] + ids[len(ids) - max_len + 1 :]
-    return ids
+        example, length = tokenize_pair(tokenizer, prompt, response, max_len)
+    else:
+        turns = [f"{m.role.capitalize()}: {m.content}" for m in prompt] + [f"Assistant: {response}"]
+        text = "\n\n".join(turns)[-max_len * CHARS_PER_TOKEN :]  # the end is kept, where the response is
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        length = len(ids)
+        if len(ids) > max_len:  # keep [CLS] and the end
+            ids = ids[:1] + ids[len(ids) - max_len + 1 :]
+        example = Example(ids, [], prompt_truncated=len(ids) < length)
+    if report is not None:
+        report.add(example, length)
+    return example.input_ids
 
 
 def rewards_of(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:

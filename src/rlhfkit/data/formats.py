@@ -96,11 +96,17 @@ class ReadReport:
     dropped_identical: int = 0
     resplit_prefix_mismatch: int = 0
     problems: list[str] = field(default_factory=list)
+    dropped_all_tied: int = 0
+    empty_chosen: int = 0  # pairs that prefer saying nothing: real (the world has them), or a wrong field
 
     def summary(self) -> str:
         parts = [f"{self.path}: {self.records} records ({self.format.value})"]
         if self.dropped_identical:
             parts.append(f"dropped {self.dropped_identical} pairs with identical responses")
+        if self.empty_chosen:
+            parts.append(f"{self.empty_chosen} pairs prefer an empty response")
+        if self.dropped_all_tied:
+            parts.append(f"dropped {self.dropped_all_tied} rankings whose completions are all tied (no preference)")
         if self.resplit_prefix_mismatch:
             parts.append(
                 f"{self.resplit_prefix_mismatch} pairs whose transcripts disagree before the "
@@ -221,42 +227,56 @@ def _file_errors(path: Path) -> Iterator[None]:
         yield
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DataError(str(path), None, None, f"corrupted gzip file: {e}") from e
-    except UnicodeDecodeError as e:
-        raise DataError(str(path), None, None, f"not UTF-8 text: {e}") from e
     except PermissionError as e:
         raise DataError(str(path), None, None, f"cannot read the file: {e.strerror}") from e
 
 
-def _open_text(path: Path, gzipped: bool) -> IO[str]:
-    if gzipped:
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open(encoding="utf-8")
+def _open_binary(path: Path, gzipped: bool) -> IO[bytes]:
+    return gzip.open(path, "rb") if gzipped else path.open("rb")
 
 
+# Text is decoded here, line by line, so an encoding error names its line; "utf-8-sig" reads the
+# byte-order mark that Windows tools write at the start of a UTF-8 file.
 def _jsonl_rows(path: Path, gzipped: bool) -> Iterator[_RawRow]:
-    with _file_errors(path), _open_text(path, gzipped) as lines:
-        for number, text in enumerate(lines, start=1):
+    with _file_errors(path), _open_binary(path, gzipped) as lines:
+        for number, raw in enumerate(lines, start=1):
+            at = _Where(str(path), number, "line")
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield number, at.error(None, f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line")
+                continue
             if not text.strip():
                 continue
-            at = _Where(str(path), number, "line")
             try:
                 value = json.loads(text.rstrip("\r\n"))  # so columns count within the line
             except json.JSONDecodeError as e:
                 yield number, at.error(None, f"invalid JSON: {e.msg} at column {e.colno}")
                 continue
+            except RecursionError:
+                yield number, at.error(None, "invalid JSON: nested too deeply to read")
+                continue
             yield number, _as_row(value, at)
 
 
 def _json_rows(path: Path, gzipped: bool) -> Iterator[_RawRow]:
-    with _file_errors(path), _open_text(path, gzipped) as text:
-        try:
-            data = json.load(text)
-        except json.JSONDecodeError as e:
-            lines_hint = e.msg == "Extra data"
-            hint = "; it looks like JSON Lines: rename it to .jsonl" if lines_hint else ""
-            raise DataError(
-                str(path), e.lineno, None, f"invalid JSON: {e.msg} at column {e.colno}{hint}"
-            ) from e
+    with _file_errors(path), _open_binary(path, gzipped) as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(str(path), line, None, f"not UTF-8 text: byte 0x{raw[e.start]:02x}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        lines_hint = e.msg == "Extra data"
+        hint = "; it looks like JSON Lines: rename it to .jsonl" if lines_hint else ""
+        raise DataError(
+            str(path), e.lineno, None, f"invalid JSON: {e.msg} at column {e.colno}{hint}"
+        ) from e
+    except RecursionError:
+        raise DataError(str(path), None, None, "invalid JSON: nested too deeply to read") from None
     for number, value in enumerate(_top_level_list(data, path), start=1):
         yield number, _as_row(value, _Where(str(path), number, "row"))
 
@@ -514,6 +534,7 @@ def _parse_preference(row: dict, at: _Where, report: ReadReport) -> Comparison |
     if chosen == rejected:
         report.dropped_identical += 1
         return None
+    report.empty_chosen += not chosen.strip()
     return Comparison(prompt, chosen, rejected, margin=_margin(row, at), meta=_meta(row, at))
 
 
@@ -550,7 +571,7 @@ def _parse_demonstration(row: dict, at: _Where, report: ReadReport) -> Demonstra
     return Demonstration(prompt, response, meta=_meta(row, at))
 
 
-def _parse_ranking(row: dict, at: _Where, report: ReadReport) -> Ranking:
+def _parse_ranking(row: dict, at: _Where, report: ReadReport) -> Ranking | None:
     _require(row, at, Format.RANKING, "prompt", "completions", "ranking")
     prompt = _prompt(row["prompt"], "prompt", at)
     completions, ranking = row["completions"], row["ranking"]
@@ -566,14 +587,24 @@ def _parse_ranking(row: dict, at: _Where, report: ReadReport) -> Ranking:
             f"{_describe(ranking)}",
         )
     for i, rank in enumerate(ranking):
-        if not _is_int(rank) or rank < 0:
-            raise at.error(f"ranking[{i}]", f"expected a non-negative integer rank, got {rank!r}")
+        if not _is_int(rank) or not 0 <= rank < len(completions):
+            raise at.error(f"ranking[{i}]", f"expected the rank of completion {i}, an integer from 0 (best) to "
+                                            f"{len(completions) - 1}, got {rank!r}")
     texts = tuple(_response(c, f"completions[{i}]", at, judged=True) for i, c in enumerate(completions))
+    first = {}
+    for i, text in enumerate(texts):
+        j = first.setdefault(text, i)
+        if ranking[j] != ranking[i]:
+            raise at.error(f"completions[{i}]", f"the same text as completions[{j}] but ranked {ranking[i]}, "
+                                                f"not {ranking[j]}")
+    if len(set(ranking)) == 1:
+        report.dropped_all_tied += 1
+        return None
     return Ranking(prompt, texts, _dense_ranks(ranking), meta=_meta(row, at))
 
 
 def _dense_ranks(ranking: list[int]) -> tuple[int, ...]:
-    """Any non-negative ranks -> 0..m with ties kept, so (3, 7, 3) becomes (0, 1, 0)."""
+    """Ranks with gaps (competition ranking: 0, 1, 1, 3) -> 0..m with ties kept (0, 1, 1, 2)."""
     order = {rank: dense for dense, rank in enumerate(sorted(set(ranking)))}
     return tuple(order[rank] for rank in ranking)
 
@@ -604,7 +635,7 @@ def _prompt(value: Any, name: str, at: _Where) -> Messages:
     if isinstance(value, str):
         if not value.strip():
             raise at.error(name, "expected a non-empty prompt, got an empty string")
-        return user(value)
+        return user(_text(value, name, at))
     if isinstance(value, list):
         messages = _messages(value, name, at)
         _check_prompt(messages, name, at)
@@ -631,7 +662,7 @@ def _response(value: Any, name: str, at: _Where, judged: bool = False) -> str:
     if isinstance(value, str):
         if not judged and not value.strip():
             raise at.error(name, "expected a non-empty response, got an empty string")
-        return value
+        return _text(value, name, at)
     if isinstance(value, list):
         return _final_reply(_messages(value, name, at), name, at, judged)
     raise at.error(name, f"{_MESSAGES_OR_STRING}, got {_type_name(value)}")
@@ -662,13 +693,23 @@ def _message(item: Any, name: str, at: _Where) -> Message:
         raise at.error(f"{name}.role", f"expected one of {', '.join(ROLES)}, got {role!r}")
     if not isinstance(content, str):
         raise at.error(f"{name}.content", f"expected a string, got {_type_name(content)}")
-    return Message(role, content)
+    return Message(role, _text(content, f"{name}.content", at))
 
 
 def _string(row: dict, name: str, at: _Where) -> str:
     if not isinstance(row[name], str):
         raise at.error(name, f"expected a string, got {_type_name(row[name])}")
-    return row[name]
+    return _text(row[name], name, at)
+
+
+def _text(value: str, name: str, at: _Where) -> str:
+    """Text a tokenizer can read: JSON's "\\ud800" escape gives a lone surrogate, which is no
+    Unicode character (the tokenizer raised TypeError)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise at.error(name, f"not valid Unicode text: a lone surrogate {value[e.start]!r} at character {e.start}") from None
+    return value
 
 
 def _margin(row: dict, at: _Where) -> float | None:
@@ -796,6 +837,9 @@ def _read(
     report.records = len(records)
     if not records and limit != 0:
         raise DataError(str(source), None, None, _nothing_read(report))
+    if records and report.empty_chosen == len(records):
+        raise DataError(str(source), None, "chosen", f"empty in all {len(records)} pairs; is the preferred "
+                                                     "response in another field?")
     return records, report
 
 
@@ -876,4 +920,6 @@ def _nothing_read(report: ReadReport) -> str:
         problem += report.problems[0]
     if report.dropped_identical:
         problem += f"; {report.dropped_identical} pairs had identical responses"
+    if report.dropped_all_tied:
+        problem += f"; {report.dropped_all_tied} rankings had all their completions tied"
     return problem

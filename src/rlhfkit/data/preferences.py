@@ -17,7 +17,7 @@ from rlhfkit.data.records import (
     Message,
     Ranking,
     messages_to_dicts,
-    prompt_bucket,
+    split_by_prompt,
 )
 from rlhfkit.data.world import Labeler, World
 from rlhfkit.errors import RlhfkitError
@@ -81,8 +81,7 @@ def load_rankings(data: PreferenceDataConfig, model_cfg: ModelConfig, seed: int,
     if data.eval:
         held = read_rankings_file(data.eval, data)
     else:
-        held = [r for r in train if prompt_bucket(r.prompt) < data.eval_fraction]
-        train = [r for r in train if prompt_bucket(r.prompt) >= data.eval_fraction]
+        train, held = split_by_prompt(train, data.eval_fraction, data.train)
     if data.max_examples:
         train = train[: data.max_examples]
     if data.max_eval_examples:

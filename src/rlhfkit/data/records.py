@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
+from rlhfkit.errors import RlhfkitError
+
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
@@ -111,3 +113,17 @@ def prompt_bucket(messages: Messages) -> float:
     lands on the same side, so no prompt is both trained on and evaluated."""
     text = json.dumps(messages_to_dicts(messages))
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 16**8
+
+
+def split_by_prompt(records: list, fraction: float, source: str) -> tuple[list, list]:
+    """(train, held out): records whose ``prompt_bucket`` is below ``fraction`` are held out.
+    Refuses a split that leaves nothing to train on, and says when nothing is held out."""
+    held = [r for r in records if prompt_bucket(r.prompt) < fraction]
+    train = [r for r in records if prompt_bucket(r.prompt) >= fraction]
+    if not train:
+        raise RlhfkitError(f"{source}: all {len(records)} records fell in the held-out share (eval_fraction "
+                           f"{fraction}); pass more data, a smaller --data.eval-fraction or a --data.eval file")
+    if not held and fraction > 0:
+        print(f"warning: {source}: none of its {len(records)} records fell in the held-out share (eval_fraction "
+              f"{fraction}), so nothing is evaluated; pass more data or a --data.eval file")
+    return train, held

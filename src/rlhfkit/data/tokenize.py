@@ -16,19 +16,27 @@ from functools import lru_cache
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from rlhfkit.data.records import Demonstration, Messages, messages_to_dicts
+from rlhfkit.data.records import Demonstration, Message, Messages, messages_to_dicts
+
+# Text is cut to ``max_len * CHARS_PER_TOKEN`` characters before tokenising: a token of natural
+# text covers far fewer, so what ``fit`` keeps is unchanged, and a 20 MB field no longer takes
+# ~4 GB and minutes to tokenise only to be cut to max_len tokens.
+CHARS_PER_TOKEN = 32
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> str:
     return tokenizer.apply_chat_template(messages_to_dicts(messages), tokenize=False, add_generation_prompt=True)
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[int]:
-    """Token ids of a prompt ready for generation.
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Messages, max_len: int | None = None) -> list[int]:
+    """Token ids of a prompt ready for generation; with ``max_len``, each message is first cut to
+    its last ``max_len * CHARS_PER_TOKEN`` characters (``fit`` keeps a prompt's most recent tokens).
 
     The template already writes any BOS it wants, so we tokenize with add_special_tokens=False;
     otherwise tokenizers that add BOS themselves (Llama) would start with two of them.
     """
+    if max_len:
+        messages = tuple(Message(m.role, m.content[-max_len * CHARS_PER_TOKEN :]) for m in messages)
     return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
 
 
@@ -57,8 +65,11 @@ def _end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.eos_token_id
 
 
-def response_ids(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:
-    """Response tokens plus the end-of-turn token: what a rollout should produce."""
+def response_ids(tokenizer: PreTrainedTokenizerBase, response: str, max_len: int | None = None) -> list[int]:
+    """Response tokens plus the end-of-turn token: what a rollout should produce. With
+    ``max_len``, the text is first cut to its first ``max_len * CHARS_PER_TOKEN`` characters."""
+    if max_len:
+        response = response[: max_len * CHARS_PER_TOKEN]
     return tokenizer(response, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
 
 
@@ -93,8 +104,14 @@ def fit(prompt: list[int], response: list[int], max_len: int) -> Example:
     return Example(new_prompt, new_response, len(new_prompt) < len(prompt), len(new_response) < len(response))
 
 
+def tokenize_pair(tokenizer: PreTrainedTokenizerBase, prompt: Messages, response: str, max_len: int) -> tuple[Example, int]:
+    """(prompt, response) fitted to ``max_len``, and its length before ``fit`` (for a report)."""
+    p, r = prompt_ids(tokenizer, prompt, max_len), response_ids(tokenizer, response, max_len)
+    return fit(p, r, max_len), len(p) + len(r)
+
+
 def tokenize_demonstration(tokenizer: PreTrainedTokenizerBase, demo: Demonstration, max_len: int) -> Example:
-    return fit(prompt_ids(tokenizer, demo.prompt), response_ids(tokenizer, demo.response), max_len)
+    return tokenize_pair(tokenizer, demo.prompt, demo.response, max_len)[0]
 
 
 @dataclass
@@ -126,9 +143,8 @@ def tokenize_demonstrations(
     report = TruncationReport()
     examples = []
     for demo in demos:
-        p, r = prompt_ids(tokenizer, demo.prompt), response_ids(tokenizer, demo.response)
-        ex = fit(p, r, max_len)
-        report.add(ex, len(p) + len(r))
+        ex, length = tokenize_pair(tokenizer, demo.prompt, demo.response, max_len)
+        report.add(ex, length)
         examples.append(ex)
     return examples, report
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from rlhfkit.config import DPOConfig
 from rlhfkit.data.preferences import load_rankings
 from rlhfkit.data.records import Comparison, Ranking
-from rlhfkit.data.tokenize import fit, prompt_ids, response_ids
+from rlhfkit.data.tokenize import TruncationReport, fit, prompt_ids, response_ids
 from rlhfkit.data.world import World
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.eval.policy import PolicyEvaluator, frozen_reference, remember_reference_answers
@@ -49,15 +49,21 @@ class Pair:
     rejected: list[int]
 
 
-def tokenize_pairs(tokenizer, comparisons: list[Comparison], max_len: int) -> list[Pair]:
+def tokenize_pairs(tokenizer, comparisons: list[Comparison], max_len: int,
+                   report: TruncationReport | None = None) -> list[Pair]:
     """Truncate like SFT (old context first, then the response tail), with one prompt cut for both
-    sides, so chosen and rejected answer exactly the same context."""
+    sides, so chosen and rejected answer exactly the same context. ``report`` counts truncation
+    of each pair's longer side."""
     pairs = []
     for c in comparisons:
-        prompt, chosen, rejected = prompt_ids(tokenizer, c.prompt), response_ids(tokenizer, c.chosen), response_ids(tokenizer, c.rejected)
-        kept = fit(prompt, max(chosen, rejected, key=len), max_len).prompt
-        room = max_len - len(kept)
-        pairs.append(Pair(kept, chosen[:room], rejected[:room]))
+        prompt = prompt_ids(tokenizer, c.prompt, max_len)
+        chosen, rejected = response_ids(tokenizer, c.chosen, max_len), response_ids(tokenizer, c.rejected, max_len)
+        longer = max(chosen, rejected, key=len)
+        fitted = fit(prompt, longer, max_len)
+        if report is not None:
+            report.add(fitted, len(prompt) + len(longer))
+        room = max_len - len(fitted.prompt)
+        pairs.append(Pair(fitted.prompt, chosen[:room], rejected[:room]))
     return pairs
 
 
@@ -165,11 +171,13 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
             train_rankings, eval_rankings = load_rankings(cfg.data, cfg.model, cfg.run.seed, out)
         comparisons = to_comparisons(train_rankings, algo.pairs), to_comparisons(eval_rankings, algo.pairs)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-    train_pairs = tokenize_pairs(tokenizer, comparisons[0], cfg.data.max_seq_len)
+    truncation = TruncationReport()
+    train_pairs = tokenize_pairs(tokenizer, comparisons[0], cfg.data.max_seq_len, truncation)
     eval_pairs = tokenize_pairs(tokenizer, comparisons[1], cfg.data.max_seq_len)
     if not train_pairs:
         raise RlhfkitError(f"no preference pairs in {cfg.data.train} (every ranking was a tie?)")
-    say(f"dpo data: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs ({algo.pairs}); loss {variant.value}")
+    say(f"dpo data: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs ({algo.pairs}); loss {variant.value}; "
+        f"pairs: {truncation.summary(cfg.data.max_seq_len)}")
 
     # 2. The policy; the reference is the same starting weights.
     policy = load_model(cfg.model, tokenizer, seed=cfg.run.seed)

@@ -18,6 +18,7 @@ import torch
 from rlhfkit.config import RMConfig
 from rlhfkit.data.preferences import load_rankings
 from rlhfkit.data.records import Ranking
+from rlhfkit.data.tokenize import TruncationReport
 from rlhfkit.data.world import World
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.losses import center_penalty, ranking_loss
@@ -51,9 +52,10 @@ class Group:
     gold: list[float] | None  # the world's gold scores, to check the RM against the true ordering
 
 
-def to_groups(tokenizer, rankings: list[Ranking], max_len: int, encoder: bool) -> list[Group]:
+def to_groups(tokenizer, rankings: list[Ranking], max_len: int, encoder: bool,
+              report: TruncationReport | None = None) -> list[Group]:
     return [
-        Group([encode(tokenizer, r.prompt, c, max_len, encoder) for c in r.completions], list(r.ranks),
+        Group([encode(tokenizer, r.prompt, c, max_len, encoder, report) for c in r.completions], list(r.ranks),
               float(r.meta.get("margin") or 0.0), r.meta.get("gold"))
         for r in rankings
     ]
@@ -201,12 +203,14 @@ def train(cfg: RMConfig) -> Path:
         train_rankings, eval_rankings = load_rankings(cfg.data, cfg.model, cfg.run.seed, out)
     encoder = backbone_is_encoder(cfg.model.name, cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, chat=not encoder)
-    train_groups = to_groups(tokenizer, train_rankings, cfg.data.max_seq_len, encoder)
+    truncation = TruncationReport()
+    train_groups = to_groups(tokenizer, train_rankings, cfg.data.max_seq_len, encoder, truncation)
     eval_groups = to_groups(tokenizer, eval_rankings, cfg.data.max_seq_len, encoder)
     if not train_groups:
         raise RlhfkitError(f"no training comparisons or rankings in {cfg.data.train}")
     ks = sorted({len(g.seqs) for g in train_groups})
-    say(f"reward model data: {len(train_groups)} train / {len(eval_groups)} held-out prompts; K in {ks}")
+    say(f"reward model data: {len(train_groups)} train / {len(eval_groups)} held-out prompts; K in {ks}; "
+        f"completions: {truncation.summary(cfg.data.max_seq_len)}")
 
     # 3. Backbone + scalar head (head reads the last real token, the EOS), optionally LoRA.
     model = build_reward_model(cfg.model.name, tokenizer, cfg.run.seed, cfg.model.trust_remote_code)

@@ -14,7 +14,7 @@ import torch
 
 from rlhfkit.config import DataConfig, SFTConfig
 from rlhfkit.data.formats import ReadReport, read_demonstrations, read_records
-from rlhfkit.data.records import Comparison, Demonstration, Prompt, Ranking, prompt_bucket
+from rlhfkit.data.records import Comparison, Demonstration, Prompt, Ranking, split_by_prompt
 from rlhfkit.data.tokenize import Example, count_loss_tokens, tokenize_demonstrations
 from rlhfkit.data.world import World
 from rlhfkit.errors import RlhfkitError
@@ -54,9 +54,7 @@ def load_data(data: DataConfig, gold_prompts: int) -> tuple[list[Demonstration],
         held_out, eval_report = read(data.eval, format=data.format, skip_bad=data.skip_bad)
         print(eval_report.summary())
     else:  # hold out by prompt hash, so the same prompt never lands on both sides
-        is_eval = [prompt_bucket(d.prompt) < data.eval_fraction for d in train]
-        held_out = [d for d, e in zip(train, is_eval) if e]
-        train = [d for d, e in zip(train, is_eval) if not e]
+        train, held_out = split_by_prompt(train, data.eval_fraction, data.train)
     return train, held_out[: data.eval_examples], []
 
 
