@@ -37,11 +37,12 @@ class LabelServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_token = admin_token
         self.log = tmp / f"server-{self.port}.log"
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
+        # The admin token in the environment, as the README advises (flags show in `ps`).
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1",
+               "RLHFKIT_ADMIN_TOKEN": admin_token}
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "rlhfkit.cli", "label", "serve", "--port", str(self.port),
-                 "--admin-token", admin_token, *args],
+                [sys.executable, "-m", "rlhfkit.cli", "label", "serve", "--port", str(self.port), *args],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
         self.wait_ready()
 

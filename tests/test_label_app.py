@@ -1,6 +1,6 @@
 """The labelling web app over HTTP (in process): sign-in and its errors, the labelling form,
-CSRF and cross-site refusals, the body size limit, escaping of hostile prompts, the admin page
-and the JSON API."""
+CSRF and cross-site refusals, the body size limit, escaping of hostile prompts, the admin page,
+the JSON API, out-of-range ids, deeply nested JSON and the Host allow-list."""
 
 import re
 
@@ -8,6 +8,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from rlhfkit.data.records import user
+from rlhfkit.hosts import allowed_hosts
 from rlhfkit.label.app import create_app
 from rlhfkit.label.store import NewTask, Store
 
@@ -177,3 +178,47 @@ def test_json_api_with_a_bearer_token(env):
     assert response.status_code == 422 and "every one of the 3" in response.json()["detail"]
     assert client.post("/api/label", content=b"{", headers=headers).status_code == 422
     assert len(store.labels()) == 1
+
+
+def test_task_ids_past_sqlites_integer_range_are_refused_clearly(env):
+    store, client, tokens = env
+    headers = {"authorization": f"Bearer {tokens['bob']}"}
+    body = {"submission_id": "bob-0001", "action": "skip"}
+    for task_id in (2**63, -(2**63) - 1, 0):  # the driver overflowed (500) on the first two
+        response = client.post("/api/label", json={**body, "task_id": task_id}, headers=headers)
+        assert response.status_code == 422 and "task_id must be a whole number from 1 to" in response.json()["detail"]
+    response = client.post("/api/label", json={**body, "task_id": 2**63 - 1}, headers=headers)
+    assert response.status_code == 404  # in range: the database is asked, and has no such task
+    sign_in(client, tokens["ann"])
+    fields = form_fields(client.get("/").text)
+    response = client.post("/label", data={**fields, "action": "skip", "task_id": str(2**63)})
+    assert response.status_code == 422 and "task_id must be a whole number from 1 to" in response.text
+    assert store.labels() == []
+
+
+def test_deeply_nested_json_is_a_clear_400_and_huge_numbers_a_422(env):
+    store, client, tokens = env
+    headers = {"authorization": f"Bearer {tokens['bob']}"}
+    deep = b"[" * 20_000 + b"]" * 20_000  # 40 KB, under the body limit; json.loads recursed out (500)
+    response = client.post("/api/label", content=deep, headers=headers)
+    assert response.status_code == 400 and "nested too deeply" in response.json()["detail"]
+    response = client.post("/api/label", content=b'{"task_id": ' + b"1" * 5000 + b"}", headers=headers)
+    assert response.status_code == 422 and "not JSON" in response.json()["detail"]  # past int()'s digit limit
+    assert store.labels() == []
+
+
+def test_host_allow_list_refuses_other_names_as_rlhfkit_serve_does(env):
+    store, _, _ = env
+    assert allowed_hosts("127.0.0.1") == ["127.0.0.1", "localhost"]
+    assert allowed_hosts("::1", ["Labels.Example.com"]) == ["127.0.0.1", "localhost", "[::1]", "labels.example.com"]
+    assert allowed_hosts("10.0.0.5") == ["127.0.0.1", "localhost", "10.0.0.5"]
+    assert allowed_hosts("0.0.0.0") is None  # every address: no names to check against
+    with pytest.raises(ValueError, match="no port"):
+        allowed_hosts("127.0.0.1", ["labels.example.com:443"])
+    client = TestClient(create_app(store, allowed_hosts=allowed_hosts("127.0.0.1", ["labels.example.com"])),
+                        base_url="http://127.0.0.1:8000")
+    for host in ("127.0.0.1:8000", "localhost", "labels.example.com"):
+        assert client.get("/healthz", headers={"host": host}).status_code == 200
+    for host in ("rebound.evil.example", "127.0.0.1.evil.example:8000"):  # DNS rebinding: another name
+        response = client.get("/login", headers={"host": host})
+        assert response.status_code == 400 and "nosniff" in response.headers["x-content-type-options"]

@@ -283,6 +283,45 @@ def test_commands_add_labeller_and_export(tmp_path, capsys):
     assert "--prompts needs --model" in capsys.readouterr().err
 
 
+def serve_app(monkeypatch, *args: str):
+    """`rlhfkit label serve ARGS` up to the point it would listen: the app it would serve."""
+    import uvicorn
+    from starlette.testclient import TestClient
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    main(["label", "serve", *args])
+    return TestClient(served["app"], base_url=f"http://{served['host']}:{served['port']}")
+
+
+def test_serve_takes_the_admin_token_from_the_environment_and_the_flag_wins(tmp_path, monkeypatch, capsys):
+    db = str(tmp_path / "cli.db")
+    monkeypatch.setenv("RLHFKIT_ADMIN_TOKEN", "admin-from-the-environment")
+    serve_app(monkeypatch, "--db", db)
+    assert "admin token (shown this once" not in capsys.readouterr().out  # none made: the variable's is kept
+    assert Store(db).authenticate("admin-from-the-environment").admin
+    serve_app(monkeypatch, "--db", db, "--admin-token", "admin-from-the-flag")
+    assert Store(db).authenticate("admin-from-the-flag").admin
+    assert Store(db).authenticate("admin-from-the-environment") is None
+
+
+def test_serve_answers_only_its_own_host_names(tmp_path, monkeypatch, capsys):
+    db = str(tmp_path / "cli.db")
+    client = serve_app(monkeypatch, "--db", db, "--admin-token", "admin-token-for-tests")
+    assert client.get("/healthz").status_code == 200  # Host: 127.0.0.1:8000
+    assert client.get("/healthz", headers={"host": "rebound.evil.example"}).status_code == 400
+    client = serve_app(monkeypatch, "--db", db, "--allowed-host", "labels.example.com", "--allowed-host", "*.lab")
+    for host in ("localhost:8000", "labels.example.com", "a.lab"):
+        assert client.get("/healthz", headers={"host": host}).status_code == 200
+    assert client.get("/healthz", headers={"host": "rebound.evil.example"}).status_code == 400
+    client = serve_app(monkeypatch, "--db", db, "--host", "0.0.0.0")
+    assert client.get("/healthz", headers={"host": "anything.example"}).status_code == 200
+    assert "any Host header is answered" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        serve_app(monkeypatch, "--db", db, "--allowed-host", "labels.example.com:443")
+    assert "--allowed-host" in capsys.readouterr().err
+
+
 # --- a server database ----------------------------------------------------------------------------
 
 POSTGRES = os.environ.get("RLHFKIT_TEST_POSTGRES", "")

@@ -10,6 +10,8 @@ markup) and one small script. Each defence, and why:
   or Sec-Fetch-Site names another site is refused before its body is read (a page on another
   port of the same machine is "same-site" and would otherwise get the SameSite cookie);
 - bodies over ``max_body`` bytes are refused with 413 while streaming, before they are buffered;
+- with ``allowed_hosts``, a Host header naming another domain gets 400: a page that points its
+  own domain at this machine (DNS rebinding) would otherwise be same-origin with us;
 - a Content-Security-Policy that allows only our own script file, so even a rendering bug
   could not run a script that came in with the data.
 
@@ -28,6 +30,7 @@ from urllib.parse import urlsplit
 
 import jinja2
 from fastapi import FastAPI, Request
+from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool  # database calls block: each runs in a thread
 from starlette.datastructures import Headers
@@ -51,7 +54,7 @@ from rlhfkit.label.tasks import GenerationStatus
 MAX_BODY = 64 * 1024
 SESSION_COOKIE = "rlhfkit_session"
 LOGIN_COOKIE = "rlhfkit_login"  # double-submit token of the sign-in form (login CSRF)
-ERROR_STATUS = {InvalidSubmission: 422, NotAssigned: 404, Conflict: 409}
+MAX_ID = 2**63 - 1  # SQLite's largest integer: its driver overflows (a 500) on any id past it
 SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
                                  b"connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
@@ -63,6 +66,13 @@ SECURITY_HEADERS = [
 ]
 BAD_TOKEN = ("That token is not valid. Labellers get a token from the admin "
              "(rlhfkit label add-labeller NAME); the admin token was printed when the server first started.")
+
+
+class TooDeep(InvalidSubmission):
+    """A JSON body nested past the parser's recursion limit (a 400; a submission needs 2 levels)."""
+
+
+ERROR_STATUS = {InvalidSubmission: 422, TooDeep: 400, NotAssigned: 404, Conflict: 409}
 
 
 class BodyTooLarge(HTTPException):
@@ -124,9 +134,15 @@ class Auth(NamedTuple):
     session_id: str | None
 
 
-def create_app(store: Store, generation: GenerationStatus | None = None, max_body: int = MAX_BODY) -> FastAPI:
-    """The web app over ``store``; ``generation`` is the background generation's status, if any."""
+def create_app(store: Store, generation: GenerationStatus | None = None, max_body: int = MAX_BODY,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The web app over ``store``; ``generation`` is the background generation's status, if any.
+
+    ``allowed_hosts``: the Host header names to answer (see rlhfkit.hosts.allowed_hosts); None: any.
+    """
     app = FastAPI(title="rlhfkit label", docs_url=None, redoc_url=None, openapi_url=None)
+    if allowed_hosts is not None:  # against DNS rebinding; added first, so it runs inside Guard's headers
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     app.add_middleware(Guard, max_body=max_body)
     templates = jinja2.Environment(loader=jinja2.PackageLoader("rlhfkit.label", "templates"), autoescape=True,
                                    undefined=jinja2.StrictUndefined)
@@ -315,16 +331,19 @@ def form_submission(form) -> Submission:
         if not given or "" in given:
             raise InvalidSubmission("give every response a rank (1 = best; equal numbers for ties)")
         ranks = tuple(_int(r, "rank") for r in given)
-    return Submission(task_id=_int(values.get("task_id", ""), "task_id"), submission_id=values.get("submission_id", ""),
+    task_id = _id(_int(values.get("task_id", ""), "task_id"), "task_id")
+    return Submission(task_id=task_id, submission_id=values.get("submission_id", ""),
                       action=action, ranks=ranks, demonstration=values.get("demonstration", ""),
                       note=values.get("note", ""))
 
 
 def json_submission(body: bytes) -> Submission:
     """A Submission from ``{task_id, submission_id, action, ranks?, demonstration?, note?}``."""
-    try:
+    try:  # the one place a request's JSON is parsed
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise TooDeep("the JSON body is nested too deeply: a submission is an object holding a list") from None
+    except ValueError as e:  # bad JSON or UTF-8, or a number past Python's 4300-digit limit
         raise InvalidSubmission(f"the body is not JSON: {e}") from None
     if not isinstance(data, dict):
         raise InvalidSubmission("expected a JSON object")
@@ -339,7 +358,14 @@ def json_submission(body: bytes) -> Submission:
     task_id = data.get("task_id")
     if not isinstance(task_id, int) or isinstance(task_id, bool):
         raise InvalidSubmission("task_id must be a whole number")
-    return Submission(task_id=task_id, ranks=None if ranks is None else tuple(ranks), **text)
+    return Submission(task_id=_id(task_id, "task_id"), ranks=None if ranks is None else tuple(ranks), **text)
+
+
+def _id(value: int, name: str) -> int:
+    """``value`` if it can be a row id: checked here, before the database driver sees it."""
+    if not 1 <= value <= MAX_ID:
+        raise InvalidSubmission(f"{name} must be a whole number from 1 to {MAX_ID}")
+    return value
 
 
 def _int(value: str, name: str) -> int:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import tyro
 
 from rlhfkit.errors import ConfigError
+from rlhfkit.hosts import allowed_hosts, is_loopback
+
+ADMIN_TOKEN_ENV = "RLHFKIT_ADMIN_TOKEN"
 
 
 @dataclass
@@ -35,8 +39,12 @@ class LabelServeConfig:
     proxy in front (tokens and labels would otherwise cross the network in clear text)."""
     port: int = 8000
     """Port to listen on."""
+    allowed_host: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """Another name this server answers to in the Host header (`*.example.com` for a domain), e.g. the
+    public name a reverse proxy forwards; other names get 400. Always accepted: localhost, 127.0.0.1, --host."""
     admin_token: str = ""
-    """The admin token (for /admin). Empty: keep the stored one, or make one at first start and print it."""
+    """The admin token (for /admin); or set $RLHFKIT_ADMIN_TOKEN, which `ps` does not show (this flag wins).
+    Neither: keep the stored one, or make one at first start and print it."""
     temperature: float = 1.0
     """Sampling temperature with --model; must be > 0 for K different responses."""
     max_new_tokens: int = 256
@@ -58,6 +66,10 @@ class LabelServeConfig:
             raise ConfigError(f"temperature {self.temperature} (greedy) gives {self.k} identical responses; use > 0")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
+        try:
+            allowed_hosts(self.host, self.allowed_host)
+        except ValueError as e:
+            raise ConfigError(f"--host / --allowed-host: {e}") from None
 
 
 def serve(cfg: LabelServeConfig) -> None:
@@ -71,7 +83,7 @@ def serve(cfg: LabelServeConfig) -> None:
     cfg.check()
     prompts = read_prompts(cfg.prompts, format="prompt")[0] if cfg.model else []  # a bad file fails first
     store = Store(cfg.db, labels_per_task=cfg.labels_per_task)
-    made = store.set_admin_token(cfg.admin_token)
+    made = store.set_admin_token(cfg.admin_token or os.environ.get(ADMIN_TOKEN_ENV, ""))
     if made:
         print(f"admin token (shown this once, stored hashed): {made}")
     if cfg.responses:
@@ -89,19 +101,15 @@ def serve(cfg: LabelServeConfig) -> None:
         print("no tasks yet: pass --responses FILE, or --model MODEL --prompts FILE")
     if not store.labeller_names():
         print(f"no labellers yet: add one with `rlhfkit label add-labeller NAME --db {cfg.db}`")
-    if not _loopback(cfg.host):
+    if not is_loopback(cfg.host):
         print(f"warning: listening on {cfg.host}, beyond this machine: serve it through a TLS reverse proxy")
+    hosts = allowed_hosts(cfg.host, cfg.allowed_host)
+    if hosts is None:
+        print(f"warning: {cfg.host} is every address, so any Host header is answered: name this server's with "
+              "--allowed-host to refuse the rest (DNS rebinding)")
     print(f"labelling app on http://{cfg.host}:{cfg.port}/ (admin page: /admin)", flush=True)
-    uvicorn.run(create_app(store, generation), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    app = create_app(store, generation, allowed_hosts=hosts)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
 
 
 @dataclass
