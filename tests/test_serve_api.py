@@ -1,7 +1,7 @@
 """`rlhfkit serve`: the official openai client against a real server process (models, plain and
 streamed completions, the API key, n, max_tokens, the body limit), and the app in-process for
 the rest: stop strings, seeds, validation errors in OpenAI's shape, the chat page, cancelling,
-the loopback default. The tiny model's text is gibberish, so checks are on structure."""
+the loopback default; and the app under uvicorn in a thread, where a client can hang up. The tiny model's text is gibberish, so checks are on structure."""
 
 import asyncio
 import json
@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -255,6 +256,131 @@ def test_a_client_leaving_stops_the_generation(tiny_model, tiny_tokenizer, monke
     asyncio.run(leave_early())
     engine.worker.submit(lambda: None).result(timeout=30)  # the worker is free again
     assert 0 < len(made) < 100
+
+
+def test_an_over_long_prompt_is_refused_before_tokenising(app_client, monkeypatch):
+    calls, real = [], api.prompt_ids
+    monkeypatch.setattr(api, "prompt_ids", lambda *args: calls.append(args) or real(*args))
+    # The tiny model: a 1024-token context, no token longer than 12 characters.
+    response = app_client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 13_000}]})
+    assert calls == []  # refused on its length in characters, not tokenised
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages" and error["code"] == "context_length_exceeded" and "13000" in error["message"]
+
+
+@pytest.fixture
+def live(tiny_model, tiny_tokenizer):
+    """The app under uvicorn in a thread, on a real socket; yields its port and its Engine."""
+    import uvicorn
+
+    app = create_app(ServeConfig(model="tiny"), tiny_model, tiny_tokenizer)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert until(lambda: server.started)
+    yield port, app.state.engine
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def until(condition, timeout: float = 30) -> bool:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def send_raw(port: int, body: dict) -> socket.socket:
+    """A chat request on a raw socket, so the test can hang up before the answer."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return sock
+
+
+def test_a_client_hanging_up_frees_the_worker(live, monkeypatch):
+    """Two non-streaming requests whose clients hang up, one generating and one waiting its turn:
+    the first stops, the second never starts, and the next request is answered at once."""
+    port, engine = live
+    monkeypatch.setattr(engine, "stop_ids", set())  # every answer runs to its max_tokens
+    made, ended, original_tokens, original_run = [], [], engine.tokens, engine.run
+
+    def counted(*args):  # tokens made, per generation
+        made.append(0)
+        for token in original_tokens(*args):
+            made[-1] += 1
+            time.sleep(0.005)  # ~900 tokens take seconds, whatever the machine
+            yield token
+
+    async def watched(*args):  # requests whose answer is over, done or closed
+        try:
+            async for item in original_run(*args):
+                yield item
+        finally:
+            ended.append(True)
+
+    monkeypatch.setattr(engine, "tokens", counted)
+    monkeypatch.setattr(engine, "run", watched)
+    long = {"messages": QUESTION, "max_tokens": 900, "temperature": 0}
+    generating = send_raw(port, long)
+    assert until(lambda: made and made[0] > 0)
+    waiting = send_raw(port, long)
+    time.sleep(0.3)  # queued behind the first by now (if not, it finds its client gone once it is)
+    waiting.close()
+    assert until(lambda: len(ended) == 1, timeout=10), "the queued request's client left, yet it is still waiting"
+    generating.close()
+    assert until(lambda: len(ended) == 2, timeout=10), "the generating request's client left, yet it goes on"
+    next_one = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 1},
+                          timeout=60)
+    assert next_one.status_code == 200 and next_one.json()["usage"]["completion_tokens"] == 1
+    assert len(made) == 2 and made[0] < 450 and made[1] == 1  # the queued one never generated
+
+
+def test_health_answers_while_a_prompt_is_tokenised(live, monkeypatch):
+    port, _ = live
+    started, release, released = threading.Event(), threading.Event(), []
+    real = api.prompt_ids
+
+    def slow(*args):  # a long prompt's tokenising, over once the test has its /health answer
+        started.set()
+        released.append(release.wait(timeout=10))
+        return real(*args)
+
+    monkeypatch.setattr(api, "prompt_ids", slow)
+    url = f"http://127.0.0.1:{port}"
+    chat = threading.Thread(target=lambda: httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                                                      json={"messages": QUESTION, "max_tokens": 1}))
+    chat.start()
+    try:
+        assert started.wait(timeout=30)
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+    finally:
+        release.set()
+        chat.join(timeout=60)
+    assert released == [True]  # /health was answered while the tokenizer was still at work
+
+
+def test_a_request_abandoned_while_queued_never_starts(tiny_model, tiny_tokenizer, monkeypatch):
+    engine = api.Engine(tiny_model, tiny_tokenizer)
+    started = []
+    monkeypatch.setattr(engine, "complete", lambda *args: started.append(args))
+    gate = threading.Event()
+    engine.worker.submit(gate.wait, 30)  # the worker is busy with an earlier answer
+
+    async def leave_while_queued():
+        answer = engine.run([1, 2, 3], Params(max_tokens=5, temperature=0.0, top_p=1.0, stop=(), seed=0))
+        with pytest.raises(TimeoutError):  # cancelled waiting for its first piece: the client left
+            await asyncio.wait_for(anext(answer), timeout=0.2)
+
+    asyncio.run(leave_while_queued())
+    gate.set()
+    engine.worker.submit(lambda: None).result(timeout=30)  # everything queued before this has run
+    assert started == []
 
 
 def test_serve_binds_loopback_by_default(monkeypatch, tiny_tokenizer):

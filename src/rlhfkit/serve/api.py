@@ -9,7 +9,8 @@ at ``max_tokens`` or at a ``stop`` string.
 One model sits in memory and one worker thread runs every generation: a CPU model cannot run two
 at once any faster than one after the other, so requests queue for it in arrival order. The
 worker hands text pieces to the request's event loop as they are decoded, and stops when the
-client goes away.
+client goes away (a request still waiting its turn then never starts). Prompts are tokenised on
+a thread of their own, so a long one holds up neither the event loop nor the generations.
 """
 
 from __future__ import annotations
@@ -36,17 +37,18 @@ import torch
 import tyro
 from jinja2 import TemplateError
 from pydantic import BaseModel, Field
+from starlette.requests import Request  # FastAPI finds endpoint types in module globals
 
 from rlhfkit.config import ModelConfig, require_positive
 from rlhfkit.data.records import Message
 from rlhfkit.data.tokenize import end_of_turn_id, prompt_ids
 from rlhfkit.decode_step import weights_cast_once
 from rlhfkit.errors import ConfigError
+from rlhfkit.hosts import LOOPBACK
 from rlhfkit.rollout import autocast
 
 log = logging.getLogger("rlhfkit.serve")
 
-LOOPBACK = ("127.0.0.1", "localhost")
 API_KEY_ENV = "RLHFKIT_API_KEY"
 
 
@@ -313,7 +315,35 @@ class Engine:
                 yield piece
             yield await future
         finally:
-            cancelled.set()
+            cancelled.set()  # stops a running generation at its next token
+            future.cancel()  # takes a queued one off the worker's queue before it starts
+
+
+async def disconnected(receive) -> None:
+    """Returns once the client has gone. Call it after the body is read: every message left
+    is then ``http.disconnect`` (uvicorn also sends it once the response is complete)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def last_item(answer: AsyncIterator[str | Completion]) -> Completion:
+    async for item in answer:
+        done = item  # the pieces are in the Completion's text; only the last item matters
+    return done
+
+
+async def unless_disconnected(answer: AsyncIterator[str | Completion], receive) -> Completion | None:
+    """The answer's Completion, or None once the client disconnects: the server would go on
+    generating for nobody (keeping every later request waiting), so the answer is then closed."""
+    result, gone = asyncio.ensure_future(last_item(answer)), asyncio.ensure_future(disconnected(receive))
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        result.cancel()  # no-op once it is done; else the CancelledError closes the answer
+        gone.cancel()
+        await asyncio.wait({result, gone})  # the answer's cleanup (cancelling its generation) has run
+        await answer.aclose()
+    return None if result.cancelled() else result.result()
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -380,17 +410,25 @@ def chat_page() -> tuple[str, str]:
 
 def create_app(cfg: ServeConfig, model, tokenizer):
     """The FastAPI app serving ``model`` under ``cfg.model_name or cfg.model``."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.middleware.trustedhost import TrustedHostMiddleware
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
+    from starlette.responses import Response
 
     name = cfg.model_name or cfg.model
     engine = Engine(model, tokenizer, cfg.precision)
+    # Not the generation worker, where a prompt would wait for the answers queued before it.
+    tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlhfkit-tokenize")
+    # No token stands for more characters than its vocabulary string has (byte-level BPE spells
+    # each byte as one), so longer text cannot fit in the context: refused without tokenising it.
+    longest_token = max(map(len, tokenizer.get_vocab()))
+    max_prompt_chars = None if engine.context is None else (engine.context - 1) * longest_token
     created = int(time.time())
     page, csp = chat_page()
     app = FastAPI(title="rlhfkit serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
     app.add_middleware(Guard, api_key=cfg.api_key, max_bytes=cfg.max_request_bytes)
     if cfg.host in LOOPBACK:
         # A web page can point its own domain at 127.0.0.1 (DNS rebinding) and then call this
@@ -447,8 +485,8 @@ def create_app(cfg: ServeConfig, model, tokenizer):
         return ApiError(404, f"The model '{asked}' does not exist; this server serves '{name}'.",
                         param="model", code="model_not_found")
 
-    def prepare(req: ChatRequest) -> tuple[list[int], Params]:
-        """The prompt's token ids and the generation parameters, or the ApiError to answer."""
+    def checked_messages(req: ChatRequest) -> tuple[Message, ...]:
+        """The request's messages once its fields are valid, or the ApiError to answer (cheap: on the loop)."""
         if req.model is not None and req.model != name:
             raise unknown_model(req.model)
         if req.n not in (None, 1):
@@ -458,31 +496,44 @@ def create_app(cfg: ServeConfig, model, tokenizer):
             raise ApiError(400, "messages must hold at least one message.", param="messages")
         roles = {"developer": "system"}  # OpenAI's newer name for the system role
         messages = tuple(Message(roles.get(m.role, m.role), message_text(m, i)) for i, m in enumerate(req.messages))
+        chars = sum(len(m.content) for m in messages)
+        if max_prompt_chars is not None and chars > max_prompt_chars:
+            raise ApiError(400, f"The messages are {chars} characters; the model's context of {engine.context} "
+                                f"tokens cannot hold more than {max_prompt_chars}.", param="messages",
+                           code="context_length_exceeded")
+        return messages
+
+    def tokenize(messages: tuple[Message, ...]) -> list[int]:
+        """The prompt's token ids (in the tokenizing thread: a long prompt takes seconds)."""
         try:
-            ids = prompt_ids(tokenizer, messages)
+            return prompt_ids(tokenizer, messages)
         except (TemplateError, ValueError) as e:  # a template refusing these messages (e.g. roles not alternating)
             raise ApiError(400, f"The model's chat template rejects these messages: {e}", param="messages") from None
+
+    def generation_params(req: ChatRequest, ids: list[int]) -> Params:
+        """The generation parameters, or the ApiError to answer when the prompt leaves no room."""
         room = cfg.max_tokens if engine.context is None else engine.context - len(ids)
         if room <= 0:
             raise ApiError(400, f"The messages are {len(ids)} tokens; the model's context holds {engine.context} "
                                 "with the answer.", param="messages", code="context_length_exceeded")
         asked = req.max_completion_tokens or req.max_tokens or cfg.max_tokens
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
-        params = Params(max_tokens=min(asked, room), temperature=1.0 if req.temperature is None else req.temperature,
-                        top_p=1.0 if req.top_p is None else req.top_p, stop=tuple(s for s in stop if s),
-                        seed=req.seed)
-        return ids, params
+        return Params(max_tokens=min(asked, room), temperature=1.0 if req.temperature is None else req.temperature,
+                      top_p=1.0 if req.top_p is None else req.top_p, stop=tuple(s for s in stop if s), seed=req.seed)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
-        ids, params = prepare(req)
+    async def chat_completions(req: ChatRequest, request: Request):
+        messages = checked_messages(req)
+        ids = await asyncio.get_running_loop().run_in_executor(tokenizing, tokenize, messages)
+        params = generation_params(req, ids)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream(head, engine.run(ids, params), usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        async for item in engine.run(ids, params):
-            done = item  # the pieces are in the Completion's text; only the last item matters
+        done = await unless_disconnected(engine.run(ids, params), request.receive)
+        if done is None:  # nobody is left to read an answer
+            return Response(status_code=499)  # nginx's "client closed request", for the record
         return JSONResponse({**head, "object": "chat.completion", "choices": [{
             "index": 0, "message": {"role": "assistant", "content": done.text}, "logprobs": None,
             "finish_reason": done.finish_reason}], "usage": done.usage()})
