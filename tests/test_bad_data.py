@@ -45,9 +45,8 @@ BAD = {
     "rank-beyond-completions": ("rm", [RANKING, {**RANKING, "ranking": [0, 5, 1]}],
                                 "data.jsonl, line 2: field 'ranking[1]': expected the rank of completion 1, an "
                                 "integer from 0 (best) to 2, got 5"),
-    "same-text-ranked-twice": ("rm", [RANKING, {**RANKING, "completions": ["4", "5", "4"]}],
-                               "data.jsonl, line 2: field 'completions[2]': the same text as completions[0] but "
-                               "ranked 1, not 0"),
+    "only-copies-of-one-text": ("rm", [{**RANKING, "completions": ["4", "4", "4"]}] * 2,
+                                "no usable records; 2 rankings had all their completions tied"),
     "all-tied-rankings": ("rm", [{**RANKING, "ranking": [0, 0, 0]}] * 3,
                           "no usable records; 3 rankings had all their completions tied"),
     "every-chosen-empty": ("dpo", [{**PAIR, "chosen": ""}, {**PAIR, "prompt": "What is 3 + 3?", "chosen": " "}],

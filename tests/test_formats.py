@@ -317,7 +317,6 @@ MALFORMED = {
     "rank-length-mismatch": ("rank", {"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, 1]}, "ranking", "expected a list of 3 ranks (one per completion), got a list of 2"),
     "rank-negative-rank": ("rank", {"prompt": "p", "completions": ["a", "b"], "ranking": [0, -1]}, "ranking[1]", "an integer from 0 (best) to 1, got -1"),
     "rank-beyond-completions": ("rank", {"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, 5, 1]}, "ranking[1]", "the rank of completion 1, an integer from 0 (best) to 2, got 5"),
-    "rank-same-text-ranked-twice": ("rank", {"prompt": "p", "completions": ["a", "b", "a"], "ranking": [0, 1, 2]}, "completions[2]", "the same text as completions[0] but ranked 2, not 0"),
     "pref-lone-surrogate": ("pref", {"prompt": "p \ud800 q", "chosen": "a", "rejected": "b"}, "prompt", "not valid Unicode text: a lone surrogate '\\ud800' at character 2"),
     "rank-single-completion": ("rank", {"prompt": "p", "completions": ["a"], "ranking": [0]}, "completions", "at least 2 completions, got a list of 1"),
     "rank-missing-ranking": (None, {"prompt": "p", "completions": ["a", "b"]}, "ranking", "missing; ranking records need"),
@@ -447,6 +446,17 @@ def test_pairs_that_prefer_an_empty_response_are_counted_and_a_file_of_only_thos
     assert len(records) == 2 and "1 pairs prefer an empty response" in report.summary()
     with pytest.raises(DataError, match="pairs.jsonl: field 'chosen': empty in all 1 pairs; is the preferred"):
         read_records(write(tmp_path, "pairs.jsonl", rows[1:]))
+
+
+def test_a_completion_given_twice_is_kept_once_at_its_better_rank_and_counted(tmp_path):
+    """Two identical samples ranked apart (a labeller must order them) would be pairs of a text
+    against itself; copies that are all a ranking has left are all tied and dropped."""
+    rows = [{"prompt": "p", "completions": ["a", "b", "a", "c"], "ranking": [2, 1, 0, 3]},
+            {"prompt": "q", "completions": ["x", "x"], "ranking": [0, 1]}]
+    records, report = read_records(write(tmp_path, "r.jsonl", rows))
+    assert records == [Ranking(user("p"), ("a", "b", "c"), (0, 1, 2))]
+    assert report.merged_duplicates == 2 and report.dropped_all_tied == 1
+    assert "2 rankings gave a completion twice: kept once, at its better rank" in report.summary()
 
 
 def test_all_tied_rankings_carry_no_preference_and_are_dropped_and_counted(tmp_path):

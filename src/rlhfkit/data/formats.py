@@ -97,6 +97,7 @@ class ReadReport:
     resplit_prefix_mismatch: int = 0
     problems: list[str] = field(default_factory=list)
     dropped_all_tied: int = 0
+    merged_duplicates: int = 0  # rankings that gave one text twice, kept once at its better rank
     empty_chosen: int = 0  # pairs that prefer saying nothing: real (the world has them), or a wrong field
 
     def summary(self) -> str:
@@ -105,6 +106,8 @@ class ReadReport:
             parts.append(f"dropped {self.dropped_identical} pairs with identical responses")
         if self.empty_chosen:
             parts.append(f"{self.empty_chosen} pairs prefer an empty response")
+        if self.merged_duplicates:
+            parts.append(f"{self.merged_duplicates} rankings gave a completion twice: kept once, at its better rank")
         if self.dropped_all_tied:
             parts.append(f"dropped {self.dropped_all_tied} rankings whose completions are all tied (no preference)")
         if self.resplit_prefix_mismatch:
@@ -590,17 +593,19 @@ def _parse_ranking(row: dict, at: _Where, report: ReadReport) -> Ranking | None:
         if not _is_int(rank) or not 0 <= rank < len(completions):
             raise at.error(f"ranking[{i}]", f"expected the rank of completion {i}, an integer from 0 (best) to "
                                             f"{len(completions) - 1}, got {rank!r}")
-    texts = tuple(_response(c, f"completions[{i}]", at, judged=True) for i, c in enumerate(completions))
-    first = {}
-    for i, text in enumerate(texts):
-        j = first.setdefault(text, i)
-        if ranking[j] != ranking[i]:
-            raise at.error(f"completions[{i}]", f"the same text as completions[{j}] but ranked {ranking[i]}, "
-                                                f"not {ranking[j]}")
+    texts = [_response(c, f"completions[{i}]", at, judged=True) for i, c in enumerate(completions)]
+    # A text given twice (two identical samples) is one completion, at the better of its ranks:
+    # its copies would make pairs of a text against itself.
+    best: dict[str, int] = {}
+    for text, rank in zip(texts, ranking):
+        best[text] = min(rank, best.get(text, rank))
+    if len(best) < len(texts):
+        report.merged_duplicates += 1
+        texts, ranking = list(best), list(best.values())
     if len(set(ranking)) == 1:
         report.dropped_all_tied += 1
         return None
-    return Ranking(prompt, texts, _dense_ranks(ranking), meta=_meta(row, at))
+    return Ranking(prompt, tuple(texts), _dense_ranks(ranking), meta=_meta(row, at))
 
 
 def _dense_ranks(ranking: list[int]) -> tuple[int, ...]:
