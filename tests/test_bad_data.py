@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_errors import refused
+
 from rlhfkit.cli import main
 from rlhfkit.data.records import prompt_bucket, user
 
@@ -21,15 +23,6 @@ def args(stage: str, data: Path, out: Path) -> list[str]:
 def jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
     return path
-
-
-def refused(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith(f"rlhfkit {argv[0]}: error: "), last
-    return last
 
 
 PAIR = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}

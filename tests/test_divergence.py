@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhfkit.cli import main
+from cli_errors import refused
+
 from rlhfkit.train.loop import DivergenceGuard
 
 HEALTHY = dict(grad_norm=1.0, skipped=False, had_gradient=True, weights_finite=True)
@@ -68,16 +69,6 @@ STAGES = {
              "--eval.gold-prompts", "0", "--eval.no-at-start", "--algo.prompts-per-step", "4",
              "--algo.max-new-tokens", "8"],
 }
-
-
-def refused(args: list[str], capsys) -> str:
-    """The CLI's one-line error, last on stderr, and exit code 2 (a user's mistake, no traceback)."""
-    with pytest.raises(SystemExit) as exit:
-        main(args)
-    assert exit.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith(f"rlhfkit {args[0]}: error: "), last
-    return last
 
 
 def assert_nothing_saved_as_finished(out: Path) -> None:

@@ -1,0 +1,15 @@
+"""A user's mistake at the command line: exit 2 and one line of error, no traceback."""
+
+import pytest
+
+from rlhfkit.cli import main
+
+
+def refused(argv: list[str], capsys) -> str:
+    """The CLI's one-line error, last on stderr (the line a user reads), after exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"rlhfkit {argv[0]}: error: "), last
+    return last
