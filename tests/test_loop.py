@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from rlhfkit.config import BatchConfig, OptimConfig
@@ -117,3 +118,17 @@ def test_optimizer_gives_weights_mapped_from_a_checkpoint_their_own_memory(tmp_p
     if model.config.tie_word_embeddings:
         assert model.lm_head.weight is model.model.embed_tokens.weight
     assert copy_file_mapped(trainable) == 0  # nothing left to copy
+
+
+def test_an_update_without_any_gradient_has_norm_zero_and_still_advances_the_schedule():
+    """GRPO skips the backward when every advantage is 0; with clipping off that used to raise
+    'stack expects a non-empty TensorList'."""
+    from rlhfkit.train.loop import build_scheduler, optimizer_step
+
+    model = torch.nn.Linear(2, 2)
+    for max_grad_norm in (1.0, 0.0):
+        optim = OptimConfig(lr=0.1, warmup_steps=0, schedule="linear")
+        opt = build_optimizer(model.parameters(), optim)
+        scheduler = build_scheduler(opt, optim, 10)
+        assert optimizer_step(model, opt, scheduler, max_grad_norm) == (0.0, False)
+        assert scheduler.get_last_lr()[0] == pytest.approx(0.1 * 0.9)

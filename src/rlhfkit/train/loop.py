@@ -165,8 +165,8 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> tuple[f
     params = [p for p in model.parameters() if p.grad is not None]
     if max_grad_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    else:
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    else:  # no gradient at all (GRPO when every advantage is 0) is a norm of 0
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.zeros(())
     skipped = not bool(torch.isfinite(norm))
     if not skipped:
         optimizer.step()
