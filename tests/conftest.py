@@ -7,6 +7,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # so the suite also runs from a plain checkout
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RLHFKIT_PRECISION", "fp32")  # `precision: auto` stays fp32 here, on every CPU (tests/test_precision.py tests auto)
 
 
 @pytest.fixture(scope="session")

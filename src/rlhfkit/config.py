@@ -25,8 +25,8 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 class ModelConfig:
     name: str = "tiny"
     """Built-in name (`tiny`, `smollm2-135m-instruct`), a local Hugging Face folder, or a hub id."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """`bf16` runs forward passes under bf16 autocast (weights stay fp32); ~2x faster on CPUs with avx512_bf16."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto` (default): bf16 autocast where it measures clearly faster for this model on this machine, else fp32 (measured once, cached). `bf16`: forward passes under bf16 autocast, weights stay fp32. `fp32`."""
     lora: bool = False
     """Train LoRA adapters (PEFT) instead of all weights."""
     lora_r: int = 16
@@ -473,8 +473,8 @@ class BestOfNConfig:
     """Response length limit."""
     batch_size: int = 32
     """Prompts per generation batch."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """`bf16` autocast for sampling and scoring."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto` (default): bf16 autocast where it measures clearly faster for this model on this machine, else fp32 (measured once, cached). `bf16`: forward passes under bf16 autocast, weights stay fp32. `fp32`."""
     seed: int = 0
     """Sampling seed."""
 

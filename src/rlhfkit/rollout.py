@@ -32,6 +32,8 @@ class Generation:
 
 def autocast(precision: str):
     """bf16 autocast on the model's device when asked; a no-op context otherwise."""
+    if precision not in ("fp32", "bf16"):  # `auto` is decided at a command's start (rlhfkit.precision)
+        raise ValueError(f"precision {precision!r}: resolve `auto` with rlhfkit.precision.resolve first")
     if precision == "bf16":
         return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -33,7 +33,10 @@ def pick_best(rewards: list[float], n: int) -> list[int]:
 
 
 def best_of_n(cfg: BestOfNConfig) -> dict[str, float]:
+    from rlhfkit.precision import resolve
+
     cfg.check()
+    cfg.precision = resolve(cfg.precision, cfg.model, flag="--precision")
     world = World(seed=0)
     if cfg.prompts == "world":
         prompts = world.prompts(cfg.num_prompts, cfg.split)

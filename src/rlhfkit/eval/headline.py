@@ -9,6 +9,7 @@ length-controlled variant; the RL model's KL to SFT is estimated on its own samp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -89,7 +90,11 @@ def evaluate_run(models: dict[str, str], rl: str, judge: str, prompts: str, cfg:
     from rlhfkit.eval.winrate import win_rate
     from rlhfkit.rollout import generate
 
+    from rlhfkit.precision import resolve
+
     say = Console(highlight=False).print
+    cfg = dataclasses.replace(cfg, precision=resolve(cfg.precision, next(iter(models.values())), say,
+                                                     flag="eval.precision"))
     held = held_out_prompts(prompts, cfg.prompts, cfg.held_out_fraction)
     scorer = Judge(judge, cfg.precision)
     decodings = {"greedy": 0.0, "sampled": cfg.temperature}

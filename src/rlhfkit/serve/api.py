@@ -70,8 +70,8 @@ class ServeConfig:
     """Longest answer when a request does not set max_tokens. Every answer also stops at the model's context length."""
     max_request_bytes: int = 1_000_000
     """Larger request bodies are refused (413) before they are parsed."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """`bf16` generates under bf16 autocast (weights stay fp32)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto` (default): bf16 autocast where it measures clearly faster for this model on this machine, else fp32 (measured once, cached). `bf16`: forward passes under bf16 autocast, weights stay fp32. `fp32`."""
     seed: int = 0
     """The `tiny` model's initialisation. Requests choose their own sampling seed (`seed`), else a random one."""
 
@@ -574,8 +574,11 @@ def serve(cfg: ServeConfig) -> None:
 
     from rlhfkit.models import load_model, load_tokenizer
 
+    from rlhfkit.precision import resolve
+
     cfg.check()
-    cfg = replace(cfg, api_key=cfg.api_key or os.environ.get(API_KEY_ENV, ""))
+    cfg = replace(cfg, api_key=cfg.api_key or os.environ.get(API_KEY_ENV, ""),
+                  precision=resolve(cfg.precision, cfg.model, flag="--precision"))
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(ModelConfig(name=cfg.model, precision=cfg.precision), tokenizer, seed=cfg.seed,
                        training=False)

@@ -44,8 +44,8 @@ class ChatConfig:
     """Longest answer, in tokens."""
     system: str = ""
     """System prompt (empty: none, so the chat template's default applies if it has one)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """`bf16` generates under bf16 autocast (weights stay fp32)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto` (default): bf16 autocast where it measures clearly faster for this model on this machine, else fp32 (measured once, cached). `bf16`: forward passes under bf16 autocast, weights stay fp32. `fp32`."""
     seed: int = 0
     """Sampling seed (and the `tiny` model's initialisation)."""
 
@@ -190,6 +190,9 @@ def chat(cfg: ChatConfig) -> None:
     # Ctrl-C stops an answer. A process started in the background by a non-interactive shell
     # inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: restore it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    from rlhfkit.precision import resolve
+
+    cfg.precision = resolve(cfg.precision, cfg.model, flag="--precision")
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(ModelConfig(name=cfg.model, precision=cfg.precision), tokenizer, seed=cfg.seed,
                        training=False)

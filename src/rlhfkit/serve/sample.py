@@ -50,8 +50,8 @@ class SampleConfig:
     """Longest completion, in tokens; `finished` is false for a completion cut here."""
     batch_size: int = 16
     """Sequences per generation batch."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """`bf16` generates under bf16 autocast (weights stay fp32)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto` (default): bf16 autocast where it measures clearly faster for this model on this machine, else fp32 (measured once, cached). `bf16`: forward passes under bf16 autocast, weights stay fp32. `fp32`."""
     seed: int = 0
     """Sampling seed, and the world's seed for `prompts=world` (0: the prompts the training stages evaluate on)."""
 
@@ -108,7 +108,10 @@ def generate_all(model, tokenizer, prompts: list[Prompt], cfg: SampleConfig) -> 
 
 
 def sample(cfg: SampleConfig) -> None:
+    from rlhfkit.precision import resolve
+
     cfg.check()
+    cfg.precision = resolve(cfg.precision, cfg.model, flag="--precision")
     prompts = load_prompts(cfg)  # before the model loads: a bad file fails in a second
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(ModelConfig(name=cfg.model, precision=cfg.precision), tokenizer, seed=cfg.seed)

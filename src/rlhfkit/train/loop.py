@@ -38,6 +38,8 @@ def make_accelerator(precision: str) -> Accelerator:
     """
     from accelerate.state import AcceleratorState, GradientState
 
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision {precision!r}: resolve `auto` with rlhfkit.precision.resolve first")
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
@@ -64,11 +66,27 @@ def stage(train: Callable[..., Path]) -> Callable[..., Path]:
     return run
 
 
+def agreed_precision(model: Any) -> str:
+    """``model.precision`` resolved (`auto`: measured) by the main process and sent to the
+    others, so every process trains in the same precision."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    from rlhfkit.precision import resolve
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return resolve(model.precision, model.name)
+    choice = [resolve(model.precision, model.name) if state.is_main_process else None]
+    return broadcast_object_list(choice)[0]
+
+
 def begin_stage(cfg: Any) -> tuple[Accelerator, Path]:
     """Every stage's first lines: check the config, set up processes and seeds, claim ``run.out``."""
     from accelerate.utils import set_seed
 
     cfg.check()
+    cfg.model.precision = agreed_precision(cfg.model)
     acc = make_accelerator(cfg.model.precision)
     set_seed(cfg.run.seed)
     # Every process checks the folder before any writes to it: checked after the main process has

@@ -1,0 +1,134 @@
+"""`precision: auto`: the rule, the measurement, its cache, and every stage resolving it first."""
+
+import json
+
+import pytest
+import yaml
+
+from rlhfkit import precision
+from rlhfkit.errors import ConfigError
+from rlhfkit.precision import SMOLLM2_SHAPE, TINY_SHAPE, LayerShape, choose, layer_shape, resolve
+
+
+@pytest.fixture
+def measured(monkeypatch, tmp_path):
+    """`auto` without RLHFKIT_PRECISION, a private cache, and a fake measurement that records
+    its calls: ``measured.times`` is what it returns, ``measured.calls`` how often it ran."""
+    monkeypatch.delenv(precision.ENV, raising=False)
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path / "cache"))
+    precision.auto_choice.cache_clear()
+
+    class Fake:
+        times = (0.010, 0.004)
+        calls = 0
+
+    def fake_measure(shape):
+        Fake.calls += 1
+        return Fake.times
+
+    monkeypatch.setattr(precision, "measure", fake_measure)
+    yield Fake
+    precision.auto_choice.cache_clear()
+
+
+def test_bf16_must_win_clearly():
+    assert choose(1.0, 0.5) == "bf16"
+    assert choose(1.0, 0.79) == "bf16"
+    assert choose(1.0, 0.8) == "fp32"  # 20% faster is the least bf16's rounding is worth
+    assert choose(1.0, 0.95) == "fp32"
+    assert choose(0.0057, 0.135) == "fp32"  # Zen 3: one SmolLM2 linear, fp32 vs bf16 autocast
+    assert choose(1.0, None) == "fp32"  # bf16 autocast failed
+
+
+def test_explicit_settings_pass_through_and_others_are_refused(measured):
+    assert resolve("fp32", "tiny") == "fp32" and resolve("bf16", "tiny") == "bf16"
+    assert measured.calls == 0
+    with pytest.raises(ConfigError, match="'fp16'"):
+        resolve("fp16", "tiny")
+
+
+def test_auto_measures_once_caches_and_says_why(measured, capsys):
+    said = []
+    assert resolve("auto", "tiny", said.append) == "bf16"
+    assert measured.calls == 1
+    assert "precision auto -> bf16" in said[0] and "10 ms in fp32, 4 ms in bf16" in said[0]
+    cache = json.loads((precision.cache_file()).read_text())
+    (key, entry), = cache.items()
+    assert entry["precision"] == "bf16" and "128x352" in key and "threads" in key
+
+    precision.auto_choice.cache_clear()  # a new process: reads the cache instead of measuring
+    measured.times = (0.010, 0.020)
+    assert resolve("auto", "tiny", said.append) == "bf16" and measured.calls == 1
+    assert "measured earlier" in said[1]
+
+
+def test_the_cache_is_per_layer_shape_and_thread_count(measured, monkeypatch):
+    import torch
+
+    resolve("auto", "tiny", None)
+    measured.times = (0.010, 0.020)
+    assert resolve("auto", "smollm2-135m-instruct", None) == "fp32"  # another shape: measured
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        precision.auto_choice.cache_clear()
+        resolve("auto", "tiny", None)
+    finally:
+        torch.set_num_threads(threads)
+    assert measured.calls == 3
+
+
+def test_the_environment_fixes_auto_without_measuring(measured, monkeypatch):
+    monkeypatch.setenv(precision.ENV, "fp32")
+    said = []
+    assert resolve("auto", "tiny", said.append) == "fp32" and measured.calls == 0
+    assert precision.ENV in said[0]
+    precision.auto_choice.cache_clear()
+    monkeypatch.setenv(precision.ENV, "half")
+    with pytest.raises(ConfigError, match=f"{precision.ENV}='half'"):
+        resolve("auto", "tiny", None)
+
+
+def test_layer_shapes_of_builtin_folder_and_adapter_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path / "empty-cache"))  # SmolLM2 not converted yet
+    assert layer_shape("tiny") == TINY_SHAPE
+    assert layer_shape("smollm2-135m-instruct") == SMOLLM2_SHAPE
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"n_embd": 768, "n_head": 12}))
+    assert layer_shape(str(gpt2)) == LayerShape(768, 3072, 12, 12)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(gpt2)}))
+    assert layer_shape(str(adapter)) == LayerShape(768, 3072, 12, 12)
+
+
+def test_the_measurement_times_both_precisions():
+    fp32, bf16 = precision.measure(TINY_SHAPE, tokens=32, min_reps=1, max_reps=2, min_seconds=0.0)
+    assert fp32 > 0 and (bf16 is None or bf16 > 0)
+
+
+def test_unresolved_auto_never_reaches_autocast():
+    from rlhfkit.rollout import autocast
+    from rlhfkit.train.loop import make_accelerator
+
+    with pytest.raises(ValueError, match="resolve"):
+        autocast("auto")
+    with pytest.raises(ValueError, match="resolve"):
+        make_accelerator("auto")
+
+
+def test_a_stage_resolves_auto_records_the_choice_and_resumes(measured, tmp_path, capsys):
+    """The saved config holds what ran (bf16 here), and resuming with `auto` again agrees with it."""
+    from rlhfkit.cli import parse
+    from rlhfkit.train import sft
+
+    flags = ["--recipe", "tiny", "--model.precision", "auto", "--run.steps", "2", "--run.save-every", "1",
+             "--eval.gold-prompts", "0", "--eval.no-at-start", "--data.world-examples", "32", "--batch.micro-batch-size", "4",
+             "--run.out", str(tmp_path / "sft")]
+    sft.train(parse("sft", flags))
+    saved = yaml.safe_load((tmp_path / "sft" / "config.yaml").read_text())
+    assert saved["model"]["precision"] == "bf16"
+    assert "precision auto -> bf16" in capsys.readouterr().out
+    sft.train(parse("sft", [*flags, "--run.resume"]))  # `auto` again: not "the config changed"
+    assert measured.calls == 1
