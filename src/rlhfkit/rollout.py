@@ -88,7 +88,9 @@ def progress_bar(description: str, total: int):
         return
     from rich.progress import Progress
 
-    with Progress(transient=True) as bar:
+    from rlhfkit.progress import columns
+
+    with Progress(*columns(), transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
 

@@ -94,7 +94,9 @@ def generate_all(model, tokenizer, prompts: list[Prompt], cfg: SampleConfig) -> 
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids(tokenizer, prompts[i].messages)))
     chunk = cfg.batch_size * 4
     results: list[Generation | None] = [None] * len(prompts)
-    with torch.random.fork_rng(), Progress(transient=True, disable=not sys.stdout.isatty()) as bar:
+    from rlhfkit.progress import columns
+
+    with torch.random.fork_rng(), Progress(*columns(), transient=True, disable=not sys.stdout.isatty()) as bar:
         torch.manual_seed(cfg.seed)
         task = bar.add_task(f"sampling {cfg.model}", total=len(prompts))
         for start in range(0, len(order), chunk):

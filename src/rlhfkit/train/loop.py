@@ -475,20 +475,14 @@ class Progress:
         self.t0, self.start = time.perf_counter(), start
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress
+        from rich.progress import TextColumn
 
-        self.bar = RichProgress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-        )
+        from rlhfkit.progress import columns
+
+        self.bar = RichProgress(*columns(), TextColumn("{task.fields[info]}"))
         self.bar.start()
-        self.task = self.bar.add_task(description, total=total, completed=start, info="")
+        self.task = self.bar.add_task(description, total=total, completed=start, first=start, info="")
 
     def update(self, step: int, info: str) -> None:
         if self.bar:
