@@ -132,3 +132,16 @@ def test_an_update_without_any_gradient_has_norm_zero_and_still_advances_the_sch
         scheduler = build_scheduler(opt, optim, 10)
         assert optimizer_step(model, opt, scheduler, max_grad_norm) == (0.0, False)
         assert scheduler.get_last_lr()[0] == pytest.approx(0.1 * 0.9)
+
+
+@pytest.mark.parametrize("minutes, expected", [(1e-7, ["step-0000001", "step-0000002"]), (0, [])])
+def test_checkpoints_are_also_written_by_time(minutes, expected, tmp_path):
+    """Slow steps: 30 steps between checkpoints was 25 minutes of CPU SFT lost to an interrupt."""
+    from rlhfkit.cli import parse
+    from rlhfkit.train import sft
+
+    out = tmp_path / "sft"
+    sft.train(parse("sft", ["--recipe", "tiny", "--run.steps", "3", "--run.save-every", "100",
+                            "--run.save-every-minutes", str(minutes), "--eval.gold-prompts", "0", "--eval.no-at-start",
+                            "--data.world-examples", "32", "--batch.micro-batch-size", "4", "--run.out", str(out)]))
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == expected  # never at the last step

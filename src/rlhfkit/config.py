@@ -100,6 +100,8 @@ class RunConfig:
     """Seed for initialisation, data order and sampling."""
     save_every: int = 50
     """Write a resumable checkpoint every N steps (not at the last: the final model is saved then)."""
+    save_every_minutes: float = 10.0
+    """Also write one when this many minutes have passed since the last (slow steps lose little to an interrupt); 0 = by steps only."""
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep."""
     eval_every: int = 50

@@ -530,6 +530,7 @@ class TrainingRun:
     log: MetricsLog
     bar: Progress
     guard: DivergenceGuard = field(default_factory=DivergenceGuard)
+    last_save: float = field(default_factory=time.monotonic)  # when the last checkpoint (or the start) was
 
     @property
     def global_batch(self) -> int:
@@ -579,7 +580,7 @@ class TrainingRun:
         ``extra_tensors()`` stage tensors; both come back in ``state`` on resume."""
         # Not at the last step: the stage saves its final model and complete.json right after, and
         # a finished stage is never resumed (a PPO checkpoint is ~3 GB, ~10 s of disk writes here).
-        checkpoint = done % self.run.save_every == 0 and done < self.run.steps
+        checkpoint = (done % self.run.save_every == 0 or self.save_is_due()) and done < self.run.steps
         if checkpoint or done == self.run.steps:  # on every process (they hold the same weights)
             self.require_finite_weights(done, metrics)
         if is_due(done, self.run.eval_every, self.run.steps):
@@ -591,7 +592,20 @@ class TrainingRun:
                 save_checkpoint(self.out, done, self.raw_model, self.optimizer, self.scheduler, extra_state(),
                                 self.run.keep_checkpoints, extra_tensors())
             self.acc.wait_for_everyone()
+            self.last_save = time.monotonic()
         return metrics
+
+    def save_is_due(self) -> bool:
+        """``run.save_every_minutes`` have passed since the last checkpoint, by the main process's
+        clock: every process must take the same decision (they all wait for the save)."""
+        if self.run.save_every_minutes <= 0:
+            return False
+        due = [time.monotonic() - self.last_save >= 60 * self.run.save_every_minutes]
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            due = broadcast_object_list(due)
+        return bool(due[0])
 
     def close(self) -> None:
         self.bar.close()
