@@ -30,7 +30,7 @@ def test_unknown_recipe_name_lists_builtins():
 
 def test_cli_prints_error_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["sft", "--data.train", str(tmp_path / "missing.jsonl"), "--run.out", str(tmp_path / "o")])
+        main(["sft", "--model.name", "tiny", "--data.train", str(tmp_path / "missing.jsonl"), "--run.out", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "missing.jsonl" in err and "Traceback" not in err
@@ -137,3 +137,24 @@ def test_a_failed_resume_keeps_the_run(tmp_path, capsys):
         main([*args, "--run.resume", "--optim.lr", "0.5"])
     assert "the config changed (optim.lr" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before and (out / "complete.json").exists()
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "grpo", "online-dpo"])
+def test_a_stage_command_must_name_its_model(stage, tmp_path, capsys):
+    """Without a recipe, `rlhfkit dpo --data.train prefs.jsonl` trained the random tiny model."""
+    from cli_errors import refused
+
+    err = refused([stage, "--data.train", str(tmp_path / "prefs.jsonl"), "--run.out", str(tmp_path / "o")], capsys)
+    assert "--model.name" in err and "smollm2-135m-instruct" in err and "--recipe" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_named_model_or_a_recipe_is_enough_and_world_data_is_announced(tmp_path, capsys):
+    from rlhfkit.cli import require_model
+
+    require_model("dpo", ["--model.name=tiny"])
+    require_model("dpo", ["--recipe", "tiny"])
+    require_model("serve", [])  # not a training stage
+    with pytest.raises(SystemExit):
+        main(["sft", "--model.name", "tiny", "--run.steps", "0", "--run.out", str(tmp_path / "o")])
+    assert "data: the built-in task world" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from rlhfkit.config import (BestOfNConfig, DPOConfig, GRPOConfig, OnlineDPOConfig, PPOConfig, RMConfig, SFTConfig, from_dict,
                             load_recipe_section, require_finite)
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import ConfigError, RlhfkitError
 
 
 @dataclass
@@ -138,6 +138,25 @@ def parse(name: str, args: list[str]) -> Any:
     return cfg
 
 
+def require_model(name: str, args: list[str]) -> None:
+    """A stage command names its model, by flag or recipe: the field's default, the random
+    1M-parameter `tiny`, silently trained a TRL user's `rlhfkit dpo --data.train prefs.jsonl`."""
+    recipe, flags = split_recipe(args)
+    if COMMANDS[name][2] is None or recipe or any(a in ("-h", "--help") for a in flags):
+        return
+    if not any(a == "--model.name" or a.startswith("--model.name=") for a in flags):
+        raise ConfigError(
+            "say which model to train: --model.name smollm2-135m-instruct (built in), a local folder or a hub id "
+            "(--model.name tiny: the random 1M-parameter test model); or --recipe smollm2, tiny or hh for a whole setup")
+
+
+def announce_data(cfg: Any, args: list[str]) -> None:
+    """Say so when a stage command trains on the built-in task world because no data was named."""
+    data = getattr(cfg, "data", None)
+    if getattr(data, "train", None) == "world" and not split_recipe(args)[0]:
+        print("data: the built-in task world (--data.train FILE for your own)", file=sys.stderr)
+
+
 def resolve_function(spec: str) -> Callable[[Any], Any]:
     module, func = spec.split(":")
     return getattr(importlib.import_module(module), func)
@@ -159,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers_logging.disable_progress_bar()
     try:
+        require_model(name, argv[1:])
         cfg = parse(name, argv[1:])
+        if COMMANDS[name][2] is not None:
+            announce_data(cfg, argv[1:])
         resolve_function(COMMANDS[name][1])(cfg)
     except RlhfkitError as e:
         print(f"rlhfkit {name}: error: {e}", file=sys.stderr)
