@@ -36,6 +36,14 @@ def test_cli_prints_error_without_traceback(tmp_path, capsys):
     assert "missing.jsonl" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_prints_the_installed_version(flag, capsys):
+    from importlib.metadata import version
+
+    main([flag])
+    assert capsys.readouterr().out == f"rlhfkit {version('rlhfkit')}\n"
+
+
 def test_refuses_to_overwrite_a_previous_run(tmp_path):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "metrics.jsonl").write_text("{}\n")

@@ -101,8 +101,19 @@ COMMANDS: dict[str, tuple[type | str, str, str | None, str]] = {
 }
 
 
+def version() -> str:
+    """The installed package's version (pyproject.toml's), so a bug report can name the code it ran."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("rlhfkit")
+    except PackageNotFoundError:  # source tree on PYTHONPATH, never pip-installed
+        return "(not installed: run `pip install -e .`)"
+
+
 def usage() -> str:
-    lines = ["usage: rlhfkit <command> [--help] [flags]", "", "commands:"]
+    lines = ["usage: rlhfkit <command> [--help] [flags]", "       rlhfkit --version", "", "commands:"]
     width = max(len(name) for name in COMMANDS)
     lines += [f"  {name:<{width}}  {entry[3]}" for name, entry in COMMANDS.items()]
     return "\n".join(lines)
@@ -166,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
+        return
+    if argv[0] in ("-V", "--version"):
+        print(f"rlhfkit {version()}")
         return
     name = argv[0]
     if " ".join(argv[:2]) in COMMANDS:  # two-word commands (`rm score`) before one-word ones
