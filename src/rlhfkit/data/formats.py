@@ -167,7 +167,44 @@ def read_rows(source: str | Path, split: str = "train") -> Iterator[tuple[int, d
             yield number, row
 
 
+PROJECT = "{project}"
+"""A data path that starts with ``{project}/`` is relative to the repository checkout, so a built-in
+recipe finds data kept beside the project (hh-rlhf in ../shared) from any working folder."""
+
+
+def project_root() -> Path | None:
+    """The repository checkout this package runs from (the folder with pyproject.toml above
+    src/rlhfkit), or None for an installed copy, which has no project around it."""
+    root = Path(__file__).resolve().parents[3]
+    return root if (root / "pyproject.toml").is_file() and (root / "src" / "rlhfkit").is_dir() else None
+
+
+def resolve_source(source: str | Path) -> str | Path:
+    """``{project}/REST``: REST under the repository checkout, else REST from the current folder
+    (where ``../shared`` used to be looked up); any other source unchanged.
+
+    Neither existing is a DataError naming both paths and where such data comes from."""
+    if not (isinstance(source, str) and source.startswith(PROJECT + "/")):
+        return source
+    rest = source[len(PROJECT) + 1:]
+    root = project_root()
+    tried = ([("relative to the project checkout", (root / rest).resolve())] if root else []) + [
+        ("from the current folder", Path(rest))]
+    for _, path in tried:
+        if path.exists():
+            return path
+    origin = (" (hh-rlhf's test splits come from github.com/anthropics/hh-rlhf: its helpful-base/test.jsonl.gz is "
+              "helpful-base.jsonl.gz here, and so on)" if "hh-rlhf" in rest else "")
+    raise DataError(
+        source, None, None,
+        f"not found {' nor '.join(f'{label} ({path})' for label, path in tried)}. Put the data at "
+        f"{tried[0][1]}{origin}, or pass another path: the stage's --data.train, or for `rlhfkit run` "
+        "--set SECTION.data.train=PATH for each stage that reads it",
+    )
+
+
 def _open_sources(source: str | Path, split: str) -> Iterator[_Source]:
+    source = resolve_source(source)
     path = Path(source).expanduser()
     if path.is_dir():
         if _is_saved_dataset(path):
@@ -833,6 +870,7 @@ def _read(
             f"format='{fmt.value}' reads {_KIND_NAME[_KIND[fmt]]}, but "
             f"{_KIND_NAME[accept[0]]} are expected here"
         )
+    source = resolve_source(source)  # so the report names the file it read
     report = ReadReport(str(source), fmt)
     stream = _records(source, fmt, skip_bad, split, accept, report)
     try:
