@@ -33,6 +33,8 @@ class ModelConfig:
     """LoRA rank."""
     lora_alpha: int = 32
     """LoRA scaling numerator (scale = alpha / r)."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Layers that get LoRA adapters: `all-linear` (every linear layer but the output head) or module names, e.g. `q_proj v_proj` (a name matches a module path's last parts)."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off unless you trust the source."""
 

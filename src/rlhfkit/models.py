@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.config import ModelConfig
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import ConfigError, RlhfkitError
 
 TINY = "tiny"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -265,13 +265,39 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def apply_lora(model: PreTrainedModel, cfg: ModelConfig, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
-    """LoRA adapters on every linear layer (PEFT); ``task_type`` SEQ_CLS keeps a reward head trainable."""
+    """LoRA adapters (PEFT) on ``cfg.lora_target_modules``; ``task_type`` SEQ_CLS keeps a reward
+    head fully trainable (and saved with the adapter)."""
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type=task_type
-    )
-    return get_peft_model(model, lora)
+    base = model.name_or_path or cfg.name  # from_pretrained records the folder; built-ins have none
+    targets = lora_targets(model, cfg.lora_target_modules)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets, task_type=task_type)
+    peft_model = get_peft_model(model, lora)
+    # What the saved adapter applies to: the stage's input model, not wherever PEFT looked.
+    peft_model.peft_config["default"].base_model_name_or_path = base
+    return peft_model
+
+
+def lora_targets(model: torch.nn.Module, names: list[str] | str) -> list[str] | str:
+    """``--model.lora-target-modules`` as PEFT takes it, checked against the model: every name
+    must match a layer PEFT can adapt (PEFT itself only refuses a list that matches nothing)."""
+    from transformers.pytorch_utils import Conv1D
+
+    flag = "--model.lora-target-modules"
+    names = [names] if isinstance(names, str) else list(names)  # a YAML scalar instead of a list
+    if names == ["all-linear"]:
+        return "all-linear"
+    if not names or "all-linear" in names:
+        raise ConfigError(f"{flag}: give `all-linear` alone or one or more module names (e.g. q_proj v_proj), got {names}")
+    layers = [name for name, m in model.named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D))]
+    unknown = [t for t in names if not any(n == t or n.endswith(f".{t}") for n in layers)]
+    if unknown:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if isinstance(m, (torch.nn.Linear, Conv1D))})
+        raise ConfigError(f"{flag}: no layer of the model is named {', '.join(unknown)} "
+                          f"(its linear layers: {', '.join(linear)}; or `all-linear`)")
+    return names
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -280,12 +306,29 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+ADAPTER_DIR = "adapter"
+
+
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    """A plain Hugging Face folder (safetensors). LoRA models are saved merged, so any loader works."""
+    """A plain Hugging Face folder (safetensors). LoRA models are saved merged, so any loader works,
+    and their adapter (PEFT format) goes in ``folder/adapter``: transformers loads a folder holding
+    ``adapter_config.json`` as base + adapter, ignoring the merged weights beside it."""
     folder.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "peft_config"):
         import copy
 
+        save_adapter(model, folder)
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+
+
+def save_adapter(model: torch.nn.Module, folder: Path) -> None:
+    """The LoRA adapter (plus any fully trained head) as ``adapter_model.safetensors`` and
+    ``adapter_config.json`` in ``folder/adapter``; ``PeftModel.from_pretrained(base, that)``
+    rebuilds the merged model from the base named in its config."""
+    base = model.peft_config["default"].base_model_name_or_path
+    # PEFT's "auto" compares the vocabulary with the base's config (and saves resized embeddings),
+    # looking the name up on the hub when it is no folder: the built-in tiny has neither.
+    embeddings = False if base == TINY else "auto"
+    model.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=embeddings)

@@ -22,7 +22,7 @@ from rlhfkit.data.tokenize import TruncationReport
 from rlhfkit.data.world import World
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.losses import center_penalty, ranking_loss
-from rlhfkit.models import apply_lora, load_tokenizer
+from rlhfkit.models import apply_lora, load_tokenizer, save_adapter
 from rlhfkit.reward import (
     MEAN_KEY,
     STD_KEY,
@@ -268,6 +268,8 @@ def train(cfg: RMConfig) -> Path:
     if run.start_step == cfg.run.steps:
         metrics = held_out(cfg.run.steps)
     if acc.is_main_process:
+        if cfg.model.lora:  # the adapter and the fully trained head, before merging in place
+            save_adapter(run.raw_model, out)
         final = run.raw_model.merge_and_unload() if cfg.model.lora else run.raw_model
         if cfg.normalize:
             with acc.autocast():
