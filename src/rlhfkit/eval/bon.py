@@ -14,6 +14,14 @@ import json
 import math
 from pathlib import Path
 
+from rlhfkit.chunks import (
+    CHUNK,
+    PartialFile,
+    chunk_ranges,
+    chunk_seed,
+    fingerprint,
+    partial_path,
+)
 from rlhfkit.config import BestOfNConfig, ModelConfig
 from rlhfkit.data.formats import read_prompts
 from rlhfkit.data.records import Prompt, messages_to_dicts
@@ -32,7 +40,9 @@ def pick_best(rewards: list[float], n: int) -> list[int]:
     return [max(range(g * n, (g + 1) * n), key=lambda i: rewards[i]) - g * n for g in range(len(rewards) // n)]
 
 
-def best_of_n(cfg: BestOfNConfig) -> dict[str, float]:
+def best_of_n(cfg: BestOfNConfig, chunk: int = CHUNK) -> dict[str, float]:
+    """Samples come in chunks of about ``chunk`` responses, each recorded beside ``cfg.out``
+    (OUT.partial.jsonl), so an interrupted run resumes after its last finished chunk."""
     from rlhfkit.precision import resolve
 
     cfg.check()
@@ -45,17 +55,30 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, float]:
         print(report.summary())
     if not prompts:
         raise RlhfkitError(f"no prompts in {cfg.prompts}")
-    tokenizer = load_tokenizer(cfg.model)
-    policy = load_model(ModelConfig(name=cfg.model, precision=cfg.precision), tokenizer, seed=cfg.seed)
     score = reward_function(cfg.reward, 0, cfg.precision)
+    out = Path(cfg.out)
 
-    # 1. N samples per prompt (prompt-major: samples of prompt i are rows i*N .. i*N+N-1).
+    # 1. N samples per prompt (prompt-major: samples of prompt i are rows i*N .. i*N+N-1), in
+    # chunks of whole prompts, each generated with its own seed and recorded as it finishes.
     flat_prompts: list[Prompt] = [p for p in prompts for _ in range(cfg.n)]
+    ranges = chunk_ranges(len(prompts), max(1, chunk // cfg.n))
+    settings = {"model": cfg.model, "prompts": fingerprint([messages_to_dicts(p.messages) for p in prompts]),
+                "chunk": chunk, **{k: getattr(cfg, k) for k in ("n", "temperature", "max_new_tokens", "batch_size",
+                                                                "precision", "seed")}}
+    log = PartialFile(partial_path(out), settings, [len(r) * cfg.n for r in ranges], "bon")
+    texts = [text for rows in log.load() for text in rows]
     print(f"sampling {cfg.n} responses for each of {len(prompts)} prompts from {cfg.model}, scoring them with {cfg.reward}")
-    gens = generate(policy, tokenizer, [p.messages for p in flat_prompts], cfg.max_new_tokens,
-                    temperature=cfg.temperature, batch_size=cfg.batch_size, precision=cfg.precision,
-                    generator_seed=cfg.seed)
-    texts = [g.text for g in gens]
+    if log.count < len(ranges):
+        tokenizer = load_tokenizer(cfg.model)
+        policy = load_model(ModelConfig(name=cfg.model, precision=cfg.precision), tokenizer, seed=cfg.seed)
+    for c in range(log.count, len(ranges)):
+        part = flat_prompts[ranges[c].start * cfg.n : ranges[c].stop * cfg.n]
+        gens = generate(policy, tokenizer, [p.messages for p in part], cfg.max_new_tokens,
+                        temperature=cfg.temperature, batch_size=cfg.batch_size, precision=cfg.precision,
+                        generator_seed=chunk_seed(cfg.seed, "bon", c),
+                        progress=f"sampling, chunk {c + 1}/{len(ranges)}" if len(ranges) > 1 else "")
+        log.append([g.text for g in gens])
+        texts += [g.text for g in gens]
     # 2. Score every sample; keep each prompt's best.
     rewards = score(flat_prompts, texts)
     if any(not math.isfinite(r) for r in rewards):
@@ -64,7 +87,6 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, float]:
     chosen = [texts[i * cfg.n + b] for i, b in enumerate(best)]
 
     # 3. Write the file (atomically): the best sample as `completion`, so it is SFT data.
-    out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     with tmp.open("w") as f:
@@ -74,6 +96,7 @@ def best_of_n(cfg: BestOfNConfig) -> dict[str, float]:
                                 "reward": rewards[i * cfg.n + best[i]], "samples": texts[group],
                                 "rewards": rewards[group]}) + "\n")
     tmp.replace(out)
+    log.remove()
 
     n_prompts = len(prompts)
     metrics = {"bon/reward_best": sum(rewards[i * cfg.n + b] for i, b in enumerate(best)) / n_prompts,

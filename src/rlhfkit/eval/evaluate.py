@@ -17,6 +17,14 @@ from typing import Any, Literal
 
 import torch
 
+from rlhfkit.chunks import (
+    CHUNK,
+    PartialFile,
+    chunk_ranges,
+    chunk_seed,
+    fingerprint,
+    partial_path,
+)
 from rlhfkit.config import ModelConfig, require_positive
 from rlhfkit.data.records import Messages, Prompt, messages_to_dicts
 from rlhfkit.errors import ConfigError, DataError, RlhfkitError
@@ -187,14 +195,28 @@ class Side:
     tokenizer: Any = None
 
 
-def answer(name: str, prompts: list[Prompt], cfg: EvalConfig, device: str) -> Side:
+def answer(name: str, prompts: list[Prompt], cfg: EvalConfig, device: str, log: PartialFile, done: list[list],
+           first: int, ranges: list[range]) -> Side:
+    """The model's answers, chunk by chunk: units ``first`` .. of ``log`` (those in ``done``, the
+    partial file's finished chunks, are read back instead of generated)."""
     from rlhfkit.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(name)
     model = load_model(ModelConfig(name=name, precision=cfg.precision), tokenizer, seed=cfg.seed).to(device)
     print(f"answering {len(prompts)} prompts with {name} ({'greedy' if cfg.temperature == 0 else f'temperature {cfg.temperature}'})")
-    gens = generate(model, tokenizer, [p.messages for p in prompts], cfg.max_new_tokens, temperature=cfg.temperature,
-                    batch_size=cfg.batch_size, precision=cfg.precision, generator_seed=cfg.seed)
+    rows: list[dict] = []
+    for c, r in enumerate(ranges):
+        if first + c < len(done):
+            rows += done[first + c]
+            continue
+        gens = generate(model, tokenizer, [prompts[i].messages for i in r], cfg.max_new_tokens,
+                        temperature=cfg.temperature, batch_size=cfg.batch_size, precision=cfg.precision,
+                        generator_seed=chunk_seed(cfg.seed, "eval", c),
+                        progress=f"{name}, chunk {c + 1}/{len(ranges)}" if len(ranges) > 1 else "")
+        new = [{"text": g.text, "token_ids": g.token_ids, "finished": g.finished} for g in gens]
+        log.append(new)
+        rows += new
+    gens = [Generation(row["text"], row["token_ids"], row["finished"]) for row in rows]
     return Side(name, [g.text for g in gens], gens, model, tokenizer)
 
 
@@ -271,7 +293,8 @@ def rm_accuracy(rm, source: str, cfg: EvalConfig) -> dict[str, float]:
 # --- the command ------------------------------------------------------------------------------
 
 
-def evaluate(cfg: EvalConfig) -> dict:
+def evaluate(cfg: EvalConfig, chunk: int = CHUNK) -> dict:
+    """``chunk``: prompts per resumable chunk of answers."""
     from rlhfkit.precision import resolve
 
     cfg.check()
@@ -289,12 +312,20 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise RlhfkitError(f"--against reference needs a reference answer in every record of {cfg.prompts} "
                            f"(a {'/'.join(REFERENCE_FIELDS)} field); or compare with --against MODEL")
 
-    # 2. Both sides' responses.
-    ours = answer(cfg.model, prompts, cfg, device)
+    # 2. Both sides' responses, in chunks recorded beside --out as they finish (an interrupted
+    # run, or one stopped to wait for human verdicts, answers only what is left).
+    ranges = chunk_ranges(len(prompts), chunk)
+    settings = {"model": cfg.model, "against": cfg.against, "chunk": chunk,
+                "prompts": fingerprint([messages_to_dicts(p.messages) for p in prompts]),
+                **{k: getattr(cfg, k) for k in ("temperature", "max_new_tokens", "batch_size", "precision", "seed")}}
+    n_sides = 1 if cfg.against == REFERENCE else 2
+    log = PartialFile(partial_path(Path(cfg.out)), settings, [len(r) for _ in range(n_sides) for r in ranges], "eval")
+    done = log.load()
+    ours = answer(cfg.model, prompts, cfg, device, log, done, 0, ranges)
     if cfg.against == REFERENCE:
         theirs = Side(REFERENCE, references)
     else:
-        theirs = answer(cfg.against, prompts, cfg, device)
+        theirs = answer(cfg.against, prompts, cfg, device, log, done, len(ranges), ranges)
 
     # 3-4. Judge both orders; win rate, interval, length control (lengths in the model's tokens).
     rm = None
@@ -340,6 +371,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     # 6. Table and JSON.
     print_table(report)
     write_json(Path(cfg.out), report)
+    log.remove()
     print(f"wrote {cfg.out}")
     return report
 

@@ -15,6 +15,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.chunks import (
+    CHUNK,
+    PARTIAL_SUFFIX,
+    PartialFile,
+    chunk_ranges,
+    chunk_seed,
+    fingerprint,
+)
 from rlhfkit.data.records import Prompt, messages_to_dicts
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.eval.winrate import bootstrap_interval
@@ -82,13 +90,16 @@ def load(path: str, seed: int):
     return load_model(ModelConfig(name=path), tokenizer, seed=seed), tokenizer
 
 
-def evaluate_run(models: dict[str, str], rl: str, judge: str, prompts: str, cfg: Any, out: Path) -> dict:
-    """``models``: display name -> model (base, sft, the RL stage), in that order."""
+def evaluate_run(models: dict[str, str], rl: str, judge: str, prompts: str, cfg: Any, out: Path,
+                 chunk: int = CHUNK) -> dict:
+    """``models``: display name -> model (base, sft, the RL stage), in that order. Each model
+    answers in chunks of ``chunk`` prompts per decoding, each recorded in OUT/eval.partial.jsonl,
+    so an interrupted evaluation resumes after its last finished chunk."""
     from rich.console import Console
 
     from rlhfkit.eval.evaluate import sequence_kl
     from rlhfkit.eval.winrate import win_rate
-    from rlhfkit.rollout import generate
+    from rlhfkit.rollout import Generation, generate
 
     from rlhfkit.precision import resolve
 
@@ -98,6 +109,14 @@ def evaluate_run(models: dict[str, str], rl: str, judge: str, prompts: str, cfg:
     held = held_out_prompts(prompts, cfg.prompts, cfg.held_out_fraction)
     scorer = Judge(judge, cfg.precision)
     decodings = {"greedy": 0.0, "sampled": cfg.temperature}
+    ranges = chunk_ranges(len(held), chunk)
+    settings = {"models": models, "rl": rl, "prompts": fingerprint([messages_to_dicts(p.messages) for p in held]),
+                "chunk": chunk, **{k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "batch_size", "precision",
+                                                                "seed")}}
+    log = PartialFile(out / f"eval{PARTIAL_SUFFIX}", settings, [len(r) for _ in models for _ in decodings for r in ranges],
+                      "eval")
+    done = log.load()  # the finished (model, decoding, chunk) units, in this loop's order
+    unit = 0
     texts: dict[str, dict[str, list[str]]] = {}
     lengths: dict[str, dict[str, list[int]]] = {}  # response tokens, for the length-controlled win rate
     summary: dict[str, dict] = {}
@@ -105,11 +124,35 @@ def evaluate_run(models: dict[str, str], rl: str, judge: str, prompts: str, cfg:
         say(f"eval: {name} ({path}) answers {len(held)} held-out prompts, greedy and sampled at T={cfg.temperature}")
         summary[name] = {"path": path, "kl_to_sft": None}
         texts[name], lengths[name] = {}, {}
-        model, tokenizer = load(path, cfg.seed)
+        model = reference = None  # loaded once a chunk is left to answer
         for decoding, temperature in decodings.items():
-            generations = generate(model, tokenizer, [p.messages for p in held], cfg.max_new_tokens,
-                                   temperature=temperature, batch_size=cfg.batch_size, precision=cfg.precision,
-                                   generator_seed=cfg.seed, progress=f"{name}, {decoding}")
+            rows: list[dict] = []
+            for c, r in enumerate(ranges):
+                if unit < len(done):
+                    rows += done[unit]
+                else:
+                    if model is None:
+                        model, tokenizer = load(path, cfg.seed)
+                    part = [held[i].messages for i in r]
+                    # Every model's chunk c draws with the same seed: differences come from the models.
+                    chunk_gens = generate(model, tokenizer, part, cfg.max_new_tokens, temperature=temperature,
+                                          batch_size=cfg.batch_size, precision=cfg.precision,
+                                          generator_seed=chunk_seed(cfg.seed, "eval", c),
+                                          progress=f"{name}, {decoding}" + (f", chunk {c + 1}/{len(ranges)}"
+                                                                            if len(ranges) > 1 else ""))
+                    new = [{"text": g.text, "token_ids": g.token_ids, "finished": g.finished} for g in chunk_gens]
+                    if name == rl and decoding == "sampled":
+                        # k1 KL estimate on the RL model's own samples: unbiased when sampled at T = 1.
+                        if reference is None:
+                            reference, _ = load(models["sft"], cfg.seed)
+                        kl = sequence_kl(model, reference, tokenizer, part, chunk_gens, batch_size=cfg.batch_size,
+                                         precision=cfg.precision)
+                        for row, value in zip(new, kl):
+                            row["kl"] = value
+                    log.append(new)
+                    rows += new
+                unit += 1
+            generations = [Generation(row["text"], row["token_ids"], row["finished"]) for row in rows]
             texts[name][decoding] = [g.text for g in generations]
             lengths[name][decoding] = [len(g.token_ids) for g in generations]
             scores = scorer.scores(held, texts[name][decoding])
@@ -121,13 +164,8 @@ def evaluate_run(models: dict[str, str], rl: str, judge: str, prompts: str, cfg:
                 "scores": scores,
             }
             if name == rl and decoding == "sampled":
-                # k1 KL estimate on the RL model's own samples: unbiased when sampled at T = 1.
-                reference, _ = load(models["sft"], cfg.seed)
-                kl = sequence_kl(model, reference, tokenizer, [p.messages for p in held], generations,
-                                 batch_size=cfg.batch_size, precision=cfg.precision)
-                summary[name]["kl_to_sft"] = sum(kl) / len(kl)
-                del reference
-        del model
+                summary[name]["kl_to_sft"] = sum(row["kl"] for row in rows) / len(rows)
+        del model, reference
         say(f"  {name}: {judge_name(judge)} score greedy {summary[name]['greedy']['score']:.3f}, "
             f"sampled {summary[name]['sampled']['score']:.3f}")
 
@@ -158,6 +196,7 @@ def evaluate_run(models: dict[str, str], rl: str, judge: str, prompts: str, cfg:
     tmp = out / "eval.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / "eval.json")
+    log.remove()
     headline_row = next(r for r in win_rates if r["against"] == "sft" and r["decoding"] == "greedy")
     mark_complete(out, {"stage": "eval", "judge": result["judge"], "headline": (
         f"{rl} vs SFT (greedy): {100 * headline_row['win_rate']:.1f}% "

@@ -20,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from rlhfkit.chunks import PARTIAL_SUFFIX
 from rlhfkit.config import BatchConfig, OptimConfig, RunConfig, save_config, to_dict
 from rlhfkit.errors import RlhfkitError, TrainingDiverged
 
@@ -58,7 +59,7 @@ def stage(train: Callable[..., Path]) -> Callable[..., Path]:
         try:
             return train(cfg, *args, **kwargs)
         except RlhfkitError as error:
-            progress = any(out.rglob("checkpoints")) or any(out.rglob(COMPLETE))
+            progress = any(out.rglob("checkpoints")) or any(out.rglob(COMPLETE)) or any(out.rglob(f"*{PARTIAL_SUFFIX}"))
             if fresh and not progress and not isinstance(error, TrainingDiverged):
                 shutil.rmtree(out, ignore_errors=True)
             raise
