@@ -54,7 +54,7 @@ class PipelineConfig:
     """Run SFT -> labels -> reward model -> RL -> evaluation -> report, skipping finished stages."""
 
     recipe: tyro.conf.Positional[str] = "smollm2"
-    """`smollm2` (the real model on the built-in world; the default), `tiny` (about a minute), `hh`
+    """`smollm2` (the real model on the built-in world; the default), `tiny` (a few minutes), `hh`
     (Anthropic hh-rlhf from ../shared), or a YAML path with the same sections."""
     algo: Literal["", "ppo", "dpo", "online-dpo", "grpo"] = ""
     """The preference-learning stage. Empty: the recipe's `pipeline.algo` (PPO for smollm2 and tiny)."""
