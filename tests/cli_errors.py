@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlhfkit.cli import main
+from rlhfkit.cli import COMMANDS, main
 
 
 def refused(argv: list[str], capsys) -> str:
@@ -11,5 +11,6 @@ def refused(argv: list[str], capsys) -> str:
         main(argv)
     assert exit_info.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith(f"rlhfkit {argv[0]}: error: "), last
+    command = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else argv[0]  # `rm score`, `label serve`
+    assert last.startswith(f"rlhfkit {command}: error: "), last
     return last

@@ -156,11 +156,90 @@ def convert_gguf(gguf: Path, target: Path) -> None:
 # --- loading ----------------------------------------------------------------------------------
 
 
-def resolve(name: str) -> str:
-    """Map a built-in name to its folder; pass local folders and hub ids through."""
+def resolve(name: str, what: str = "model") -> str:
+    """What ``from_pretrained`` should load for a user's model name: a built-in's folder, or the
+    name itself once ``check_model_name`` has accepted it as a local model folder or a hub id."""
+    check_model_name(name, what)
     if name == SMOLLM2:
         return str(smollm2_path())
     return name
+
+
+def check_model_name(name: str, what: str = "model") -> None:
+    """Refuse, in one line naming ``name``, a model name that can only be a local path and is no
+    model folder, before ``from_pretrained`` would report it as a malformed hub id (a mistyped
+    ``runs/x/ppo`` gave "Repo id must be in the form 'repo_name' or 'namespace/repo_name'").
+
+    Built-in names pass, and so does an existing folder with ``config.json`` (or a PEFT
+    ``adapter_config.json``). A name that could be a hub id passes too: loading it says whether
+    the hub has it (``loading``). Cheap and side-effect free (no conversion, no network), so
+    commands call it on every model flag before any slow work."""
+    if name in (TINY, SMOLLM2):
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+            return
+        raise RlhfkitError(f"{name}: {_not_a_model_folder(path, what)}")
+    if path.exists():
+        raise RlhfkitError(f"{name}: not a {what} folder but a file; give the folder that holds its config.json")
+    if not could_be_hub_id(name):
+        raise RlhfkitError(f"{name}: no such folder ({_nearest_folder(path)})")
+
+
+def _not_a_model_folder(path: Path, what: str) -> str:
+    """Why an existing folder is no model: an unfinished stage, a run of stages, or neither."""
+    if (path / "checkpoints").is_dir() and not (path / "complete.json").exists():
+        return ("an unfinished run (checkpoints/ but no complete.json, so no final model yet): finish it by "
+                "rerunning its command (with --run.resume for a single stage), or give a finished stage's folder")
+    inside = sorted(str(sub) for sub in path.iterdir() if (sub / "config.json").is_file())
+    where = f"; the models in it: {', '.join(inside[:8])}" if inside else ""
+    return f"not a {what} folder (no config.json){where}"
+
+
+def _nearest_folder(path: Path) -> str:
+    """The part of a missing path that exists, and what it holds: the likely typo is below it."""
+    built_in = f"nor a built-in name: {TINY}, {SMOLLM2}; a hub id looks like owner/name"
+    parents = [p for p in path.parents if p.name and p.is_dir()]  # the user's own components only
+    if not parents:
+        return built_in
+    parent = parents[0]
+    missing = path.relative_to(parent).parts[0]
+    folders = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    holds = f"; it has {', '.join(folders[:8])}{' ...' if len(folders) > 8 else ''}" if folders else ""
+    return f"{parent} has no {missing}{holds}"
+
+
+def could_be_hub_id(name: str) -> bool:
+    """Whether ``name`` can name a hub repository (``owner/name`` or ``name``) rather than only a
+    local path: not starting with ``.``, ``/`` or ``~``, one ``/`` at most and not at the end,
+    its owner not an existing local folder (``runs/tiny`` is a path), and valid hub characters."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1:
+        return False
+    if "/" in name and Path(name.split("/")[0]).is_dir():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def loading(name: str, what: str = "model"):
+    """Around ``from_pretrained(resolve(name))``: its failure as one line naming ``name``, saying
+    for a hub id that it is no local folder and why the hub did not give it (offline, not found)."""
+    try:
+        yield
+    except (OSError, ValueError) as e:  # transformers' missing-file and unreadable-file errors
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        reason = reason if len(reason) <= 300 else reason[:300] + " ..."
+        if name in (TINY, SMOLLM2) or Path(name).expanduser().exists():
+            raise RlhfkitError(f"cannot load a {what} from {name}: {reason}") from None
+        raise RlhfkitError(
+            f"{name} is not a local folder, and loading it from the Hugging Face hub failed: {reason}") from None
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False, chat: bool = True) -> PreTrainedTokenizerBase:
@@ -169,10 +248,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, chat: bool = True
     if name == TINY:
         return build_tiny_tokenizer()
     path = resolve(name)
-    try:
+    with loading(name, "tokenizer"):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise RlhfkitError(f"cannot load a tokenizer from '{name}': {e}") from None
     ensure_pad_token(tok)
     if chat and tok.chat_template is None:
         raise RlhfkitError(f"the tokenizer of '{name}' has no chat template; use a chat/instruct model")
@@ -206,15 +283,9 @@ def load_model(
     if name == TINY:
         model = build_tiny_model(tokenizer, seed)
     else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                resolve(name), dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
-            )
-        except OSError as e:
-            raise RlhfkitError(
-                f"cannot load a model from '{name}': not a built-in name ({TINY}, {SMOLLM2}), "
-                f"a local model folder, or a reachable hub id ({e.__class__.__name__})"
-            ) from None
+        path = resolve(name)
+        with loading(name):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -30,7 +30,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from rlhfkit.data.records import Message, Messages, Prompt, messages_to_dicts, user
 from rlhfkit.data.tokenize import CHARS_PER_TOKEN, Example, TruncationReport, right_pad, tokenize_pair
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models import TINY, build_tiny_model, disable_dropout, ensure_pad_token, prefer_eager_attention_on_cpu, resolve
+from rlhfkit.models import (SMOLLM2, TINY, build_tiny_model, check_model_name, disable_dropout, ensure_pad_token, loading,
+                            prefer_eager_attention_on_cpu, resolve)
 from rlhfkit.packing import (hidden_states, is_wrapped, pack, packs_exactly, probe_sequences, relative_gap,
                              shares_prefixes, spans, unwrap)
 from rlhfkit.rollout import autocast
@@ -49,10 +50,9 @@ def is_encoder(config) -> bool:
 def backbone_is_encoder(name: str, trust_remote_code: bool = False) -> bool:
     if name == TINY:
         return False
-    try:
-        return is_encoder(AutoConfig.from_pretrained(resolve(name), trust_remote_code=trust_remote_code))
-    except OSError as e:
-        raise RlhfkitError(f"cannot load a reward-model backbone config from '{name}': {e}") from None
+    path = resolve(name, "reward-model backbone")
+    with loading(name, "reward-model backbone config"):
+        return is_encoder(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
 
 
 @contextlib.contextmanager
@@ -80,13 +80,12 @@ def build_reward_model(name: str, tokenizer: PreTrainedTokenizerBase, seed: int 
             config.num_labels = 1
             model = LlamaForSequenceClassification(config)
         else:
-            try:
-                with quiet_transformers():  # the head is missing from a causal LM by design; no load report
-                    model = AutoModelForSequenceClassification.from_pretrained(
-                        resolve(name), num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
-                    )
-            except OSError as e:
-                raise RlhfkitError(f"cannot load a reward-model backbone from '{name}': {e}") from None
+            path = resolve(name, "reward-model backbone")
+            # quiet: the head is missing from a causal LM by design; no load report
+            with loading(name, "reward-model backbone"), quiet_transformers():
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code
+                )
         head = _head(model)
         if not keep_head:
             torch.nn.init.normal_(head.weight, std=1 / math.sqrt(head.weight.shape[1] + 1))
@@ -176,15 +175,23 @@ class RewardModel:
 
     @classmethod
     def load(cls, path: str | Path, max_len: int = 512, precision: str = "fp32") -> "RewardModel":
-        path = Path(path)
-        if not (path / "config.json").exists():
-            raise RlhfkitError(f"{path} is not a reward model folder (no config.json); train one with `rlhfkit rm`")
-        config = AutoConfig.from_pretrained(path)
+        """A reward-model folder (the output of `rlhfkit rm`) or a hub id of one."""
+        name = str(path)
+        if name in (TINY, SMOLLM2):
+            raise RlhfkitError(f"{name} is a built-in language model, not a reward model; train one with `rlhfkit rm`")
+        check_model_name(name, "reward model")  # a missing or unfinished folder, by name
+        path = Path(name).expanduser()
+        if path.is_dir() and not (path / "config.json").exists():  # a PEFT adapter alone has no head to score with
+            raise RlhfkitError(f"{name} is not a reward model folder (no config.json); train one with `rlhfkit rm`")
+        source = str(path) if path.is_dir() else name  # else a hub id
+        with loading(name, "reward model"):
+            config = AutoConfig.from_pretrained(source)
         if getattr(config, "num_labels", None) != 1:
-            raise RlhfkitError(f"{path} is not a reward model: expected num_labels=1, found {config.num_labels}")
-        tokenizer = AutoTokenizer.from_pretrained(path)
+            raise RlhfkitError(f"{name} is not a reward model: expected num_labels=1, found {config.num_labels}")
+        with loading(name, "reward model"):
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
         ensure_pad_token(tokenizer)
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
         model.config.pad_token_id = tokenizer.pad_token_id
         return cls(model, tokenizer, max_len, precision)
 

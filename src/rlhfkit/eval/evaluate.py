@@ -102,6 +102,14 @@ class EvalConfig:
             raise ConfigError("--judge llm needs --llm.base-url (e.g. http://localhost:8000/v1) and --llm.model")
         if self.comparisons and not self.rm:
             raise ConfigError("--comparisons measures a reward model's accuracy: give it with --rm PATH")
+        from rlhfkit.models import check_model_name
+
+        # Now, not after minutes of answers: --against and --rm are loaded only once the model has answered.
+        check_model_name(self.model)
+        if self.against != REFERENCE:
+            check_model_name(self.against)
+        if self.rm:
+            check_model_name(self.rm, "reward model")
 
 
 # --- KL of one model to another -----------------------------------------------------------------

@@ -64,6 +64,10 @@ class LabelServeConfig:
             raise ConfigError("labels_per_task and max_new_tokens must be positive")
         if self.model and self.temperature <= 0:
             raise ConfigError(f"temperature {self.temperature} (greedy) gives {self.k} identical responses; use > 0")
+        if self.model:  # here, not in the background generation, where only the admin page would say it
+            from rlhfkit.models import check_model_name
+
+            check_model_name(self.model)
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
         try:
