@@ -145,3 +145,24 @@ def test_checkpoints_are_also_written_by_time(minutes, expected, tmp_path):
                             "--run.save-every-minutes", str(minutes), "--eval.gold-prompts", "0", "--eval.no-at-start",
                             "--data.world-examples", "32", "--batch.micro-batch-size", "4", "--run.out", str(out)]))
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == expected  # never at the last step
+
+
+def test_resume_accepts_a_setting_added_since_at_its_default_and_compares_top_level_ones(tmp_path):
+    """A run saved before a field existed (run.save_every_minutes, model.lora_target_modules)
+    resumes when the field keeps its default; PPO's top-level `reward` is a setting like any other."""
+    import yaml
+
+    from rlhfkit.cli import parse
+    from rlhfkit.config import save_config
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.train.loop import check_same_config
+
+    saved = tmp_path / "config.yaml"
+    old = yaml.safe_load(yaml.safe_dump(__import__("dataclasses").asdict(parse("ppo", ["--recipe", "tiny", "--run.out", "a"]))))
+    del old["run"]["save_every_minutes"]
+    save_config(old, saved)
+    check_same_config(saved, parse("ppo", ["--recipe", "tiny", "--run.out", "a"]))
+    with pytest.raises(RlhfkitError, match="run.save_every_minutes"):
+        check_same_config(saved, parse("ppo", ["--recipe", "tiny", "--run.out", "a", "--run.save-every-minutes", "1"]))
+    with pytest.raises(RlhfkitError, match="reward"):
+        check_same_config(saved, parse("ppo", ["--recipe", "tiny", "--run.out", "a", "--reward", "gold"]))

@@ -191,3 +191,37 @@ def test_human_labels_stop_after_sft_with_instructions_then_train_the_rm(tiny_ru
     rm_config = yaml.safe_load((out / "rm" / "config.yaml").read_text())
     assert rm_config["data"]["train"] == str(out / "labels" / "rankings.jsonl")
     assert (out / "eval" / "eval.json").exists()
+
+
+def test_finished_stages_with_the_same_settings_and_inputs_are_shared_between_runs(tiny_run, capsys):
+    """`--algo grpo` beside the finished PPO run: SFT, labels and RM would be the same folders, so
+    they are hard-linked from it, not trained again; a stage whose settings or inputs differ is not."""
+    from rlhfkit.pipeline import shared_source
+
+    small = ["eval.prompts=8", "grpo.eval.gold_prompts=0", "grpo.eval.at_start=false", "grpo.run.steps=1",
+             "grpo.algo.prompts_per_step=4"]
+    args = ["tiny", "--algo", "grpo", "--runs-dir", str(tiny_run.parent), "--name", "tiny-grpo-shared"]
+    out = run(parse("run", [*args, *[x for flag in small for x in ("--set", flag)]]))
+    try:
+        printed = capsys.readouterr().out
+        info = {s["name"]: s for s in json.loads((out / "pipeline.json").read_text())["stages"]}
+        for stage in ("sft", "labels", "rm"):
+            assert info[stage]["status"] == "shared" and info[stage]["shared_from"] == str(tiny_run / stage)
+            assert f"{stage} shared from {tiny_run / stage}" in printed
+        assert info["grpo"]["status"] == "done" and (out / "grpo" / "complete.json").exists()
+        assert (out / "sft" / "model.safetensors").stat().st_ino == (tiny_run / "sft" / "model.safetensors").stat().st_ino
+        assert yaml.safe_load((out / "sft" / "config.yaml").read_text())["run"]["out"] == str(out / "sft")
+        assert not (out / "sft" / "checkpoints").exists() and (tiny_run / "sft" / "checkpoints").exists()
+
+        # Other settings, or inputs from a stage that ran here: nothing to share.
+        def source(extra: list[str], index: int, origins: dict) -> Path | None:
+            plan = make_plan(parse("run", [*args[:-1], "other", *[x for f in [*small, *extra] for x in ("--set", f)]]))
+            return shared_source(plan, stages(plan), index, origins)
+
+        assert source([], 0, {}) is not None
+        assert source(["sft.optim.lr=0.1"], 0, {}) is None
+        assert source([], 2, {"sft": tiny_run.parent / "tiny", "labels": tiny_run.parent / "tiny"}) is not None
+        assert source(["rm.run.steps=5"], 2, {"sft": tiny_run.parent / "tiny", "labels": tiny_run.parent / "tiny"}) is None
+        assert source([], 2, {"sft": tiny_run.parent / "tiny", "labels": None}) is None  # labels sampled here
+    finally:
+        shutil.rmtree(out)

@@ -35,8 +35,9 @@ from rlhfkit.config import (
     from_dict,
     recipe_path,
 )
+from rlhfkit.config import save_config, to_dict
 from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.train.loop import COMPLETE, mark_complete
+from rlhfkit.train.loop import COMPLETE, config_differences, mark_complete
 
 ALGOS = ("ppo", "dpo", "online-dpo", "grpo")
 PIPELINE_KEYS = ("algo", "stage_eval", "keep_checkpoints")
@@ -191,23 +192,40 @@ class Stage:
     folder: str  # under the run folder
     kind: str
     run: Callable[[Path], None]  # writes the folder (and complete.json last)
+    # The settings that decide what the stage writes into a folder (saved there as config.yaml);
+    # None: never shared with another run (see `shared_source`).
+    settings: Callable[[Path], dict] | None = None
 
 
-def train_stage(plan: Plan, cls: type, target: str, section: str, wire: Callable[[Any], None]) -> Callable[[Path], None]:
+def train_stage(plan: Plan, name: str, cls: type, target: str, section: str, wire: Callable[[Any], None],
+                reads_labels: bool = False) -> Stage:
     """A training stage: the recipe's section, pointed at this run's folders by ``wire``, resumed
     when its folder already holds part of a run."""
+
+    def configure(out: Path) -> Any:
+        stage_cfg = plan.stage_config(cls, section)
+        wire(stage_cfg)
+        stage_cfg.run.out = str(out)
+        return stage_cfg
 
     def go(out: Path) -> None:
         from rlhfkit.cli import resolve_function
 
-        stage_cfg = plan.stage_config(cls, section)
-        wire(stage_cfg)
-        stage_cfg.run.out = str(out)
+        stage_cfg = configure(out)
+        if reads_labels:
+            copy_labels(plan, stage_cfg)
         stage_cfg.run.resume = out.exists() and any(out.iterdir())
         stage_cfg.run.overwrite = False
         resolve_function(target)(stage_cfg)
 
-    return go
+    def settings(out: Path) -> dict:
+        from rlhfkit.precision import resolve
+
+        stage_cfg = configure(out)
+        stage_cfg.model.precision = resolve(stage_cfg.model.precision, stage_cfg.model.name, None)
+        return to_dict(stage_cfg)
+
+    return Stage(name, RL_STAGES[name][3] if name in RL_STAGES else name, name, go, settings)
 
 
 def preference_section(plan: Plan) -> str:
@@ -215,25 +233,35 @@ def preference_section(plan: Plan) -> str:
     return "dpo" if plan.algo == "dpo" else "rm"
 
 
-def labels_stage(plan: Plan) -> Callable[[Path], None]:
+def labels_stage(plan: Plan) -> Stage:
     """Data collection: K samples per world prompt from the SFT model, ranked by the simulated
     labelers, written as rankings that the RM (or DPO) stage then reads."""
 
-    def go(out: Path) -> None:
-        from rlhfkit.data.preferences import load_rankings
+    def configure(out: Path, say: Callable[[str], None] | None) -> Any:
         from rlhfkit.precision import resolve
 
         section = preference_section(plan)
-        cls = DPOConfig if section == "dpo" else RMConfig
-        stage_cfg = plan.stage_config(cls, section)
+        stage_cfg = plan.stage_config(DPOConfig if section == "dpo" else RMConfig, section)
         stage_cfg.model.name = str(plan.root / "sft")
-        stage_cfg.model.precision = resolve(stage_cfg.model.precision, stage_cfg.model.name)
+        stage_cfg.model.precision = resolve(stage_cfg.model.precision, stage_cfg.model.name, say)
         stage_cfg.data.policy = ""
+        return stage_cfg
+
+    def settings(out: Path) -> dict:  # what the rankings depend on: the sampling model, data and seed
+        stage_cfg = configure(out, None)
+        return {"model": to_dict(stage_cfg.model), "data": to_dict(stage_cfg.data),
+                "run": {"seed": stage_cfg.run.seed, "out": str(out)}}
+
+    def go(out: Path) -> None:
+        from rlhfkit.data.preferences import load_rankings
+
+        stage_cfg = configure(out, print)
         train, held = load_rankings(stage_cfg.data, stage_cfg.model, stage_cfg.run.seed, out)
+        save_config(settings(out), out / "config.yaml")
         mark_complete(out, {"stage": "labels", "train_rankings": len(train), "eval_rankings": len(held),
                             "k": stage_cfg.data.k, "responses": stage_cfg.data.responses, "labeler": "simulated"})
 
-    return go
+    return Stage("labels", "labels", "labels", go, settings)
 
 
 def human_labels_stage(plan: Plan) -> Callable[[Path], None]:
@@ -263,18 +291,20 @@ def human_labels_stage(plan: Plan) -> Callable[[Path], None]:
 
 
 def wire_preferences(plan: Plan, stage_cfg: Any) -> None:
-    """Point an RM or DPO config at this run's labels: the labels stage's rankings (copied into
-    the stage's data cache, where it looks first), the human labels it exported, or the user's
-    labels file."""
+    """Point an RM or DPO config at this run's labels: the labels stage's rankings (see
+    `copy_labels`), the human labels it exported, or the user's labels file."""
     if plan.cfg.labels == "human":
         stage_cfg.data.train = str(plan.root / "labels" / "rankings.jsonl")
         stage_cfg.data.eval = ""  # held out from the file by prompt hash
-        return
-    if plan.cfg.labels != "simulated":
+    elif plan.cfg.labels != "simulated":
         stage_cfg.data.train = plan.cfg.labels
-        return
-    if stage_cfg.data.train != "world":
-        return  # the recipe's own data file (hh)
+
+
+def copy_labels(plan: Plan, stage_cfg: Any) -> None:
+    """Simulated labels on the world: copy the labels stage's rankings into the RM or DPO
+    stage's data cache, where it looks first."""
+    if plan.cfg.labels != "simulated" or stage_cfg.data.train != "world":
+        return  # human labels, the user's file, or the recipe's own data file (hh)
     out = Path(stage_cfg.run.out)
     for split in ("train", "eval"):
         target = out / "data" / f"{split}_rankings.jsonl"
@@ -307,14 +337,14 @@ def stages(plan: Plan) -> list[Stage]:
             c.run.out = str(root / folder)
             wire_preferences(plan, c)
 
-    out = [Stage("sft", "sft", "sft", train_stage(plan, SFTConfig, "rlhfkit.train.sft:train", "sft", skip_stage_eval))]
+    out = [train_stage(plan, "sft", SFTConfig, "rlhfkit.train.sft:train", "sft", skip_stage_eval)]
     if collect:
-        out.append(Stage("labels", "labels", "labels", labels_stage(plan)))
+        out.append(labels_stage(plan))
     elif plan.cfg.labels == "human":
         out.append(Stage("labels", "labels", "labels", human_labels_stage(plan)))
     if needs_rm:
-        out.append(Stage("rm", "rm", "rm", train_stage(plan, RMConfig, "rlhfkit.train.rm:train", "rm", wire_rm)))
-    out.append(Stage(plan.algo, folder, plan.algo, train_stage(plan, cls, target, section, wire_rl)))
+        out.append(train_stage(plan, "rm", RMConfig, "rlhfkit.train.rm:train", "rm", wire_rm, reads_labels=True))
+    out.append(train_stage(plan, plan.algo, cls, target, section, wire_rl, reads_labels=plan.algo == "dpo"))
     out.append(Stage("eval", "eval", "eval", eval_stage(plan, folder)))
     return out
 
@@ -330,6 +360,65 @@ def eval_stage(plan: Plan, rl_folder: str) -> Callable[[Path], None]:
         evaluate_run(models, rl=rl_folder, judge=judge, prompts=prompts, cfg=eval_cfg, out=out)
 
     return go
+
+
+# --- sharing finished stages between runs ---------------------------------------------------------
+
+# Where a stage's folder lives is not one of its settings.
+NOT_SETTINGS = {("run", "out"), ("run", "resume"), ("run", "overwrite")}
+
+
+def shared_source(plan: Plan, plan_stages: list[Stage], index: int, origins: dict[str, Path | None]) -> Path | None:
+    """Another run's finished folder that this stage would write again, or None.
+
+    A stage is the same when its settings are (paths inside each run compared relative to it) and
+    so are its inputs: every earlier stage of this run came from that same run. `rlhfkit run --algo
+    dpo` then reuses `runs/smollm2/sft`, and `--algo grpo` its SFT, labels and reward model.
+    ``origins``: for each earlier stage, the run folder it came from (None: it ran here)."""
+    stage = plan_stages[index]
+    out = plan.root / stage.folder
+    if stage.settings is None or (out.exists() and any(out.iterdir())):
+        return None
+    earlier = {origins.get(s.name) for s in plan_stages[:index]}
+    if earlier == {None} or len(earlier) > 1:
+        return None  # an earlier stage ran here, or they came from different runs
+    if earlier:
+        candidates = list(earlier)
+    else:
+        candidates = sorted(p for p in plan.root.parent.iterdir() if p != plan.root and (p / "run.yaml").is_file()) \
+            if plan.root.parent.is_dir() else []
+    settings = stage.settings(out)
+    for other in candidates:
+        source = other / stage.folder
+        try:
+            saved = yaml.safe_load((source / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if (source / COMPLETE).is_file() and isinstance(saved, dict) \
+                and not config_differences(saved, settings, other, plan.root, NOT_SETTINGS):
+            return other
+    return None
+
+
+def share(source: Path, out: Path, settings: dict) -> None:
+    """Make ``out`` a copy of the finished stage folder ``source``: hard links (no extra disk,
+    instant) where the filesystem allows, its resume checkpoints left out, and a config.yaml that
+    names this run's folders. Renamed into place whole."""
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    tmp = out.with_name(f".{out.name}.sharing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("checkpoints", ".*"), copy_function=link_or_copy)
+    (tmp / "config.yaml").unlink()  # a hard link into the other run: replaced, not written through
+    save_config(settings, tmp / "config.yaml")
+    if out.exists():
+        out.rmdir()  # empty (shared_source checked)
+    os.replace(tmp, out)
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -375,14 +464,30 @@ def run(cfg: PipelineConfig) -> Path:
     if (root / "pipeline.json").exists():
         previous = {s["name"]: s for s in json.loads((root / "pipeline.json").read_text()).get("stages", [])}
     done: dict[str, dict] = {}
+    origins: dict[str, Path | None] = {}  # the run each stage's folder came from (None: this one)
     console.print(f"[bold]rlhfkit run {cfg.recipe}[/] -> {root}  ({' -> '.join(s.name for s in plan_stages)} -> report)")
     for i, stage in enumerate(plan_stages, 1):
         out = root / stage.folder
         entry = {"name": stage.name, "folder": stage.folder, "kind": stage.kind}
         if (out / COMPLETE).exists():
             console.print(f"[bold]stage {i}/{len(plan_stages)}: {stage.name}[/] already complete ({out}); skipping")
-            done[stage.name] = {**entry, "seconds": previous.get(stage.name, {}).get("seconds"), "status": "done"}
+            before = previous.get(stage.name, {})
+            done[stage.name] = {**entry, **{k: before[k] for k in ("shared_from",) if k in before},
+                                "seconds": before.get("seconds"), "status": before.get("status") or "done"}
+            origins[stage.name] = Path(before["shared_from"]).parent if before.get("shared_from") else None
             continue
+        source = shared_source(plan, plan_stages, i - 1, origins)
+        if source is not None:
+            start = time.perf_counter()
+            share(source / stage.folder, out, plan_stages[i - 1].settings(out))
+            console.print(f"[bold]stage {i}/{len(plan_stages)}: {stage.name}[/] shared from {source / stage.folder}: "
+                          f"that run finished it with the same settings and inputs (hard-linked, not run again)")
+            done[stage.name] = {**entry, "shared_from": str(source / stage.folder),
+                                "seconds": time.perf_counter() - start, "status": "shared"}
+            origins[stage.name] = source
+            record(root, plan, done)
+            continue
+        origins[stage.name] = None
         resumed = out.exists() and any(out.iterdir())
         console.rule(f"stage {i}/{len(plan_stages)}: {stage.name}" + (" (resuming)" if resumed else ""))
         start = time.perf_counter()

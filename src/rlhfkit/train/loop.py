@@ -311,11 +311,23 @@ def check_same_config(saved: Path, cfg: Any) -> None:
     """Resuming with different settings would not give the uninterrupted run's weights."""
     import yaml
 
-    old, new = yaml.safe_load(saved.read_text()), to_dict(cfg)
+    old = yaml.safe_load(saved.read_text())
     # Where the folder lives does not change the weights: a moved or copied run resumes, and so
     # does a moved pipeline, whose stages name their sibling folders (../sft, ../rm).
     ignore = {("run", "resume"), ("run", "overwrite"), ("run", "steps"), ("run", "out")}
-    old_home, new_home = Path(old["run"]["out"]).parent, Path(cfg.run.out).parent
+    diffs = config_differences(old, to_dict(cfg), Path(old["run"]["out"]).parent, Path(cfg.run.out).parent, ignore,
+                               defaults=to_dict(type(cfg)()))
+    if diffs:
+        raise RlhfkitError(f"cannot resume {saved.parent}: the config changed ({'; '.join(diffs)})")
+
+
+def config_differences(old: dict, new: dict, old_home: Path, new_home: Path, ignore: set[tuple[str, str]],
+                       defaults: dict | None = None) -> list[str]:
+    """``section.key: old -> new`` for each setting that differs, where a path under ``old_home``
+    and one under ``new_home`` are the same setting when they are the same relative path. A
+    setting that ``old`` lacks (saved before the field existed) is the same when ``new`` keeps
+    its default from ``defaults``."""
+    defaults = defaults or {}
 
     def same(a: Any, b: Any) -> bool:
         if a == b:
@@ -326,15 +338,20 @@ def check_same_config(saved: Path, cfg: Any) -> None:
         return (a_path.is_relative_to(old_home) and b_path.is_relative_to(new_home)
                 and a_path.relative_to(old_home) == b_path.relative_to(new_home))
 
-    diffs = [
+    def new_default(old_body: dict, key: str, value: Any, default_body: Any) -> bool:
+        return key not in old_body and isinstance(default_body, dict) and key in default_body and default_body[key] == value
+
+    top = [f"{key}: {old.get(key)!r} -> {value!r}" for key, value in new.items()
+           if not isinstance(value, dict) and not same(old.get(key), value)
+           and not new_default(old, key, value, defaults)]  # e.g. PPO's `reward`
+    return top + [
         f"{sec}.{key}: {old[sec].get(key)!r} -> {value!r}"
         for sec, body in new.items()
         if isinstance(body, dict) and isinstance(old.get(sec), dict)
         for key, value in body.items()
         if (sec, key) not in ignore and not same(old[sec].get(key), value)
+        and not new_default(old[sec], key, value, defaults.get(sec))
     ]
-    if diffs:
-        raise RlhfkitError(f"cannot resume {saved.parent}: the config changed ({'; '.join(diffs)})")
 
 
 def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
