@@ -132,3 +132,19 @@ def test_a_stage_resolves_auto_records_the_choice_and_resumes(measured, tmp_path
     assert "precision auto -> bf16" in capsys.readouterr().out
     sft.train(parse("sft", [*flags, "--run.resume"]))  # `auto` again: not "the config changed"
     assert measured.calls == 1
+
+
+def test_a_busy_machine_with_several_threads_gets_a_warning(monkeypatch):
+    import os
+
+    import torch
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.7, 9.0, 9.0))
+    assert "OMP_NUM_THREADS=1" in precision.busy_machine_warning() and "load 9.7 on 2 cores" in precision.busy_machine_warning()
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    assert precision.busy_machine_warning() is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.7, 9.0, 9.0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert precision.busy_machine_warning() is None

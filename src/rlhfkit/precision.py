@@ -220,3 +220,17 @@ def resolve(precision: str, model: str, say: Callable[[str], None] | None = prin
     if say:
         say(f"precision auto -> {choice.precision} ({choice.why}; set {flag} to fp32 or bf16 to choose)")
     return choice.precision
+
+
+def busy_machine_warning() -> str | None:
+    """A warning when other work already fills the CPU cores and torch runs several threads:
+    they then wait on each other at every operation. On a 2-core VM at load ~9, one SmolLM2-wide
+    layer's forward+backward took 1.79-1.86 s with 2 threads and 0.23-0.30 s with 1."""
+    if torch.cuda.is_available() or not hasattr(os, "getloadavg"):
+        return None
+    load, cores, threads = os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads()
+    if threads < 2 or load < cores + 0.5:
+        return None
+    return (f"this machine is busy (load {load:.1f} on {cores} cores) and torch runs {threads} threads, which then "
+            f"wait on each other: on a loaded 2-core machine 1 thread was 6-8x faster than 2. "
+            f"Start with OMP_NUM_THREADS=1 (or fewer threads than idle cores) while the machine is shared")
