@@ -27,6 +27,7 @@ def measured(monkeypatch, tmp_path):
         return Fake.times
 
     monkeypatch.setattr(precision, "measure", fake_measure)
+    monkeypatch.setattr(precision, "busy_machine_warning", lambda threads=None: None)  # a quiet machine
     yield Fake
     precision.auto_choice.cache_clear()
 
@@ -51,10 +52,10 @@ def test_auto_measures_once_caches_and_says_why(measured, capsys):
     said = []
     assert resolve("auto", "tiny", said.append) == "bf16"
     assert measured.calls == 1
-    assert "precision auto -> bf16" in said[0] and "10 ms in fp32, 4 ms in bf16" in said[0]
+    assert "precision auto -> bf16" in said[0] and "10 ms in fp32, 4 ms in bf16" in said[0] and "cached in" in said[0]
     cache = json.loads((precision.cache_file()).read_text())
     (key, entry), = cache.items()
-    assert entry["precision"] == "bf16" and "128x352" in key and "threads" in key
+    assert entry["precision"] == "bf16" and key.endswith("128x352") and "torch" in key
 
     precision.auto_choice.cache_clear()  # a new process: reads the cache instead of measuring
     measured.times = (0.010, 0.020)
@@ -62,20 +63,22 @@ def test_auto_measures_once_caches_and_says_why(measured, capsys):
     assert "measured earlier" in said[1]
 
 
-def test_the_cache_is_per_layer_shape_and_thread_count(measured, monkeypatch):
-    import torch
-
+def test_the_cache_is_per_layer_shape_and_a_busy_machine_is_not_cached(measured, monkeypatch):
     resolve("auto", "tiny", None)
     measured.times = (0.010, 0.020)
     assert resolve("auto", "smollm2-135m-instruct", None) == "fp32"  # another shape: measured
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads + 1)
-        precision.auto_choice.cache_clear()
-        resolve("auto", "tiny", None)
-    finally:
-        torch.set_num_threads(threads)
-    assert measured.calls == 3
+    assert measured.calls == 2
+    said = []
+    monkeypatch.setattr(precision, "busy_machine_warning", lambda threads=None: "busy")
+    precision.auto_choice.cache_clear()
+    assert resolve("auto", "tiny", said.append) == "bf16" and measured.calls == 2  # the cached answer
+    layer = precision.LayerShape(64, 128, 2, 2)
+    monkeypatch.setattr(precision, "layer_shape", lambda model: layer)
+    resolve("auto", "other", said.append)
+    assert measured.calls == 3 and "not cached" in said[-1]
+    precision.auto_choice.cache_clear()
+    resolve("auto", "other", said.append)
+    assert measured.calls == 4  # measured again: a busy machine's timings are not kept
 
 
 def test_the_environment_fixes_auto_without_measuring(measured, monkeypatch):
@@ -103,9 +106,21 @@ def test_layer_shapes_of_builtin_folder_and_adapter_models(tmp_path, monkeypatch
     assert layer_shape(str(adapter)) == LayerShape(768, 3072, 12, 12)
 
 
-def test_the_measurement_times_both_precisions():
+def test_the_measurement_times_both_precisions_on_one_thread_and_restores_the_count():
+    import torch
+
+    threads = torch.get_num_threads()
     fp32, bf16 = precision.measure(TINY_SHAPE, tokens=32, min_reps=1, max_reps=2, min_seconds=0.0)
     assert fp32 > 0 and (bf16 is None or bf16 > 0)
+    assert torch.get_num_threads() == threads
+
+
+def test_the_machine_key_names_the_cpu():
+    from pathlib import Path
+
+    key = precision.machine_key(TINY_SHAPE)
+    if Path("/proc/cpuinfo").exists():
+        assert "flags " in key and not key.startswith("|")  # /proc/cpuinfo's keys end in tabs
 
 
 def test_unresolved_auto_never_reaches_autocast():

@@ -4,8 +4,8 @@ bf16 autocast is no universal speed-up on CPUs. One SmolLM2-135M forward+backwar
 the fp32 time on AMD Zen 5 (avx512_bf16), 1.5x slower on an Intel Xeon with avx512_bf16 but no
 AMX, and 24x slower on AVX2-only Zen 3 (5.7 s vs 135 s; bench/README.md). So `auto` measures: one
 decoder layer of the model's width, forward and backward on a short batch, in fp32 and under bf16
-autocast. bf16 must win clearly (its rounding costs accuracy); the result is cached per machine,
-torch version, thread count and layer shape, so later commands only read it.
+autocast, on one thread. bf16 must win clearly (its rounding costs accuracy); the result is cached
+per CPU, torch version and layer shape, so later commands only read it.
 On CUDA, bf16 is chosen where the GPU supports it.
 """
 
@@ -106,7 +106,18 @@ def measure(shape: LayerShape, tokens: int = 128, min_reps: int = 3, max_reps: i
     """Seconds of one forward+backward of a one-layer Llama of ``shape`` over ``tokens`` tokens:
     (fp32, bf16 autocast), the best of several passes each, alternating so a busy machine slows
     both; short passes (small models) repeat until each side has run ``min_seconds``. bf16 is
-    None where autocast fails. Leaves the global RNG as it found it."""
+    None where autocast fails. On one thread: the ratio is the instruction set's, and threads
+    waiting on each other on a shared machine made 2-thread timings 6-8x slower and noisy.
+    Leaves the global RNG and the thread count as it found them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure(shape, tokens, min_reps, max_reps, min_seconds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(shape: LayerShape, tokens: int, min_reps: int, max_reps: int, min_seconds: float) -> tuple[float, float | None]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=2048, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
@@ -145,14 +156,15 @@ def measure(shape: LayerShape, tokens: int = 128, min_reps: int = 3, max_reps: i
 
 
 def machine_key(shape: LayerShape) -> str:
-    """What the measurement depends on: the CPU, torch, the thread count and the layer widths."""
+    """What the measurement depends on: the CPU (vendor, family, model, flags), torch and the
+    layer widths."""
     cpu = ""
     with contextlib.suppress(OSError):
         info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-        cpu = "|".join(fields.get(k, "").strip() for k in ("vendor_id", "cpu family", "model", "model name"))
-        cpu += "|" + hashlib.sha1(fields.get("flags", "").encode()).hexdigest()[:12]
-    return f"{cpu}|torch {torch.__version__}|{torch.get_num_threads()} threads|{shape.text}"
+        fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info.splitlines() if ":" in line)}
+        cpu = "|".join(fields.get(k, "") for k in ("vendor_id", "cpu family", "model", "model name"))
+        cpu += "|flags " + hashlib.sha1(fields.get("flags", "").encode()).hexdigest()[:12]
+    return f"{cpu}|torch {torch.__version__}|{shape.text}"
 
 
 def cache_file() -> Path:
@@ -197,13 +209,15 @@ def auto_choice(shape: LayerShape) -> Choice:
     if cached:
         with contextlib.suppress(TypeError):
             return Choice(**{**cached, "why": cached["why"].replace("measured", "measured earlier", 1)})
+    busy = busy_machine_warning(threads=2) is not None  # before measuring: our own load is not others'
     fp32_s, bf16_s = measure(shape)
     precision = choose(fp32_s, bf16_s)
     bf16_text = f"{1000 * bf16_s:.0f} ms in bf16 autocast" if bf16_s is not None else "bf16 autocast failed"
-    why = (f"measured one {shape.text} layer's forward+backward here: {1000 * fp32_s:.0f} ms in fp32, {bf16_text}, "
-           f"with {torch.get_num_threads()} threads; cached in {cache_file()}")
+    kept = "not cached: the machine is busy, so it is measured again next time" if busy else f"cached in {cache_file()}"
+    why = f"measured one {shape.text} layer's forward+backward on one thread: {1000 * fp32_s:.0f} ms in fp32, {bf16_text}; {kept}"
     choice = Choice(precision, why, round(1000 * fp32_s, 2), None if bf16_s is None else round(1000 * bf16_s, 2))
-    _write_cache(key, choice)
+    if not busy:
+        _write_cache(key, choice)
     return choice
 
 
@@ -222,13 +236,15 @@ def resolve(precision: str, model: str, say: Callable[[str], None] | None = prin
     return choice.precision
 
 
-def busy_machine_warning() -> str | None:
-    """A warning when other work already fills the CPU cores and torch runs several threads:
-    they then wait on each other at every operation. On a 2-core VM at load ~9, one SmolLM2-wide
-    layer's forward+backward took 1.79-1.86 s with 2 threads and 0.23-0.30 s with 1."""
+def busy_machine_warning(threads: int | None = None) -> str | None:
+    """A warning when other work already fills the CPU cores and torch runs several threads
+    (``threads``, default torch's): they then wait on each other at every operation. On a 2-core
+    VM at load ~9, one SmolLM2-wide layer's forward+backward took 1.79-1.86 s with 2 threads and
+    0.23-0.30 s with 1."""
     if torch.cuda.is_available() or not hasattr(os, "getloadavg"):
         return None
-    load, cores, threads = os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads()
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    threads = torch.get_num_threads() if threads is None else threads
     if threads < 2 or load < cores + 0.5:
         return None
     return (f"this machine is busy (load {load:.1f} on {cores} cores) and torch runs {threads} threads, which then "
