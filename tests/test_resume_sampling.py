@@ -93,10 +93,6 @@ def test_labels_killed_mid_sampling_resume_to_the_same_rankings(tmp_path, monkey
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD.format(labels=LABELS), str(killed)], env=env, cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # The uninterrupted run, while the child starts up.
-    straight = tmp_path / "straight"
-    preferences.load_rankings(PreferenceDataConfig(**LABELS), TINY, 0, straight, chunk=8)
-
     partial = killed / "data" / "train_rankings.partial.jsonl"
     deadline = time.time() + 120
     while chunks_in(partial) < 1:
@@ -108,6 +104,8 @@ def test_labels_killed_mid_sampling_resume_to_the_same_rankings(tmp_path, monkey
     assert not (killed / "data" / "train_rankings.jsonl").exists(), "sampling finished before the kill"
     sampled = chunks_in(partial)
     assert 1 <= sampled < 6
+    straight = tmp_path / "straight"
+    preferences.load_rankings(PreferenceDataConfig(**LABELS), TINY, 0, straight, chunk=8)
 
     capsys.readouterr()
     calls = count_generate(monkeypatch, preferences)
