@@ -37,7 +37,12 @@ def sample_world_rankings(data: PreferenceDataConfig, model_cfg: ModelConfig, sp
     n_policy = {"candidates": 0, "policy": data.k, "mixed": data.k - data.k // 2}[data.responses]
     sampled: list[list[str]] = [[] for _ in prompts]
     if n_policy:
+        from dataclasses import replace
+
+        from rlhfkit.precision import resolve
+
         policy_name = data.policy or model_cfg.name
+        model_cfg = replace(model_cfg, precision=resolve(model_cfg.precision, policy_name))  # callers with `auto`
         ranges = chunk_ranges(len(prompts), max(1, chunk // n_policy))
         settings = {"policy": policy_name, "split": split, "n": n, "world_seed": data.world_seed, "seed": seed,
                     "samples": n_policy, "chunk": chunk, "max_new_tokens": data.max_new_tokens,
