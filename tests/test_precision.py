@@ -144,7 +144,7 @@ def test_a_stage_resolves_auto_records_the_choice_and_resumes(measured, tmp_path
     sft.train(parse("sft", flags))
     saved = yaml.safe_load((tmp_path / "sft" / "config.yaml").read_text())
     assert saved["model"]["precision"] == "bf16"
-    assert "precision auto -> bf16" in capsys.readouterr().out
+    assert "precision auto -> bf16" in capsys.readouterr().err
     sft.train(parse("sft", [*flags, "--run.resume"]))  # `auto` again: not "the config changed"
     assert measured.calls == 1
 

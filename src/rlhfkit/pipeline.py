@@ -254,8 +254,9 @@ def labels_stage(plan: Plan) -> Stage:
 
     def go(out: Path) -> None:
         from rlhfkit.data.preferences import load_rankings
+        from rlhfkit.precision import to_stderr
 
-        stage_cfg = configure(out, print)
+        stage_cfg = configure(out, to_stderr)
         train, held = load_rankings(stage_cfg.data, stage_cfg.model, stage_cfg.run.seed, out)
         save_config(settings(out), out / "config.yaml")
         mark_complete(out, {"stage": "labels", "train_rankings": len(train), "eval_rankings": len(held),

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -221,7 +222,12 @@ def auto_choice(shape: LayerShape) -> Choice:
     return choice
 
 
-def resolve(precision: str, model: str, say: Callable[[str], None] | None = print,
+def to_stderr(text: str) -> None:
+    """Diagnostics go to stderr: stdout is the answer stream of `chat` and what scripts read."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def resolve(precision: str, model: str, say: Callable[[str], None] | None = to_stderr,
             flag: str = "--model.precision") -> str:
     """``precision`` as "fp32" or "bf16": explicit settings pass through, `auto` is decided for
     ``model`` on this machine and announced with ``say`` (None: silently), naming the ``flag``

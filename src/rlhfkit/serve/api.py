@@ -418,7 +418,9 @@ def create_app(cfg: ServeConfig, model, tokenizer):
     from starlette.responses import Response
 
     name = cfg.model_name or cfg.model
-    engine = Engine(model, tokenizer, cfg.precision)
+    from rlhfkit.precision import resolve
+
+    engine = Engine(model, tokenizer, resolve(cfg.precision, cfg.model, None))  # `serve` said what auto chose
     # Not the generation worker, where a prompt would wait for the answers queued before it.
     tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlhfkit-tokenize")
     # No token stands for more characters than its vocabulary string has (byte-level BPE spells

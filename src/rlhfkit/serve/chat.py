@@ -139,10 +139,13 @@ def stream_answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, id
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
     input_ids = torch.tensor([ids], device=model.device)
     result: dict = {}
+    from rlhfkit.precision import resolve
+
+    precision = resolve(cfg.precision, cfg.model, None)  # `chat` said what auto chose
 
     def work() -> None:
         try:
-            with autocast(cfg.precision), cast_weights():  # autocast is per thread: enter it in the generating one
+            with autocast(precision), cast_weights():  # autocast is per thread: enter it in the generating one
                 result["out"] = model.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                     eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, streamer=streamer,

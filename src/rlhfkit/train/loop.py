@@ -75,12 +75,12 @@ def agreed_precision(model: Any) -> str:
 
     from rlhfkit.precision import resolve
 
-    from rlhfkit.precision import busy_machine_warning
+    from rlhfkit.precision import busy_machine_warning, to_stderr
 
     state = PartialState()
     warning = busy_machine_warning() if state.is_main_process else None
     if warning:
-        print(f"warning: {warning}", flush=True)
+        to_stderr(f"warning: {warning}")
     if state.num_processes == 1:
         return resolve(model.precision, model.name)
     choice = [resolve(model.precision, model.name) if state.is_main_process else None]
