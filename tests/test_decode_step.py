@@ -42,7 +42,7 @@ def prefill(model, rows: int, width: int, padded: bool):
         for row in range(rows):
             mask[row, : (row * 3) % width] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
+    cache = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True).cache
     return cache, mask, positions[:, -1] + 1
 
 
@@ -80,7 +80,7 @@ def test_steps_give_the_models_logits_bit_for_bit(arch, precision, padded):
             tokens = torch.randint(3, model.config.vocab_size, (len(mask),))
             mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
             expected = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
-                             past_key_values=theirs, use_cache=True, logits_to_keep=1).logits[:, -1]
+                             cache=theirs, use_cache=True, logits_to_keep=1).logits[:, -1]
             got = step(tokens, positions, mask, ours)
             assert torch.equal(got, expected), f"step {index}: max |diff| {(got - expected).abs().max()}"
             positions = positions + 1
@@ -98,7 +98,7 @@ def test_multi_head_attention_steps_are_exact_too(tiny_tokenizer):
             tokens = torch.randint(3, 200, (3,))
             mask = torch.cat([mask, mask.new_ones(3, 1)], 1)
             expected = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
-                             past_key_values=theirs, use_cache=True, logits_to_keep=1).logits[:, -1]
+                             cache=theirs, use_cache=True, logits_to_keep=1).logits[:, -1]
             assert torch.equal(step(tokens, positions, mask, ours), expected)
             positions = positions + 1
 
@@ -186,7 +186,7 @@ def test_cpus_whose_onednn_refuses_to_pack_bf16_decode_with_plain_cast_weights(m
             tokens = torch.tensor([5, 7])
             mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
             expected = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
-                             past_key_values=theirs, use_cache=True, logits_to_keep=1).logits[:, -1]
+                             cache=theirs, use_cache=True, logits_to_keep=1).logits[:, -1]
             assert torch.equal(step(tokens, positions, mask, cache), expected)
     finally:
         monkeypatch.undo()

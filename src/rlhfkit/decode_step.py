@@ -107,7 +107,7 @@ class _Layer:
 class DecodeStep:
     """``step(tokens, positions, mask, cache)`` -> logits (B, V) for each row's next token, as
     ``model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
-    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]`` gives them with SDPA
+    cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]`` gives them with SDPA
     attention; ``cache`` (a ``DynamicCache``) gets the new column the same way. Build it inside
     the autocast context the steps run in: the weights are cast for it."""
 

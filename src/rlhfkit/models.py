@@ -15,6 +15,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -343,7 +344,11 @@ def apply_lora(model: PreTrainedModel, cfg: ModelConfig, task_type: str = "CAUSA
     base = model.name_or_path or cfg.name  # from_pretrained records the folder; built-ins have none
     targets = lora_targets(model, cfg.lora_target_modules)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets, task_type=task_type)
-    peft_model = get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # PEFT 0.21.2 (the latest release) reads `model.is_gradient_checkpointing`, which
+        # transformers 5.24 deprecates for `is_activation_checkpointing`: nothing to move off here.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, lora)
     # What the saved adapter applies to: the stage's input model, not wherever PEFT looked.
     peft_model.peft_config["default"].base_model_name_or_path = base
     return peft_model

@@ -154,11 +154,12 @@ def decode(
     extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     fast = DecodeStep.build(model, rows=batch_size) if fast_steps else None
     with fast.model_uses_cast_weights() if fast is not None else contextlib.nullcontext():
-        return _decode(model, prompts, max_new_tokens, stop, pad_id, temperature, batch_size, on_finished, fast, extra)
+        return _decode(model, prompts, max_new_tokens, stop, pad_id, temperature, batch_size, on_finished, fast, extra,
+                       cache_argument(model))
 
 
-def _decode(model, prompts, max_new_tokens, stop, pad_id, temperature, batch_size, on_finished, fast, extra):
-    """``decode``'s loop; ``fast``: its DecodeStep or None."""
+def _decode(model, prompts, max_new_tokens, stop, pad_id, temperature, batch_size, on_finished, fast, extra, cache_arg):
+    """``decode``'s loop; ``fast``: its DecodeStep or None; ``cache_arg``: the forward's name for the KV cache."""
     out: list[list[int]] = [[] for _ in prompts]
     device = next(model.parameters()).device
     stop_ids = torch.tensor(stop, device=device)
@@ -180,7 +181,7 @@ def _decode(model, prompts, max_new_tokens, stop, pad_id, temperature, batch_siz
         free = batch_size - (0 if rows is None else len(rows.prompt))
         if waiting and (rows is None or (free >= min(refill_at, len(waiting)) and _can_merge(rows.cache))):
             take, waiting = waiting[:free], waiting[free:]
-            new = _prefill(model, [prompts[i] for i in take], take, prefix, pad_id, temperature, device, extra)
+            new = _prefill(model, [prompts[i] for i in take], take, prefix, pad_id, temperature, device, extra, cache_arg)
             done = record(new.token, new)
             rows = new if rows is None else _merge(rows, new)
             done = torch.cat([torch.zeros(len(rows.prompt) - len(done), dtype=torch.bool, device=device), done])
@@ -190,8 +191,8 @@ def _decode(model, prompts, max_new_tokens, stop, pad_id, temperature, batch_siz
                 logits = fast(rows.token, rows.position, rows.mask, rows.cache)
             else:
                 step = model(input_ids=rows.token[:, None], attention_mask=rows.mask,
-                             position_ids=rows.position[:, None], past_key_values=rows.cache, use_cache=True, **extra)
-                rows.cache, logits = step.past_key_values, step.logits[:, -1]
+                             position_ids=rows.position[:, None], use_cache=True, **{cache_arg: rows.cache}, **extra)
+                rows.cache, logits = returned_cache(step), step.logits[:, -1]
             rows.position = rows.position + 1
             rows.token = _pick(logits.float(), temperature)
             done = record(rows.token, rows)
@@ -212,13 +213,13 @@ def _prefix_cache(model, prompts: list[list[int]], device, extra: dict):
     if not shared:
         return None
     ids = torch.tensor([prompts[0][:shared]], device=device)
-    cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(shared, device=device)[None],
-                  use_cache=True, **extra).past_key_values
+    cache = returned_cache(model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 position_ids=torch.arange(shared, device=device)[None], use_cache=True, **extra))
     return (cache, shared) if hasattr(cache, "batch_repeat_interleave") else None
 
 
 def _prefill(model, prompts: list[list[int]], which: list[int], prefix, pad_id: int, temperature: float, device,
-             extra: dict) -> _Rows:
+             extra: dict, cache_arg: str) -> _Rows:
     """Run the prompts (all sharing ``prefix``'s tokens when it is given) into a fresh cache and
     pick each one's first new token."""
     cache, shared = None, 0
@@ -229,9 +230,9 @@ def _prefill(model, prompts: list[list[int]], which: list[int], prefix, pad_id: 
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     step = model(input_ids=ids[:, shared:], attention_mask=mask, position_ids=positions[:, shared:],
-                 past_key_values=cache, use_cache=True, **extra)
+                 use_cache=True, **{cache_arg: cache}, **extra)
     token = _pick(step.logits[:, -1].float(), temperature)
-    return _Rows(step.past_key_values, mask, token, positions[:, -1] + 1, torch.tensor(which, device=device))
+    return _Rows(returned_cache(step), mask, token, positions[:, -1] + 1, torch.tensor(which, device=device))
 
 
 def _can_merge(cache) -> bool:
@@ -361,6 +362,20 @@ def _accepts_logits_to_keep(model) -> bool:
     """Whether the causal LM under ``model`` (maybe wrapped by PEFT) takes ``logits_to_keep``
     (transformers' models do; a hand-written one may not)."""
     return "logits_to_keep" in inspect.signature(type(unwrap(model)).forward).parameters
+
+
+def cache_argument(model) -> str:
+    """The name the causal LM under ``model`` takes its KV cache by: ``cache`` in transformers'
+    models since they renamed it (``past_key_values`` warns, "removed in 5.40.0"), the old name
+    in earlier releases and in hand-written models."""
+    return "cache" if "cache" in inspect.signature(type(unwrap(model)).forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a forward with ``use_cache=True`` returned: its output's ``cache`` field, or
+    ``past_key_values`` where the output class still has that one (reading ``past_key_values``
+    from the newer classes logs a deprecation warning)."""
+    return output.cache if "cache" in getattr(output, "__dataclass_fields__", ()) else output.past_key_values
 
 
 def packed_response_hidden(model, seqs: Sequences) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -45,7 +45,7 @@ from rlhfkit.data.tokenize import end_of_turn_id, prompt_ids
 from rlhfkit.decode_step import weights_cast_once
 from rlhfkit.errors import ConfigError
 from rlhfkit.hosts import LOOPBACK
-from rlhfkit.rollout import autocast
+from rlhfkit.rollout import autocast, cache_argument, returned_cache
 
 log = logging.getLogger("rlhfkit.serve")
 
@@ -246,6 +246,7 @@ class Engine:
         # Only the last position's logits are needed; models whose forward cannot say so compute all.
         keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.last_logits = {"logits_to_keep": 1} if keeps else {}
+        self.cache_arg = cache_argument(model)
         with autocast(precision):  # the weights are cast once for the precision generation runs in
             self.cast_weights = weights_cast_once(model)
 
@@ -254,8 +255,8 @@ class Engine:
         device = self.model.device
         input_ids, past = torch.tensor([ids], device=device), None
         for _ in range(params.max_tokens):
-            out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True, **self.last_logits)
-            past = out.past_key_values
+            out = self.model(input_ids=input_ids, use_cache=True, **{self.cache_arg: past}, **self.last_logits)
+            past = returned_cache(out)
             token = pick(out.logits[0, -1].float(), params.temperature, params.top_p, generator)
             yield token
             input_ids = torch.tensor([[token]], device=device)
