@@ -163,3 +163,16 @@ def test_a_busy_machine_with_several_threads_gets_a_warning(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (9.7, 9.0, 9.0))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert precision.busy_machine_warning() is None
+
+
+def test_a_mistyped_folder_is_refused_before_measuring(measured, tmp_path):
+    from rlhfkit.errors import RlhfkitError
+
+    with pytest.raises(RlhfkitError, match="no such folder"):
+        resolve("auto", str(tmp_path / "runs" / "nope" / "ppo"), None)
+    assert measured.calls == 0
+
+
+def test_a_hub_id_not_downloaded_yet_is_measured_at_a_default_shape_without_the_network(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert layer_shape("someone/not-downloaded-model") == precision.DEFAULT_SHAPE

@@ -84,12 +84,15 @@ def layer_shape(model: str) -> LayerShape:
         return layer_shape(config["base_model_name_or_path"])
     if not config and model == SMOLLM2:
         return SMOLLM2_SHAPE
-    if not config and not folder.exists():
+    if not config and not folder.exists():  # a hub id: its config.json if already downloaded, no network
         try:
-            from transformers import AutoConfig
+            from huggingface_hub import try_to_load_from_cache
 
-            config = AutoConfig.from_pretrained(model).to_dict()
-        except Exception:  # offline, or not a model: the load that follows says why
+            cached = try_to_load_from_cache(model, "config.json")
+            config = json.loads(Path(cached).read_text()) if isinstance(cached, str) else {}
+        except Exception:  # not a valid id, or an unreadable file: the load that follows says why
+            config = {}
+        if not config:
             return DEFAULT_SHAPE
     config = config.get("text_config", config)
     hidden = config.get("hidden_size") or config.get("n_embd") or config.get("d_model")
@@ -236,6 +239,9 @@ def resolve(precision: str, model: str, say: Callable[[str], None] | None = to_s
         return precision
     if precision != "auto":
         raise ConfigError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    from rlhfkit.models import check_model_name
+
+    check_model_name(model)  # a mistyped folder is said at once, not after the measurement
     choice = auto_choice(layer_shape(model))
     if say:
         say(f"precision auto -> {choice.precision} ({choice.why}; set {flag} to fp32 or bf16 to choose)")
