@@ -81,7 +81,7 @@ def run_trl(args, work: Path, spec: dict, rec: common.Recorder) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     from rlhfkit.data.formats import read_comparisons
-    from rlhfkit.data.tokenize import end_of_turn_id, render_prompt
+    from rlhfkit.data.records import messages_to_dicts
     from rlhfkit.models import disable_dropout
     from rlhfkit.reward import encode
 
@@ -89,9 +89,11 @@ def run_trl(args, work: Path, spec: dict, rec: common.Recorder) -> dict:
     tok = common.load_tokenizer(spec["model"])
     comparisons, _ = read_comparisons(spec["pairs"])
     order = [i for b in common.step_order(len(comparisons), args.steps, global_batch(args), args.seed) for i in b]
-    eot = tok.decode([end_of_turn_id(tok)])
-    rows = [{"prompt": render_prompt(tok, comparisons[i].prompt), "chosen": comparisons[i].chosen + eot,
-             "rejected": comparisons[i].rejected + eot} for i in order]
+    # Conversational rows: TRL tokenizes apply_chat_template(prompt + [response]), the layout
+    # rlhfkit's RM reads too (for ChatML ending `<|im_end|>\n`).
+    rows = [{"prompt": messages_to_dicts(comparisons[i].prompt),
+             "chosen": [{"role": "assistant", "content": comparisons[i].chosen}],
+             "rejected": [{"role": "assistant", "content": comparisons[i].rejected}]} for i in order]
 
     model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=torch.float32)
     with torch.no_grad():

@@ -163,3 +163,55 @@ def test_value_model_from_a_reward_model_starts_on_the_normalised_scale(tiny_sft
                                           "--value-model", str(tmp_path / "value_model")]), tiny_tokenizer)
     with torch.no_grad():
         assert torch.allclose(ppo.token_values(again, seqs), expected, atol=1e-5)
+
+
+def test_a_finished_samples_reward_is_the_plain_rm_score_of_its_chat_template(tiny_sft, tmp_path, tiny_tokenizer,
+                                                                            monkeypatch):
+    """The reward a PPO rollout gives a finished sample is what a plain transformers load of the RM
+    folder gives apply_chat_template(prompt + [sample]) (ending `<|im_end|>\\n`), minus the stored
+    mean; where the decoded text tokenizes back to the sample's own tokens, that conversation is
+    the prompt, the sample (ending `<|im_end|>`) and the template's newline."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.data.records import messages_to_dicts
+    from rlhfkit.data.tokenize import prompt_ids
+    from rlhfkit.reward import MEAN_KEY, build_reward_model
+
+    rm = build_reward_model(str(tiny_sft), tiny_tokenizer, seed=3)
+    setattr(rm.config, MEAN_KEY, 0.25)
+    rm.save_pretrained(tmp_path / "rm")
+    tiny_tokenizer.save_pretrained(tmp_path / "rm")
+    scored, rollouts = [], []
+    real_reward_function, real_generate = ppo.reward_function, ppo.generate
+
+    def recording_reward_function(*args, **kwargs):
+        fn = real_reward_function(*args, **kwargs)
+
+        def score(prompts, texts):
+            scored.append((prompts, texts, fn(prompts, texts)))
+            return scored[-1][2]
+        return score
+
+    def recording_generate(*args, **kwargs):
+        rollouts.append(real_generate(*args, **kwargs))
+        return rollouts[-1]
+
+    monkeypatch.setattr(ppo, "reward_function", recording_reward_function)
+    monkeypatch.setattr(ppo, "generate", recording_generate)
+    run_ppo(tiny_sft, tmp_path / "ppo", "--reward", str(tmp_path / "rm"), "--run.steps", "1")
+
+    (prompts, texts, rewards), = scored
+    gens, = rollouts
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    newline = tiny_tokenizer("\n", add_special_tokens=False)["input_ids"]
+    finished = own_tokens = 0
+    for prompt, gen, text, reward in zip(prompts, gens, texts, rewards):
+        if not gen.finished:
+            continue
+        finished += 1
+        chat = messages_to_dicts(prompt.messages) + [{"role": "assistant", "content": text}]
+        ids = tiny_tokenizer.apply_chat_template(chat, tokenize=True)["input_ids"]
+        with torch.no_grad():
+            assert reward == pytest.approx(plain(torch.tensor([ids])).logits[0, 0].item() - 0.25, rel=1e-5, abs=1e-6)
+        own_tokens += ids == prompt_ids(tiny_tokenizer, prompt.messages) + gen.token_ids + newline
+    assert finished > 0 and own_tokens > 0, (finished, own_tokens)

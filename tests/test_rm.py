@@ -30,6 +30,15 @@ def tiny_rm(tmp_path_factory) -> Path:
                                  "--run.out", str(out)]))
 
 
+@pytest.fixture(scope="module")
+def few_step_rm(tmp_path_factory) -> Path:
+    """A few steps of the RM stage: the layout tests need a trained, saved head, not a good one."""
+    out = tmp_path_factory.mktemp("rm") / "rm"
+    return rm.train(parse("rm", ["--recipe", "tiny", "--model.name", "tiny", "--data.responses", "candidates",
+                                 "--data.world-prompts", "32", "--data.world-eval-prompts", "8", "--run.steps", "5",
+                                 "--norm-examples", "32", "--run.out", str(out)]))
+
+
 def test_tiny_rm_orders_held_out_responses_like_the_gold_judge(tiny_rm):
     start, end = rows(tiny_rm)[0], rows(tiny_rm)[-1]
     assert start["eval/gold_accuracy"] < 0.65  # an untrained head is near chance
@@ -48,6 +57,70 @@ def test_rm_loads_as_sequence_classifier_and_demonstrations_score_mean_zero(tiny
     assert abs(sum(scores) / len(scores)) < 1e-3
     raw = model.score([d.prompt for d in demos[:4]], [d.response for d in demos[:4]], normalized=False)
     assert raw[0] - scores[0] == pytest.approx(model.mean, abs=1e-5)
+
+
+def test_rm_scores_like_a_plain_transformers_load_of_the_chat_template(few_step_rm):
+    """The TRL way of scoring: AutoModelForSequenceClassification on
+    apply_chat_template(prompt + [assistant]), one sequence at a time and as a right-padded batch,
+    gives RewardModel.score's raw scores (ChatML ends `<|im_end|>\\n`: the head reads the newline
+    in both). Multi-turn and plain-text prompts included."""
+    import random
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from rlhfkit.data.records import Message, messages_to_dicts, user
+    from rlhfkit.reward import _packed_rewards, _padded_rewards, encode
+
+    world = World(seed=3)
+    prompts, responses = [], []
+    for i, prompt in enumerate(world.prompts(4, "eval")):
+        for text in world.candidates(prompt, 2, random.Random(i)):
+            prompts.append(prompt.messages)
+            responses.append(text)
+    multi_turn = (Message("system", "Be brief."), Message("user", "What is 2 + 2?"), Message("assistant", "4"),
+                  Message("user", "And 3 + 3?"))
+    prompts += [multi_turn, multi_turn, user("What is 2 + 2?")]
+    responses += ["6", "The answer is 6, my friend!", "4"]
+
+    rm = RewardModel.load(few_step_rm)
+    raw = rm.score(prompts, responses, normalized=False)
+    tok = AutoTokenizer.from_pretrained(few_step_rm)
+    plain = AutoModelForSequenceClassification.from_pretrained(few_step_rm).eval()
+    chats = [messages_to_dicts(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
+    with torch.no_grad():
+        one_by_one = [plain(**tok.apply_chat_template(c, tokenize=True, return_dict=True, return_tensors="pt"))
+                      .logits[0, 0].item() for c in chats]
+        tok.padding_side = "right"
+        batch = tok.apply_chat_template(chats, tokenize=True, padding=True, return_dict=True, return_tensors="pt")
+        assert (batch["attention_mask"] == 0).any()  # the batch really is padded
+        batched = plain(**batch).logits[:, 0].tolist()
+    assert raw == pytest.approx(one_by_one, rel=1e-5, abs=1e-6)
+    assert raw == pytest.approx(batched, rel=1e-5, abs=1e-6)
+    assert rm.score(prompts, responses) == pytest.approx([r - rm.mean for r in raw], abs=1e-6)
+
+    # the very token ids, and the packed and padded scoring paths agree on them
+    seqs = [encode(rm.tokenizer, p, r, rm.max_len, False) for p, r in zip(prompts, responses)]
+    assert seqs == [tok.apply_chat_template(c, tokenize=True)["input_ids"] for c in chats]
+    with torch.no_grad():
+        assert torch.allclose(_packed_rewards(rm.model, seqs), _padded_rewards(rm.model, seqs, tok.pad_token_id),
+                              atol=1e-5)
+
+
+def test_rm_folder_has_a_model_card_whose_example_gives_the_scores(few_step_rm):
+    """README.md in the RM folder: its 5-line transformers example, run as written, gives
+    RewardModel.score's raw and normalised scores, and it names the stored mean."""
+    import re
+
+    card = (few_step_rm / "README.md").read_text()
+    assert "rlhfkit_reward_mean" in card and "apply_chat_template" in card
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert len(code.strip().splitlines()) == 5
+    names = {"FOLDER": str(few_step_rm)}
+    exec(code, names)
+    rm = RewardModel.load(few_step_rm)
+    assert names["raw"] == pytest.approx(rm.score(["What is 2 + 2?"], ["4"], normalized=False)[0], rel=1e-5)
+    assert names["normalised"] == pytest.approx(rm.score(["What is 2 + 2?"], ["4"])[0], rel=1e-5, abs=1e-6)
 
 
 def test_rm_ranks_gold_better_responses_higher_on_fresh_prompts(tiny_rm):

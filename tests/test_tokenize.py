@@ -1,6 +1,6 @@
 from rlhfkit.data.records import Demonstration, Message, user
 from rlhfkit.data.tokenize import (
-    end_of_turn_id, fit, left_pad, left_pad_after_common_prefix, prompt_ids, tokenize_demonstration,
+    end_of_turn_id, fit, left_pad, left_pad_after_common_prefix, prompt_ids, tokenize_demonstration, turn_suffix_ids,
 )
 
 
@@ -12,6 +12,19 @@ def test_labels_cover_response_and_end_of_turn_only(tiny_tokenizer):
     assert labelled[-1] == end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
     # the prompt ends with the generation prompt, so training matches what a rollout samples from
     assert tok.decode(ex.prompt).endswith("<|im_start|>assistant\n")
+
+
+def test_turn_suffix_is_what_the_template_writes_after_the_end_of_turn(tiny_tokenizer):
+    """ChatML writes `<|im_end|>\\n` after an assistant turn; a template that stops at its
+    end-of-turn token (Llama 3 style) has no suffix."""
+    import copy
+
+    from rlhfkit.models import CHATML
+
+    assert turn_suffix_ids(tiny_tokenizer) == tiny_tokenizer("\n", add_special_tokens=False)["input_ids"]
+    bare = copy.deepcopy(tiny_tokenizer)
+    bare.chat_template = CHATML.replace("'<|im_end|>' + '\n'", "'<|im_end|>'")
+    assert bare.chat_template != CHATML and turn_suffix_ids(bare) == []
 
 
 def test_training_ids_equal_the_rendered_conversation(tiny_tokenizer):

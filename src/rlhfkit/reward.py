@@ -1,10 +1,13 @@
 """Reward models: a backbone with a scalar head, and the ``RewardModel.score`` API.
 
-A decoder backbone (any causal LM, usually the SFT checkpoint) reads the prompt rendered by its
-chat template followed by the response and its end-of-turn token; the head reads the hidden state
-of that last real token (InstructGPT / N+ detail: reward at the EOS). It is a plain
-``AutoModelForSequenceClassification`` with ``num_labels=1``: transformers' Llama/GPT-2 heads take
-the rightmost non-pad token, which is the EOS because pad != eos and batches are right-padded.
+A decoder backbone (any causal LM, usually the SFT checkpoint) reads the conversation exactly as
+``tokenizer.apply_chat_template(prompt + [assistant response])`` tokenizes it: the response, its
+end-of-turn token and whatever the template writes after it (``<|im_end|>\n`` for ChatML); the
+head reads the hidden state of that last token (InstructGPT / N+ detail: reward at the end of the
+response). It is a plain ``AutoModelForSequenceClassification`` with ``num_labels=1``:
+transformers' Llama/GPT-2 heads take the rightmost non-pad token (pad != eos, batches are
+right-padded), so the usual TRL-style scoring of a chat-templated conversation gives the same
+raw score.
 
 An encoder backbone (BERT-style) scores the decoded conversation as plain text with its own
 tokenizer, through its usual [CLS] head.
@@ -28,7 +31,8 @@ from transformers import logging as transformers_logging
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhfkit.data.records import Message, Messages, Prompt, messages_to_dicts, user
-from rlhfkit.data.tokenize import CHARS_PER_TOKEN, Example, TruncationReport, right_pad, tokenize_pair
+from rlhfkit.data.tokenize import (CHARS_PER_TOKEN, Example, TruncationReport, fit, prompt_ids, response_ids,
+                                   right_pad, turn_suffix_ids)
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import (SMOLLM2, TINY, build_tiny_model, check_model_name, disable_dropout, ensure_pad_token, loading,
                             prefer_eager_attention_on_cpu, resolve)
@@ -114,9 +118,18 @@ def _head(model) -> torch.nn.Linear:
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: Messages, response: str, max_len: int, encoder: bool,
            report: TruncationReport | None = None) -> list[int]:
-    """Token ids the reward model reads for one (prompt, response); ``report`` counts truncation."""
+    """Token ids the reward model reads for one (prompt, response); ``report`` counts truncation.
+
+    For a decoder, the conversation exactly as ``apply_chat_template(prompt + [assistant])``
+    tokenizes it (ChatML: ending ``<|im_end|>\\n``), so that a plain transformers load, whose head
+    reads the last token, scores what rlhfkit trained. A sequence over ``max_len`` is cut by
+    ``fit`` (oldest prompt tokens first, then the response's end, the suffix first of all); a
+    plain load of the whole conversation then scores other tokens (the model card says so).
+    """
     if not encoder:
-        example, length = tokenize_pair(tokenizer, prompt, response, max_len)
+        p = prompt_ids(tokenizer, prompt, max_len)
+        r = response_ids(tokenizer, response, max_len) + turn_suffix_ids(tokenizer)
+        example, length = fit(p, r, max_len), len(p) + len(r)
     else:
         turns = [f"{m.role.capitalize()}: {m.content}" for m in prompt] + [f"Assistant: {response}"]
         text = "\n\n".join(turns)[-max_len * CHARS_PER_TOKEN :]  # the end is kept, where the response is
@@ -274,5 +287,9 @@ def reward_function(spec: str, world_seed: int = 0, precision: str = "fp32") -> 
         except (ImportError, AttributeError) as e:
             raise RlhfkitError(f"reward '{spec}': cannot import {name} from {module} ({e})") from None
         return lambda prompts, texts: [float(x) for x in fn([messages_to_dicts(p.messages) for p in prompts], texts)]
+    # A policy sample is scored from its decoded text as a finished turn (end-of-turn and the
+    # template's suffix appended, the layout the RM was trained on), so a finished sample gets
+    # exactly its apply_chat_template score. One cut at max_new_tokens is scored the same way, as
+    # before; PPO's missing_eos_penalty replaces that score when set.
     rm = RewardModel.load(spec, precision=precision)
     return lambda prompts, texts: rm.score([p.messages for p in prompts], texts)

@@ -65,6 +65,26 @@ def _end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.eos_token_id
 
 
+def turn_suffix_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    return list(_turn_suffix_ids(tokenizer))
+
+
+@lru_cache(maxsize=8)
+def _turn_suffix_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The tokens a chat template writes after the last assistant turn's end-of-turn token: ``\\n``
+    for ChatML (``<|im_end|>\\n``), nothing for Llama 3. A reward model reads the last token of the
+    conversation as ``apply_chat_template`` tokenizes it, so its sequences end with these.
+    Found by rendering a sentinel conversation; empty when the template writes no end-of-turn
+    token there (EOS fallback)."""
+    sentinel = "RLHFKIT_SENTINEL"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}], tokenize=False
+    )
+    ids = tokenizer(text[text.rindex(sentinel) + len(sentinel) :], add_special_tokens=False)["input_ids"]
+    eot = end_of_turn_id(tokenizer)
+    return tuple(ids[ids.index(eot) + 1 :]) if eot in ids else ()
+
+
 def response_ids(tokenizer: PreTrainedTokenizerBase, response: str, max_len: int | None = None) -> list[int]:
     """Response tokens plus the end-of-turn token: what a rollout should produce. With
     ``max_len``, the text is first cut to its first ``max_len * CHARS_PER_TOKEN`` characters."""

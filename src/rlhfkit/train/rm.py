@@ -190,6 +190,54 @@ def reference_stats(model, tokenizer, cfg: RMConfig, train: list[Ranking], encod
     return float(values.mean()), float(values.std()) if len(values) > 1 else 1.0
 
 
+def model_card(encoder: bool, mean: float | None, std: float | None, max_len: int) -> str:
+    """The README.md saved into a reward-model folder: how to score with plain transformers (the
+    layout rlhfkit trained on), and raw vs normalised scores."""
+    if encoder:
+        layout = ("The text read is the conversation as `User: ...` / `Assistant: <response>` turns joined by blank "
+                  "lines, tokenized with special tokens; the head reads `[CLS]` (see `rlhfkit.reward.encode`).")
+        example, cut = "", "keeping `[CLS]` and the end"
+    else:
+        layout = ("Score the conversation exactly as the tokenizer's chat template tokenizes it, ending with the "
+                  "assistant's response (for ChatML `...<|im_end|>\\n`); the head reads its last token. A right-padded "
+                  "batch with an attention mask gives the same scores (the head takes each row's last non-pad token). "
+                  "`FOLDER` is this folder:")
+        code = [
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+            "tok, rm = AutoTokenizer.from_pretrained(FOLDER), "
+            "AutoModelForSequenceClassification.from_pretrained(FOLDER)",
+            'chat = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]',
+            'raw = rm(**tok.apply_chat_template(chat, tokenize=True, return_dict=True, return_tensors="pt"))'
+            ".logits[0, 0].item()",
+            f"normalised = raw - rm.config.{MEAN_KEY}",
+        ]
+        example = "```python\n" + "\n".join(code) + "\n```\n\n"
+        cut = "by dropping the oldest prompt tokens first, then the response's end"
+    if mean is None:
+        scores = ("No reference mean was stored (`normalize: false`): `RewardModel.score` returns the raw score "
+                  "either way.")
+    else:
+        scores = (f"`config.json` holds `{MEAN_KEY}` = {mean:.6g}, the mean raw score of reference responses "
+                  f"(demonstrations, or the best-ranked responses of the training data), and `{STD_KEY}` = "
+                  f"{std:.6g}, their std (stored, not applied). The normalised score is raw - `{MEAN_KEY}`, so "
+                  "reference responses average 0: what `RewardModel.score` returns by default and what rlhfkit's "
+                  "RL stages optimise; `RewardModel.score(..., normalized=False)` returns the raw score.")
+    return (
+        "# Reward model (rlhfkit)\n\n"
+        "A scalar reward model trained by `rlhfkit rm`: an `AutoModelForSequenceClassification` with `num_labels=1`. "
+        "Higher is better; only differences between responses to the same prompt are meaningful.\n\n"
+        f"## Loading\n\n{layout}\n\n{example}"
+        "With rlhfkit: `RewardModel.load(FOLDER).score([prompt], [response])` (prompt: text or messages).\n\n"
+        "## Raw and normalised scores\n\n"
+        "The raw score is the head's output, `logits[:, 0]`: what a plain transformers load returns. "
+        f"{scores}\n\n"
+        "## Length\n\n"
+        f"Trained on sequences of at most {max_len} tokens. rlhfkit cuts a longer one (`RewardModel.load(max_len=...)`,"
+        f" default 512) {cut}; a plain load of the whole conversation scores other tokens, so the two agree only "
+        "for sequences within that length.\n"
+    )
+
+
 # --- the stage ----------------------------------------------------------------------------------
 
 
@@ -279,6 +327,9 @@ def train(cfg: RMConfig) -> Path:
             say(f"reference responses: raw reward mean {mean:.4f}, std {std:.4f} (stored; scores are shifted by -mean)")
         final.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
+        card = model_card(encoder, getattr(final.config, MEAN_KEY, None), getattr(final.config, STD_KEY, None),
+                          cfg.data.max_seq_len)
+        (out / "README.md").write_text(card)
         mark_complete(out, {"stage": "rm", "steps": cfg.run.steps, **metrics})
     run.close()
     return out
