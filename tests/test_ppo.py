@@ -126,6 +126,9 @@ def test_prompts_from_a_file(tiny_sft, tmp_path):
 
 
 def test_value_model_with_another_tokenizer_is_refused(tiny_sft, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_sft, tmp_path / "other")  # a model folder whose tokenizer differs
     other = load_tokenizer(str(tiny_sft))
     other.add_special_tokens({"additional_special_tokens": ["<|other|>"]})
     other.save_pretrained(tmp_path / "other")

@@ -56,6 +56,7 @@ class Choice:
     why: str  # one line: what was measured or what decided it
     fp32_ms: float | None = None
     bf16_ms: float | None = None
+    quiet: bool = False  # nothing to announce
 
 
 def choose(fp32_s: float, bf16_s: float | None) -> str:
@@ -203,7 +204,7 @@ def auto_choice(shape: LayerShape) -> Choice:
     if forced:
         if forced not in ("fp32", "bf16"):
             raise ConfigError(f"{ENV}={forced!r}: expected fp32 or bf16 (it fixes what `precision: auto` means)")
-        return Choice(forced, f"set by {ENV}")
+        return Choice(forced, f"set by {ENV}", quiet=True)  # the user chose: as silent as a flag
     if torch.cuda.is_available():
         if torch.cuda.is_bf16_supported():
             return Choice("bf16", f"{torch.cuda.get_device_name()} supports bf16")
@@ -243,7 +244,7 @@ def resolve(precision: str, model: str, say: Callable[[str], None] | None = to_s
 
     check_model_name(model)  # a mistyped folder is said at once, not after the measurement
     choice = auto_choice(layer_shape(model))
-    if say:
+    if say and not choice.quiet:
         say(f"precision auto -> {choice.precision} ({choice.why}; set {flag} to fp32 or bf16 to choose)")
     return choice.precision
 

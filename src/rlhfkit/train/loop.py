@@ -77,7 +77,9 @@ def agreed_precision(model: Any) -> str:
 
     from rlhfkit.precision import busy_machine_warning, to_stderr
 
-    state = PartialState()
+    # cpu= as make_accelerator passes it: without it, torchrun's CPU processes each set up a
+    # single-process state that the Accelerator then keeps (2 processes trained apart).
+    state = PartialState(cpu=not torch.cuda.is_available())
     warning = busy_machine_warning() if state.is_main_process else None
     if warning:
         to_stderr(f"warning: {warning}")
