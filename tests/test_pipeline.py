@@ -225,3 +225,8 @@ def test_finished_stages_with_the_same_settings_and_inputs_are_shared_between_ru
         assert source([], 2, {"sft": tiny_run.parent / "tiny", "labels": None}) is None  # labels sampled here
     finally:
         shutil.rmtree(out)
+
+
+def test_a_set_value_that_is_not_yaml_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"--set 'sft.model.name=\{a': the value is not valid YAML"):
+        parse_overrides(["sft.model.name={a"])

@@ -112,7 +112,11 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
         node = tree.setdefault(parts[0], {})
         for part in parts[1:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({str(error).splitlines()[0]}); "
+                              f"quote it, e.g. --set '{key}=\"{raw}\"'") from None
     return tree
 
 
