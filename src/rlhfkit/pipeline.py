@@ -226,7 +226,9 @@ def train_stage(plan: Plan, name: str, cls: type, target: str, section: str, wir
         from rlhfkit.precision import resolve
 
         stage_cfg = configure(out)
-        stage_cfg.model.precision = resolve(stage_cfg.model.precision, stage_cfg.model.name, None)
+        # auto is decided by the layer shape, the base model's in every stage (their input folders
+        # may not exist yet when another run's are compared)
+        stage_cfg.model.precision = resolve(stage_cfg.model.precision, plan.base_model, None)
         return to_dict(stage_cfg)
 
     return Stage(name, RL_STAGES[name][3] if name in RL_STAGES else name, name, go, settings)
@@ -247,7 +249,7 @@ def labels_stage(plan: Plan) -> Stage:
         section = preference_section(plan)
         stage_cfg = plan.stage_config(DPOConfig if section == "dpo" else RMConfig, section)
         stage_cfg.model.name = str(plan.root / "sft")
-        stage_cfg.model.precision = resolve(stage_cfg.model.precision, stage_cfg.model.name, say)
+        stage_cfg.model.precision = resolve(stage_cfg.model.precision, plan.base_model, say)  # as train_stage
         stage_cfg.data.policy = ""
         return stage_cfg
 
