@@ -13,7 +13,7 @@ ratio ours/TRL, then the configuration differences it could not remove, and exit
 a side failed.
 
 Timing is the same on both sides: a timestamp at the start and at the end of every optimizer
-step (rlhfkit: ``TrainingRun.step_batches`` / ``TrainingRun.finish_step``, patched here; TRL: a
+step (rlhfkit: a timer in ``rlhfkit.train.loop.STEP_TIMERS``, told by every stage's loop; TRL: a
 ``TrainerCallback``'s ``on_step_begin`` / ``on_step_end``; on CUDA after a synchronize). The
 headline throughput is the steady state: (N - 1) steps' work over the time from the end of step
 1 to the end of step N, so one-time costs (the first step's allocations, lazy initialisation) do
@@ -223,22 +223,11 @@ class Recorder:
 
 def install_rlhfkit_timer(rec: Recorder) -> None:
     """Timestamps around every rlhfkit optimizer step: each stage's loop starts a step with
-    ``run.step_batches(step)`` and ends it with ``run.finish_step(done, ...)`` (before logging,
-    evaluation and checkpointing)."""
+    ``run.step_batches(step)`` and ends it with ``run.end_step(done, ...)`` (before logging,
+    evaluation and checkpointing); both tell the timers in ``STEP_TIMERS``."""
     from rlhfkit.train import loop
 
-    step_batches, finish_step = loop.TrainingRun.step_batches, loop.TrainingRun.finish_step
-
-    def timed_step_batches(self, step, *args, **kwargs):
-        rec.step_begin(step + 1)
-        return step_batches(self, step, *args, **kwargs)
-
-    def timed_finish_step(self, done, *args, **kwargs):
-        rec.step_end(done)
-        return finish_step(self, done, *args, **kwargs)
-
-    loop.TrainingRun.step_batches = timed_step_batches
-    loop.TrainingRun.finish_step = timed_finish_step
+    loop.STEP_TIMERS.append(rec)
 
 
 def trl_recorder(rec: Recorder):

@@ -338,16 +338,17 @@ def rlhfkit_worker(spec: dict, result: Path) -> None:
     rollouts: list[list] = []
     generate = getattr(rlhfkit_ppo, "generate", None)
 
-    # CPU seconds of each step: from its rollout's start to its bookkeeping (finish_step).
+    # CPU seconds of each step: from its rollout's start to its bookkeeping (run.end_step).
     cpu_marks: list[float] = []
-    finish_step = getattr(getattr(rlhfkit_loop, "TrainingRun", None), "finish_step", None)
 
-    def marked_finish_step(self, *a, **kw):
-        cpu_marks.append(time.process_time())
-        return finish_step(self, *a, **kw)
+    class CpuMarks:
+        def step_begin(self, step: int) -> None:
+            pass
 
-    if finish_step is not None:
-        rlhfkit_loop.TrainingRun.finish_step = marked_finish_step
+        def step_end(self, done: int) -> None:
+            cpu_marks.append(time.process_time())
+
+    rlhfkit_loop.STEP_TIMERS.append(CpuMarks())
 
     def recording_generate(model, tokenizer, prompts, *a, **kw):
         cpu_marks.append(time.process_time())

@@ -36,8 +36,9 @@ def main() -> None:
     from rlhfkit.data.tokenize import prompt_ids
     from rlhfkit.data.world import World, demonstrate
     from rlhfkit.models import resolve
-    from rlhfkit.packing import pack
-    from rlhfkit.rollout import join, response_logprobs
+    from rlhfkit.fast.packing import pack
+    from rlhfkit.logprobs import logprobs
+    from rlhfkit.records import join
 
     path = resolve(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -54,8 +55,8 @@ def main() -> None:
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logprobs = response_logprobs(model, seqs, 1.0)
-        (-logprobs.sum()).backward()
+            logp = logprobs(model, seqs, 1.0)
+        (-logp.sum()).backward()
         model.zero_grad(set_to_none=True)
 
     step()

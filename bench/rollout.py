@@ -25,7 +25,8 @@ from rlhfkit.config import ModelConfig
 from rlhfkit.data.tokenize import end_of_turn_id, left_pad, prompt_ids
 from rlhfkit.data.world import World
 from rlhfkit.models import load_model, load_tokenizer
-from rlhfkit.rollout import autocast, cut_at_stop, generate
+from rlhfkit.precision import autocast
+from rlhfkit.rollout import cut_at_stop, generate
 
 
 def hf_generate(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, precision):

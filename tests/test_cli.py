@@ -94,7 +94,7 @@ def test_stages_with_different_precisions_run_in_one_process(tmp_path):
 def test_every_training_stage_runs_a_bf16_step(stage, imperfect_sft, tiny_mixed_rm, tmp_path):
     """bf16 on CPU: accelerate patches the model's forward with an autocast that packed forwards
     bypass, so each stage must open acc.autocast() itself; a packed forward without it raises
-    (rlhfkit.packing.hidden_states). SFT and RM once ran their packed forwards in fp32."""
+    (rlhfkit.fast.packing.hidden_states). SFT and RM once ran their packed forwards in fp32."""
     import importlib
 
     flags = ["--recipe", "tiny", "--model.precision", "bf16", "--run.steps", "1", "--run.out", str(tmp_path / stage)]

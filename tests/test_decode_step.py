@@ -9,7 +9,7 @@ import torch
 
 from rlhfkit.data.records import user
 from rlhfkit.data.tokenize import prompt_ids
-from rlhfkit.decode_step import HEADROOM, DecodeStep, packs_weights
+from rlhfkit.fast.decode_step import HEADROOM, DecodeStep, packs_weights
 from rlhfkit.models import build_tiny_model
 
 
@@ -145,7 +145,7 @@ def test_weights_cast_once_gives_the_same_generation(tiny_tokenizer):
     does not cover gets a context that changes nothing."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rlhfkit.decode_step import weights_cast_once
+    from rlhfkit.fast.decode_step import weights_cast_once
 
     model = build_tiny_model(tiny_tokenizer).eval()
     ids = torch.tensor([prompt_ids(tiny_tokenizer, user("What is 12 + 30?"))])
@@ -168,7 +168,7 @@ def test_cpus_whose_onednn_refuses_to_pack_bf16_decode_with_plain_cast_weights(m
     """oneDNN refuses to pack bf16 weights without avx_ne_convert or AVX-512 (AVX2-only CPUs such
     as Zen 3 raise "bf16 path needs the cpu support ..."): there the step must still build, with
     unpacked weights, and give the model's logits exactly."""
-    import rlhfkit.decode_step as decode_step
+    import rlhfkit.fast.decode_step as decode_step
 
     def refuse(weight, rows):
         raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert")

@@ -15,8 +15,10 @@ from rlhfkit.config import ModelConfig
 from rlhfkit.data.records import user
 from rlhfkit.data.tokenize import Example, prompt_ids
 from rlhfkit.models import apply_lora, build_tiny_model, disable_dropout, load_model, load_tokenizer, save_model
-from rlhfkit.reward import build_reward_model, rewards_of
-from rlhfkit.rollout import decode, demonstration_nll, generate, join, response_logprobs
+from rlhfkit.logprobs import demonstration_nll, logprobs, rewards
+from rlhfkit.records import join
+from rlhfkit.reward import build_reward_model
+from rlhfkit.rollout import decode, generate
 
 LIBRARIES = ("transformers", "peft", "accelerate")
 
@@ -122,7 +124,7 @@ def test_training_forward_backward_packed_and_padded(tiny):
         model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, position_ids=seqs.position_ids,
               labels=seqs.input_ids).loss.backward()
         rm = build_reward_model("tiny", tok)
-        rewards_of(rm, [e.prompt + e.response for e in examples], tok.pad_token_id).sum().backward()
+        rewards(rm, [e.prompt + e.response for e in examples], tok.pad_token_id).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
@@ -133,7 +135,7 @@ def test_lora_train_save_and_load(tiny, tmp_path):
         lora = apply_lora(model, ModelConfig(name="tiny", lora=True))
         lora.train()
         seqs = join([prompt_ids(tok, user(q)) for q in PROMPTS], [[5, 6, 7]] * len(PROMPTS), tok.pad_token_id)
-        response_logprobs(lora, seqs).sum().backward()
+        logprobs(lora, seqs).sum().backward()
         save_model(lora, tok, tmp_path / "m")
         loaded = load_model(ModelConfig(name=str(tmp_path / "m")), load_tokenizer(str(tmp_path / "m")))
     assert type(loaded).__name__ == "LlamaForCausalLM"

@@ -2,9 +2,8 @@ import pytest
 import torch
 
 from rlhfkit.config import BatchConfig, OptimConfig
-from rlhfkit.train.loop import (
-    DataOrder, build_optimizer, flatten_optimizer_state, lr_factor, micro_batches, unflatten_optimizer_state,
-)
+from rlhfkit.runs import flatten_optimizer_state, unflatten_optimizer_state
+from rlhfkit.train.loop import DataOrder, build_optimizer, lr_factor, micro_batches
 
 
 def test_lr_warmup_then_cosine_to_zero():
@@ -62,7 +61,7 @@ def test_resume_refuses_changed_settings_but_not_a_moved_folder_or_more_steps(tm
     from rlhfkit.cli import parse
     from rlhfkit.config import save_config
     from rlhfkit.errors import RlhfkitError
-    from rlhfkit.train.loop import check_same_config
+    from rlhfkit.runs import check_same_config
 
     saved = tmp_path / "config.yaml"
     save_config(parse("sft", ["--recipe", "tiny", "--run.out", "a", "--run.steps", "10"]), saved)
@@ -84,7 +83,7 @@ def test_optimizer_gives_weights_mapped_from_a_checkpoint_their_own_memory(tmp_p
     from transformers import AutoModelForCausalLM
 
     from rlhfkit.models import build_tiny_model
-    from rlhfkit.train.loop import copy_file_mapped, file_mapped_ranges, in_file_mapping
+    from rlhfkit.fast.memory import copy_file_mapped, file_mapped_ranges, in_file_mapping
 
     build_tiny_model(tiny_tokenizer, seed=0).save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
@@ -155,7 +154,7 @@ def test_resume_accepts_a_setting_added_since_at_its_default_and_compares_top_le
     from rlhfkit.cli import parse
     from rlhfkit.config import save_config
     from rlhfkit.errors import RlhfkitError
-    from rlhfkit.train.loop import check_same_config
+    from rlhfkit.runs import check_same_config
 
     saved = tmp_path / "config.yaml"
     old = yaml.safe_load(yaml.safe_dump(__import__("dataclasses").asdict(parse("ppo", ["--recipe", "tiny", "--run.out", "a"]))))

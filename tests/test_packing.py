@@ -1,15 +1,22 @@
-"""Packed forwards (rlhfkit.packing): the layout by hand, and the same numbers as padded forwards."""
+"""Packed forwards (rlhfkit.fast.packing): the layout by hand, and the same numbers as padded forwards
+(the seam rlhfkit.logprobs with ``fast=True`` against ``fast=False``)."""
 
 import pytest
 import torch
 
 from rlhfkit.data.tokenize import right_pad
 from rlhfkit.models import build_tiny_model
-from rlhfkit.packing import balanced_rows, pack, packs_exactly, shares_prefixes, spans, tree_rows
-from rlhfkit.reward import _reward_packing_gap, build_reward_model, rewards_of
-from rlhfkit.rollout import _causal_packing_gap, _response_logprobs, join, response_logprobs
-from rlhfkit.train.ppo import _padded_token_values, _value_packing_gap, token_values
+from rlhfkit.fast.packing import balanced_rows, pack, shares_prefixes, spans, tree_rows
+from rlhfkit.logprobs import logprobs, rewards, token_values
+from rlhfkit.records import join
+from rlhfkit.reward import build_reward_model
 from tests.test_rollout import tiny_gpt2
+
+
+def verdicts(model) -> dict[str, bool]:
+    """The packing checks the seam ran on ``model`` and their verdicts (cached on the model, one per
+    head: ``logprobs``, ``values``, ``rewards``; see rlhfkit.fast.packing.packs_exactly)."""
+    return model.__dict__.get("_rlhfkit_packs_exactly", {})
 
 
 def test_balanced_rows_by_hand():
@@ -93,17 +100,18 @@ def test_packed_logprobs_entropy_and_gradients_equal_padded(tiny_tokenizer, arch
     if arch == "llama-eager":  # eager attention adds the mask to the scores: it needs it additive
         model.set_attn_implementation("eager")
     assert shares_prefixes(model)
-    assert packs_exactly(model, _causal_packing_gap)
     seqs = varied_batch()
     grads = []
-    for packed in (True, False):
+    for fast in (True, False):
         model.zero_grad()
-        logprobs, entropy = _response_logprobs(model, seqs, 0.7, True, packed)
-        (logprobs.sum() + (entropy * seqs.response_mask).sum()).backward()
+        logp, entropy = logprobs(model, seqs, 0.7, True, fast=fast)
+        if fast:  # the packed path really ran: the model's check passed
+            assert verdicts(model) == {"logprobs": True}
+        (logp.sum() + (entropy * seqs.response_mask).sum()).backward()
         grads.append(next(p for p in model.parameters() if p.grad is not None).grad.clone())
-        if packed:
-            first = (logprobs.detach(), entropy.detach() * seqs.response_mask)
-    assert torch.allclose(first[0], logprobs.detach(), atol=1e-5)
+        if fast:
+            first = (logp.detach(), entropy.detach() * seqs.response_mask)
+    assert torch.allclose(first[0], logp.detach(), atol=1e-5)
     assert torch.allclose(first[1], entropy.detach() * seqs.response_mask, atol=1e-5)
     assert (first[0][seqs.response_mask == 0] == 0).all()
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
@@ -112,13 +120,15 @@ def test_packed_logprobs_entropy_and_gradients_equal_padded(tiny_tokenizer, arch
 def test_packed_values_and_rewards_equal_padded(tiny_tokenizer):
     value = build_reward_model("tiny", tiny_tokenizer, seed=0)
     seqs = varied_batch()
-    assert torch.allclose(token_values(value, seqs), _padded_token_values(value, seqs), atol=1e-5)
+    assert torch.allclose(token_values(value, seqs, fast=True), token_values(value, seqs, fast=False), atol=1e-5)
+    assert verdicts(value) == {"values": True}  # the packed path really ran
     sequences = [[5, 6, 7, 16, 2], [8, 9, 2], [14, 15, 19, 20, 21, 22, 2]]
     pad_id = tiny_tokenizer.pad_token_id  # the head reads each row at its last non-pad token
     padded = value(*right_pad(sequences, pad_id)).logits[:, 0]
-    assert torch.allclose(rewards_of(value, sequences, pad_id), padded, atol=1e-5)
+    assert torch.allclose(rewards(value, sequences, pad_id, fast=False), padded, atol=1e-5)
+    assert torch.allclose(rewards(value, sequences, pad_id, fast=True), padded, atol=1e-5)
     # the value head and the reward head were each checked once, not one verdict for both
-    assert sorted(value.__dict__["_rlhfkit_packs_exactly"]) == ["_reward_packing_gap", "_value_packing_gap"]
+    assert verdicts(value) == {"values": True, "rewards": True}
 
 
 class IgnoresPositions(torch.nn.Module):
@@ -143,24 +153,26 @@ def test_a_model_that_drops_the_prefix_tree_mask_is_detected(tiny_tokenizer):
     model = build_tiny_model(tiny_tokenizer)
     model.model = IgnoresMask(model.model)
     with pytest.warns(UserWarning, match="using padded forwards"):
-        assert not packs_exactly(model, _causal_packing_gap)
+        logprobs(model, varied_batch())
+    assert verdicts(model) == {"logprobs": False}
 
 
 def test_a_model_that_cannot_pack_is_detected_and_scored_padded(tiny_tokenizer):
     model = build_tiny_model(tiny_tokenizer)
     seqs = varied_batch()
-    expected = _response_logprobs(model, seqs, 1.0, False, False).detach()
+    expected = logprobs(model, seqs, fast=False).detach()
     model.model = IgnoresPositions(model.model)
     with pytest.warns(UserWarning, match="using padded forwards"):
-        assert not packs_exactly(model, _causal_packing_gap)
-    assert torch.allclose(response_logprobs(model, seqs).detach(), expected, atol=1e-5)
+        got = logprobs(model, seqs).detach()
+    assert verdicts(model) == {"logprobs": False}
+    assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_demonstration_nll_is_the_response_tokens_cross_entropy(tiny_tokenizer):
     """The SFT loss numerator, packed, against the textbook computation on one unpadded forward
     per example: -sum log p(response token t | everything before it)."""
     from rlhfkit.data.tokenize import Example
-    from rlhfkit.rollout import demonstration_nll
+    from rlhfkit.logprobs import demonstration_nll
 
     model = build_tiny_model(tiny_tokenizer)
     examples = [Example([5, 6, 7], [16, 17, 2]), Example([8, 9, 10, 11], [18, 2]), Example([14], [19, 20, 21, 2])]
@@ -180,9 +192,18 @@ def test_a_model_prepared_by_accelerate_in_bf16_still_packs(tiny_tokenizer):
     failed, and silently sent every SFT, RM and PPO forward of the default pipeline to padding)."""
     from rlhfkit.train.loop import make_accelerator  # resets accelerate's process-wide precision
 
-    model = make_accelerator("bf16").prepare(build_tiny_model(tiny_tokenizer))
+    acc = make_accelerator("bf16")
+    model = acc.prepare(build_tiny_model(tiny_tokenizer))
     assert "forward" in model.__dict__  # the autocast patch
-    assert packs_exactly(model, _causal_packing_gap)
+    seqs = varied_batch()
+    with acc.autocast():  # where training runs its forwards
+        logprobs(model, seqs)
+    assert verdicts(model) == {"logprobs": True}
     assert "forward" in model.__dict__  # and it is put back
-    value = make_accelerator("bf16").prepare(build_reward_model("tiny", tiny_tokenizer, seed=0))
-    assert packs_exactly(value, _value_packing_gap) and packs_exactly(value, _reward_packing_gap)
+    acc = make_accelerator("bf16")
+    value = acc.prepare(build_reward_model("tiny", tiny_tokenizer, seed=0))
+    with acc.autocast():
+        token_values(value, seqs)
+        rewards(value, [[5, 6, 7, 16, 2], [8, 9, 2]], tiny_tokenizer.pad_token_id)
+    assert verdicts(value) == {"values": True, "rewards": True}
+    assert "forward" in value.__dict__

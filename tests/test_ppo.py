@@ -144,8 +144,10 @@ def test_value_model_from_a_reward_model_starts_on_the_normalised_scale(tiny_sft
     stored mean) keeps its head too, with mean 0."""
     from rlhfkit.data.records import user
     from rlhfkit.data.tokenize import prompt_ids, response_ids
+    from rlhfkit.logprobs import token_values
+    from rlhfkit.records import join
     from rlhfkit.reward import MEAN_KEY, build_reward_model
-    from rlhfkit.rollout import join
+    from rlhfkit.value import save_value_model, value_model
 
     rm = build_reward_model(str(tiny_sft), tiny_tokenizer, seed=3)
     if stored_mean is not None:
@@ -153,19 +155,23 @@ def test_value_model_from_a_reward_model_starts_on_the_normalised_scale(tiny_sft
     rm.save_pretrained(tmp_path / "rm")
     tiny_tokenizer.save_pretrained(tmp_path / "rm")
     cfg = parse("ppo", ["--recipe", "tiny", "--model.name", str(tiny_sft), "--reward", str(tmp_path / "rm")])
-    value = ppo.value_model(cfg, tiny_tokenizer)
+    assert ppo.value_source(cfg) == cfg.reward  # the reward model folder
+    value = value_model(ppo.value_source(cfg), cfg.model, tiny_tokenizer, cfg.run.seed)
     seqs = join([prompt_ids(tiny_tokenizer, user("What is 2+3?"))], [response_ids(tiny_tokenizer, "5")],
                 tiny_tokenizer.pad_token_id)
     with torch.no_grad():
-        expected = ppo.token_values(rm, seqs) - (stored_mean or 0.0)
-        assert torch.allclose(ppo.token_values(value, seqs), expected, atol=1e-5)
+        expected = token_values(rm, seqs) - (stored_mean or 0.0)
+        assert torch.allclose(token_values(value, seqs), expected, atol=1e-5)
 
     # Saved the way a PPO run saves it, then loaded back as a value model: the same values.
-    ppo.save_value_model(value, tmp_path / "value_model")
-    again = ppo.value_model(parse("ppo", ["--recipe", "tiny", "--model.name", str(tiny_sft), "--reward", "gold",
-                                          "--value-model", str(tmp_path / "value_model")]), tiny_tokenizer)
+    save_value_model(value, tmp_path / "value_model")
+    cfg = parse("ppo", ["--recipe", "tiny", "--model.name", str(tiny_sft), "--reward", "gold",
+                        "--value-model", str(tmp_path / "value_model")])
+    assert ppo.value_source(cfg) == cfg.value_model
+    assert ppo.value_source(parse("ppo", ["--recipe", "tiny", "--model.name", str(tiny_sft), "--reward", "gold"])) == str(tiny_sft)
+    again = value_model(ppo.value_source(cfg), cfg.model, tiny_tokenizer, cfg.run.seed)
     with torch.no_grad():
-        assert torch.allclose(ppo.token_values(again, seqs), expected, atol=1e-5)
+        assert torch.allclose(token_values(again, seqs), expected, atol=1e-5)
 
 
 def test_a_finished_samples_reward_is_the_plain_rm_score_of_its_chat_template(tiny_sft, tmp_path, tiny_tokenizer,

@@ -124,7 +124,7 @@ def test_the_machine_key_names_the_cpu():
 
 
 def test_unresolved_auto_never_reaches_autocast():
-    from rlhfkit.rollout import autocast
+    from rlhfkit.precision import autocast
     from rlhfkit.train.loop import make_accelerator
 
     with pytest.raises(ValueError, match="resolve"):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import rlhfkit.data.preferences as preferences
+import rlhfkit.rankings as preferences
 import rlhfkit.eval.bon as bon
 import rlhfkit.eval.evaluate as evaluate_cli
 import rlhfkit.rollout as rollout
@@ -72,7 +72,7 @@ KILLED_CHILD = """
 import sys, time
 from pathlib import Path
 import torch
-import rlhfkit.data.preferences as preferences
+import rlhfkit.rankings as preferences
 from rlhfkit.config import ModelConfig, PreferenceDataConfig
 
 torch.set_num_threads(1)

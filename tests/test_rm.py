@@ -8,11 +8,11 @@ import pytest
 from transformers import AutoModelForSequenceClassification
 
 from rlhfkit.cli import main, parse
-from rlhfkit.data.preferences import sample_world_rankings
 from rlhfkit.data.world import World
+from rlhfkit.rankings import sample_world_rankings
 from rlhfkit.reward import RewardModel
+from rlhfkit.stats import gold_agreement, spearman_rho
 from rlhfkit.train import rm
-from rlhfkit.train.rm import gold_agreement, spearman_rho
 
 HH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf"
 
@@ -70,7 +70,8 @@ def test_rm_scores_like_a_plain_transformers_load_of_the_chat_template(few_step_
     from transformers import AutoTokenizer
 
     from rlhfkit.data.records import Message, messages_to_dicts, user
-    from rlhfkit.reward import _packed_rewards, _padded_rewards, encode
+    from rlhfkit.logprobs import rewards
+    from rlhfkit.reward import encode
 
     world = World(seed=3)
     prompts, responses = [], []
@@ -103,8 +104,9 @@ def test_rm_scores_like_a_plain_transformers_load_of_the_chat_template(few_step_
     seqs = [encode(rm.tokenizer, p, r, rm.max_len, False) for p, r in zip(prompts, responses)]
     assert seqs == [tok.apply_chat_template(c, tokenize=True)["input_ids"] for c in chats]
     with torch.no_grad():
-        assert torch.allclose(_packed_rewards(rm.model, seqs), _padded_rewards(rm.model, seqs, tok.pad_token_id),
-                              atol=1e-5)
+        packed = rewards(rm.model, seqs, tok.pad_token_id, fast=True)
+        assert rm.model.__dict__["_rlhfkit_packs_exactly"] == {"rewards": True}  # the packed path really ran
+        assert torch.allclose(packed, rewards(rm.model, seqs, tok.pad_token_id, fast=False), atol=1e-5)
 
 
 def test_rm_folder_has_a_model_card_whose_example_gives_the_scores(few_step_rm):

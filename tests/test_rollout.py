@@ -6,7 +6,9 @@ import torch
 from rlhfkit.data.records import user
 from rlhfkit.data.tokenize import end_of_turn_id, prompt_ids
 from rlhfkit.models import build_tiny_model
-from rlhfkit.rollout import generate, join, response_logits, response_logprobs
+from rlhfkit.logprobs import logprobs, response_logits
+from rlhfkit.records import join
+from rlhfkit.rollout import generate
 
 
 def test_generation_stops_at_end_of_turn_and_marks_unfinished(tiny_tokenizer):
@@ -40,15 +42,15 @@ def test_batched_logprobs_equal_unpadded_one_at_a_time(tiny_tokenizer, arch):
     prompts = [prompt_ids(tiny_tokenizer, user(t)) for t in ("hi", "What is 12 + 30? Answer with just the number.")]
     responses = [[70, 71, 72, 73, end_of_turn_id(tiny_tokenizer)], [80, 81]]
     with torch.no_grad():
-        batched = response_logprobs(model, join(prompts, responses, tiny_tokenizer.pad_token_id), temperature=0.7)
+        batched = logprobs(model, join(prompts, responses, tiny_tokenizer.pad_token_id), temperature=0.7)
         for i in range(2):
-            alone = response_logprobs(model, join([prompts[i]], [responses[i]], tiny_tokenizer.pad_token_id), 0.7)
+            alone = logprobs(model, join([prompts[i]], [responses[i]], tiny_tokenizer.pad_token_id), 0.7)
             n = len(responses[i])
             assert torch.allclose(batched[i, :n], alone[0, :n], atol=1e-5)
             assert (batched[i, n:] == 0).all()
     # the temperature is applied: T=0.7 logprobs differ from T=1 ones
     with torch.no_grad():
-        t1 = response_logprobs(model, join(prompts, responses, tiny_tokenizer.pad_token_id), temperature=1.0)
+        t1 = logprobs(model, join(prompts, responses, tiny_tokenizer.pad_token_id), temperature=1.0)
     assert not torch.allclose(t1, batched)
 
 
@@ -139,16 +141,16 @@ def test_cpu_trains_with_eager_attention_and_decodes_with_sdpa(tiny_tokenizer, m
     prompts = [prompt_ids(tiny_tokenizer, user(t)) for t in ("hi", "What is 12 + 30?")]
     seqs = join(prompts, [[70, 71, end_of_turn_id(tiny_tokenizer)], [80]], tiny_tokenizer.pad_token_id)
     with torch.no_grad():
-        eager = response_logprobs(model, seqs)
+        eager = logprobs(model, seqs)
         with attention_implementation(model, "sdpa"):
-            sdpa = response_logprobs(model, seqs)
+            sdpa = logprobs(model, seqs)
     torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
 
 
 def test_minibatch_is_cut_to_its_own_widths_with_the_same_logprobs(tiny_tokenizer):
     """select() drops the columns no row of the minibatch uses (the batch's longest prompt and
     response may be elsewhere), and the kept logprobs are those of the whole batch."""
-    from rlhfkit.rollout import select
+    from rlhfkit.records import select
 
     torch.manual_seed(0)
     model = build_tiny_model(tiny_tokenizer).eval()
@@ -160,8 +162,8 @@ def test_minibatch_is_cut_to_its_own_widths_with_the_same_logprobs(tiny_tokenize
     assert sub.input_ids.shape[1] == max(len(prompts[0]), len(prompts[2])) + 3
     assert sub.response_mask.shape[1] == 3 and sub.prompt_width == max(len(prompts[0]), len(prompts[2]))
     with torch.no_grad():
-        whole = response_logprobs(model, seqs)
-        part = response_logprobs(model, sub)
+        whole = logprobs(model, seqs)
+        part = logprobs(model, sub)
     torch.testing.assert_close(part, whole[rows, :3], atol=1e-5, rtol=1e-5)
 
 

@@ -39,6 +39,21 @@ def test_pad_is_not_eos(tiny_tokenizer):
     assert tiny_tokenizer.pad_token_id != tiny_tokenizer.eos_token_id
 
 
+def test_the_shipped_tiny_tokenizer_is_the_one_learned_from_world_text():
+    """The tiny model's merges ship as a file (so models never needs the task world); learning
+    them again from the world's corpus gives the same file. To regenerate it after changing the
+    world: TINY_TOKENIZER.write_text(train_tiny_tokenizer(tokenizer_corpus()).to_str(pretty=True) + "\\n")."""
+    from rlhfkit.data.world import tokenizer_corpus
+    from rlhfkit.models import TINY_TOKENIZER, build_tiny_tokenizer, train_tiny_tokenizer
+
+    learned = train_tiny_tokenizer(tokenizer_corpus())
+    assert learned.to_str(pretty=True) + "\n" == TINY_TOKENIZER.read_text()
+    tok = build_tiny_tokenizer()
+    assert len(tok) == 512 and tok.convert_ids_to_tokens([0, 1, 2]) == ["<|im_end|>", "<|pad|>", "<|im_start|>"]
+    text = "Convert 3 km to metres."
+    assert tok(text)["input_ids"] == learned.encode(text).ids and len(tok(text)["input_ids"]) < 0.6 * len(text.encode())
+
+
 def test_no_double_bos_with_a_tokenizer_that_adds_bos():
     """A Llama-style tokenizer adds BOS itself and its template writes one too: keep one."""
     from rlhfkit.models import build_tiny_tokenizer

@@ -163,8 +163,10 @@ def require_model(name: str, args: list[str]) -> None:
 
 def announce_data(cfg: Any, args: list[str]) -> None:
     """Say so when a stage command trains on the built-in task world because no data was named."""
+    from rlhfkit.data.sources import is_world
+
     data = getattr(cfg, "data", None)
-    if getattr(data, "train", None) == "world" and not split_recipe(args)[0]:
+    if is_world(getattr(data, "train", None)) and not split_recipe(args)[0]:
         print("data: the built-in task world (--data.train FILE for your own)", file=sys.stderr)
 
 

@@ -48,41 +48,43 @@ def cache_dir() -> Path:
 TINY_VOCAB = 512
 
 
+TINY_TOKENIZER = Path(__file__).with_name("tiny_tokenizer.json")  # train_tiny_tokenizer(world.tokenizer_corpus())
+TINY_SPECIALS = ["<|im_end|>", "<|pad|>", "<|im_start|>"]
+
+
 def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
     """A byte-level BPE tokenizer (256 byte tokens + 253 merges learned on world text) with
     ChatML special tokens.
 
-    Byte-level means any text round-trips exactly; the merges, learned deterministically from the
-    built-in world's prompts and answers, shorten its sequences ~2.7x, which makes the tiny tour
-    and the test suite that much faster. Specials are single tokens so the chat template, EOS and
-    padding behave as in real chat models.
+    Byte-level means any text round-trips exactly; the merges, learned from the built-in world's
+    prompts and answers, shorten its sequences ~2.7x, which makes the tiny tour and the test suite
+    that much faster. Specials are single tokens so the chat template, EOS and padding behave as in
+    real chat models. The merges ship in ``tiny_tokenizer.json``; a test retrains them.
     """
-    import random
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from rlhfkit.data.world import World, candidates
-
-    texts = []
-    for i, prompt in enumerate(World(seed=0).prompts(3000, "train")):
-        texts.append(prompt.messages[0].content)
-        texts.extend(candidates(prompt, 4, random.Random(i)))
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    specials = ["<|im_end|>", "<|pad|>", "<|im_start|>"]
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=core,
+        tokenizer_object=Tokenizer.from_file(str(TINY_TOKENIZER)),
         eos_token="<|im_end|>",
         pad_token="<|pad|>",
         additional_special_tokens=["<|im_start|>"],
         chat_template=CHATML,
         clean_up_tokenization_spaces=False,
     )
+
+
+def train_tiny_tokenizer(texts: list[str]):
+    """The tiny tokenizer's byte-level BPE, learned deterministically from ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=TINY_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(texts, trainer)
+    return core
 
 
 def build_tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
@@ -408,3 +410,34 @@ def save_adapter(model: torch.nn.Module, folder: Path) -> None:
     # looking the name up on the hub when it is no folder: the built-in tiny has neither.
     embeddings = False if base == TINY else "auto"
     model.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=embeddings)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (its LoRA layers are injected in place, so
+    calling it still runs the adapters, or not, as PEFT's context says)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_wrapped(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a DDP / FSDP / DeepSpeed wrapper, not a transformers model: its own
+    forward must run (it syncs gradients), so packed forwards, which call the backbone, are off."""
+    return not hasattr(unwrap(model), "base_model_prefix")
+
+
+def is_encoder(config) -> bool:
+    """True for encoder-only backbones (BERT, RoBERTa, DeBERTa ...): the model types that have a
+    masked-LM head. (BERT also appears in the causal-LM table, so that table cannot tell.)"""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+
+
+@contextlib.contextmanager
+def frozen_reference(policy, reference):
+    """The frozen starting policy: its own copy, or, with LoRA, the policy itself with the adapters
+    disabled (the same weights, no second model in memory)."""
+    if reference is not None:
+        yield reference
+    else:
+        with policy.disable_adapter():
+            yield policy

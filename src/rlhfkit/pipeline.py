@@ -36,8 +36,9 @@ from rlhfkit.config import (
     recipe_path,
 )
 from rlhfkit.config import save_config, to_dict
+from rlhfkit.data.sources import WORLD, is_world
 from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.train.loop import COMPLETE, config_differences, mark_complete
+from rlhfkit.runs import COMPLETE, config_differences, mark_complete
 
 ALGOS = ("ppo", "dpo", "online-dpo", "grpo")
 PIPELINE_KEYS = ("algo", "stage_eval", "keep_checkpoints")
@@ -149,7 +150,7 @@ class Plan:
     @property
     def world(self) -> bool:
         """Does the recipe run on the built-in world (gold judge, simulated labelers)?"""
-        return (self.section("sft").get("data") or {}).get("train", "world") == "world"
+        return is_world((self.section("sft").get("data") or {}).get("train", WORLD))
 
 
 def make_plan(cfg: PipelineConfig) -> Plan:
@@ -259,7 +260,7 @@ def labels_stage(plan: Plan) -> Stage:
                 "run": {"seed": stage_cfg.run.seed, "out": str(out)}}
 
     def go(out: Path) -> None:
-        from rlhfkit.data.preferences import load_rankings
+        from rlhfkit.rankings import load_rankings
         from rlhfkit.precision import to_stderr
 
         stage_cfg = configure(out, to_stderr)
@@ -310,7 +311,7 @@ def wire_preferences(plan: Plan, stage_cfg: Any) -> None:
 def copy_labels(plan: Plan, stage_cfg: Any) -> None:
     """Simulated labels on the world: copy the labels stage's rankings into the RM or DPO
     stage's data cache, where it looks first."""
-    if plan.cfg.labels != "simulated" or stage_cfg.data.train != "world":
+    if plan.cfg.labels != "simulated" or not is_world(stage_cfg.data.train):
         return  # human labels, the user's file, or the recipe's own data file (hh)
     out = Path(stage_cfg.run.out)
     for split in ("train", "eval"):
@@ -363,7 +364,7 @@ def eval_stage(plan: Plan, rl_folder: str) -> Callable[[Path], None]:
         eval_cfg = from_dict(EvalStageConfig, plan.section("eval"), f"recipe {plan.cfg.recipe}: eval")
         models = {"base": plan.base_model, "sft": str(plan.root / "sft"), rl_folder: str(plan.root / rl_folder)}
         judge = "gold" if plan.world else str(plan.root / "rm")
-        prompts = "world" if plan.world else plan.section("sft").get("data", {}).get("train", "")
+        prompts = WORLD if plan.world else plan.section("sft").get("data", {}).get("train", "")
         evaluate_run(models, rl=rl_folder, judge=judge, prompts=prompts, cfg=eval_cfg, out=out)
 
     return go

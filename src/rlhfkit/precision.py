@@ -263,3 +263,12 @@ def busy_machine_warning(threads: int | None = None) -> str | None:
     return (f"this machine is busy (load {load:.1f} on {cores} cores) and torch runs {threads} threads, which then "
             f"wait on each other: on a loaded 2-core machine 1 thread was 6-8x faster than 2. "
             f"Start with OMP_NUM_THREADS=1 (or fewer threads than idle cores) while the machine is shared")
+
+
+def autocast(precision: str):
+    """bf16 autocast on the model's device when asked; a no-op context otherwise."""
+    if precision not in ("fp32", "bf16"):  # `auto` is decided at a command's start (rlhfkit.precision)
+        raise ValueError(f"precision {precision!r}: resolve `auto` with rlhfkit.precision.resolve first")
+    if precision == "bf16":
+        return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

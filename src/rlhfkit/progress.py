@@ -4,6 +4,8 @@ left. rich's own TimeRemainingColumn estimates speed over a 30-second window and
 
 from __future__ import annotations
 
+import time
+
 from rich.progress import ProgressColumn, Task
 from rich.text import Text
 
@@ -37,3 +39,32 @@ def columns() -> tuple[ProgressColumn, ...]:
 
     return (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             MeanRateEta())
+
+
+class Progress:
+    """A rich progress bar with ETA and live metrics on the main process; silent elsewhere."""
+
+    def __init__(self, total: int, start: int, description: str, enabled: bool):
+        self.bar = None
+        self.t0, self.start = time.perf_counter(), start
+        if not enabled:
+            return
+        from rich.progress import Progress as RichProgress
+        from rich.progress import TextColumn
+
+
+        self.bar = RichProgress(*columns(), TextColumn("{task.fields[info]}"))
+        self.bar.start()
+        self.task = self.bar.add_task(description, total=total, completed=start, first=start, info="")
+
+    def update(self, step: int, info: str) -> None:
+        if self.bar:
+            self.bar.update(self.task, completed=step, info=info)
+
+    def print(self, text: str) -> None:
+        if self.bar:
+            self.bar.console.print(text, markup=False, highlight=False)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()

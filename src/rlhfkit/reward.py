@@ -21,34 +21,22 @@ After training, the stage stores the mean and std of the RM's scores on referenc
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import logging as transformers_logging
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from rlhfkit.data.records import Message, Messages, Prompt, messages_to_dicts, user
+from rlhfkit.data.records import Message, Messages, user
 from rlhfkit.data.tokenize import (CHARS_PER_TOKEN, Example, TruncationReport, fit, prompt_ids, response_ids,
-                                   right_pad, turn_suffix_ids)
+                                   turn_suffix_ids)
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.models import (SMOLLM2, TINY, build_tiny_model, check_model_name, disable_dropout, ensure_pad_token, loading,
-                            prefer_eager_attention_on_cpu, resolve)
-from rlhfkit.packing import (hidden_states, is_wrapped, pack, packs_exactly, probe_sequences, relative_gap,
-                             shares_prefixes, spans, unwrap)
-from rlhfkit.rollout import autocast
+from rlhfkit.models import (SMOLLM2, TINY, build_tiny_model, check_model_name, disable_dropout, ensure_pad_token, is_encoder,
+                            loading, prefer_eager_attention_on_cpu, resolve)
+from rlhfkit.logprobs import rewards, running_in
 
 MEAN_KEY, STD_KEY = "rlhfkit_reward_mean", "rlhfkit_reward_std"
-
-
-def is_encoder(config) -> bool:
-    """True for encoder-only backbones (BERT, RoBERTa, DeBERTa ...): the model types that have a
-    masked-LM head. (BERT also appears in the causal-LM table, so that table cannot tell.)"""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
 
 
 def backbone_is_encoder(name: str, trust_remote_code: bool = False) -> bool:
@@ -143,33 +131,6 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: Messages, response: str, 
     return example.input_ids
 
 
-def rewards_of(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Raw scalar rewards (N,) of sequences, read at each one's last token. Decoders whose packed
-    forward matches their padded one (rlhfkit.packing) run packed; others right-padded."""
-    if not is_wrapped(model) and not is_encoder(unwrap(model).config) and packs_exactly(model, _reward_packing_gap):
-        return _packed_rewards(model, sequences)
-    return _padded_rewards(model, sequences, pad_id)
-
-
-def _padded_rewards(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
-    ids, mask = right_pad(sequences, pad_id)
-    device = next(model.parameters()).device
-    return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
-
-
-def _packed_rewards(model, sequences: list[list[int]]) -> torch.Tensor:
-    packed = pack([torch.tensor(s, dtype=torch.long) for s in sequences], pad_id=0, share_prefixes=shares_prefixes(model))
-    rows, columns, _, _ = spans(packed, packed.length - 1, torch.ones_like(packed.length))
-    hidden = hidden_states(model, packed)
-    return unwrap(model).score(hidden[rows.to(hidden.device), columns.to(hidden.device)])[:, 0].float()
-
-
-def _reward_packing_gap(model) -> float:
-    sequences = [s.tolist() for s in probe_sequences(model)]
-    pad_id = unwrap(model).config.pad_token_id  # where the padded forward looks for each row's end
-    return relative_gap(_packed_rewards(model, sequences), _padded_rewards(model, sequences, pad_id))
-
-
 class RewardModel:
     """Score (prompt, response) pairs with a trained reward model folder.
 
@@ -225,8 +186,8 @@ class RewardModel:
         out = [0.0] * len(seqs)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            with autocast(self.precision):
-                values = rewards_of(self.model, [seqs[i] for i in idx], self.tokenizer.pad_token_id)
+            with running_in(self.precision):
+                values = rewards(self.model, [seqs[i] for i in idx], self.tokenizer.pad_token_id)
             for i, v in zip(idx, values.tolist()):
                 out[i] = v - self.mean if normalized else v
         return out
@@ -265,31 +226,3 @@ def score_file(model_path: str, input_path: str, out_path: str, batch_size: int 
             f.write(json.dumps({**row, "reward": score}) + "\n")
     os.replace(tmp, out_path)
     return len(rows)
-
-
-RewardFn = Callable[[list[Prompt], list[str]], list[float]]
-"""(prompts, responses) -> one reward each."""
-
-
-def reward_function(spec: str, world_seed: int = 0, precision: str = "fp32") -> RewardFn:
-    """The reward of an RL stage: a reward-model folder, ``gold`` (the built-in world's gold judge,
-    to study over-optimisation without a learned RM), or a user's ``module:function`` taking
-    (prompts as lists of message dicts, responses) and returning one number per response."""
-    if spec == "gold":
-        from rlhfkit.data.world import World
-
-        world = World(seed=world_seed)
-        return lambda prompts, texts: [s.score for s in world.judge_many(prompts, texts)]
-    if ":" in spec and not Path(spec).exists():
-        module, name = spec.split(":", 1)
-        try:
-            fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as e:
-            raise RlhfkitError(f"reward '{spec}': cannot import {name} from {module} ({e})") from None
-        return lambda prompts, texts: [float(x) for x in fn([messages_to_dicts(p.messages) for p in prompts], texts)]
-    # A policy sample is scored from its decoded text as a finished turn (end-of-turn and the
-    # template's suffix appended, the layout the RM was trained on), so a finished sample gets
-    # exactly its apply_chat_template score. One cut at max_new_tokens is scored the same way, as
-    # before; PPO's missing_eos_penalty replaces that score when set.
-    rm = RewardModel.load(spec, precision=precision)
-    return lambda prompts, texts: rm.score([p.messages for p in prompts], texts)

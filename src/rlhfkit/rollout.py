@@ -15,12 +15,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.data.records import Messages
-from rlhfkit.data.tokenize import (Example, common_prefix_length, end_of_turn_id, left_pad, left_pad_after_common_prefix,
-                                   prompt_ids, right_pad)
-from rlhfkit.decode_step import DecodeStep
+from rlhfkit.data.tokenize import (common_prefix_length, end_of_turn_id, left_pad_after_common_prefix,
+                                   prompt_ids)
+from rlhfkit.fast.decode_step import DecodeStep, weights_cast_once  # noqa: F401  (serve and chat decode through here)
 from rlhfkit.models import attention_implementation
-from rlhfkit.packing import (hidden_states, pack, packs_exactly, probe_sequences, relative_gap, shares_prefixes, spans,
-                             unwrap)
+from rlhfkit.models import unwrap
+from rlhfkit.precision import autocast
 
 
 @dataclass
@@ -28,15 +28,6 @@ class Generation:
     text: str  # decoded response without special tokens
     token_ids: list[int]  # response tokens, up to and including the end-of-turn token if any
     finished: bool  # True when the response ended with the end-of-turn token
-
-
-def autocast(precision: str):
-    """bf16 autocast on the model's device when asked; a no-op context otherwise."""
-    if precision not in ("fp32", "bf16"):  # `auto` is decided at a command's start (rlhfkit.precision)
-        raise ValueError(f"precision {precision!r}: resolve `auto` with rlhfkit.precision.resolve first")
-    if precision == "bf16":
-        return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -301,63 +292,6 @@ def cut_at_stop(row: list[int], stop: list[int], tokenizer: PreTrainedTokenizerB
     return Generation(tokenizer.decode(row, skip_special_tokens=True), row, False)
 
 
-# --- teacher-forced scoring of sampled responses (PPO step 3: recompute logprobs) -------------
-
-
-@dataclass
-class Sequences:
-    """Prompts left-padded to width P and responses right-padded to width R, joined: (B, P + R).
-
-    ``response_mask`` (B, R) is 1 on response tokens up to and including the first stop token.
-    ``position_ids`` count real tokens only, so a left-padded prompt sees the same positions as an
-    unpadded one (otherwise padding would change every logprob).
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    response_mask: torch.Tensor
-    prompt_width: int
-
-
-def join(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Sequences:
-    p_ids, p_mask = left_pad(prompts, pad_id)
-    r_ids, r_mask = right_pad(responses, pad_id)
-    attention_mask = torch.cat([p_mask, r_mask], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return Sequences(torch.cat([p_ids, r_ids], dim=1), attention_mask, position_ids, r_mask, p_ids.shape[1])
-
-
-def select(seqs: Sequences, rows: torch.Tensor) -> Sequences:
-    """The sequences at ``rows`` (a minibatch), cut to the columns they use: their widest prompt
-    and longest response, not the whole batch's, so no forward computes all-padding columns.
-    The response part keeps its first ``R'`` columns, so per-token tensors of the batch match
-    after ``[rows, :R']`` (R' = ``response_mask.shape[1]``). Position ids are unchanged."""
-    attention, response_mask = seqs.attention_mask[rows], seqs.response_mask[rows]
-    used = attention[:, : seqs.prompt_width].any(0)
-    start = int(used.int().argmax()) if bool(used.any()) else seqs.prompt_width
-    width = max(int(response_mask.sum(-1).max()), 1)
-    end = seqs.prompt_width + width
-    return Sequences(seqs.input_ids[rows, start:end], attention[:, start:end], seqs.position_ids[rows, start:end],
-                     response_mask[:, :width], seqs.prompt_width - start)
-
-
-def response_logits(model, seqs: Sequences) -> torch.Tensor:
-    """Logits that predict each response token from a padded forward, (B, R, V): position P-1+t
-    predicts token P+t.
-
-    Only those R positions go through the LM head (``logits_to_keep``): prompts are most of each
-    sequence in RLHF, and a (B, P + R, V) logits tensor over a 50k vocabulary costs as much as a
-    fifth of the model's forward pass, then the same again in backward."""
-    kwargs = {}
-    if _accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = seqs.input_ids.shape[1] - seqs.prompt_width + 1  # positions P-1 .. end
-    out = model(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask, position_ids=seqs.position_ids,
-                **kwargs)
-    logits = out.logits
-    return logits[:, -(seqs.input_ids.shape[1] - seqs.prompt_width) - 1 : -1]
-
-
 def _accepts_logits_to_keep(model) -> bool:
     """Whether the causal LM under ``model`` (maybe wrapped by PEFT) takes ``logits_to_keep``
     (transformers' models do; a hand-written one may not)."""
@@ -376,73 +310,3 @@ def returned_cache(output):
     ``past_key_values`` where the output class still has that one (reading ``past_key_values``
     from the newer classes logs a deprecation warning)."""
     return output.cache if "cache" in getattr(output, "__dataclass_fields__", ()) else output.past_key_values
-
-
-def packed_response_hidden(model, seqs: Sequences) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backbone's hidden states at the positions that predict each response token, from a
-    packed forward (no padding computed): (M, H) over all M response tokens of the batch, with
-    each one's row b and response column t. Position P-1+t of a row predicts its token P+t."""
-    real = [ids[mask.bool()] for ids, mask in zip(seqs.input_ids, seqs.attention_mask)]
-    packed = pack(real, pad_id=0, share_prefixes=shares_prefixes(model))  # no real token attends to padding
-    prompt_lengths = seqs.attention_mask[:, : seqs.prompt_width].sum(-1)
-    response_lengths = seqs.attention_mask[:, seqs.prompt_width :].sum(-1)
-    rows, columns, b, t = spans(packed, prompt_lengths - 1, response_lengths)
-    hidden = hidden_states(model, packed)
-    return hidden[rows.to(hidden.device), columns.to(hidden.device)], b, t
-
-
-def scatter_responses(values: torch.Tensor, b: torch.Tensor, t: torch.Tensor, seqs: Sequences) -> torch.Tensor:
-    """Per-response-token values (M,) back into the batch layout (B, R), 0 on padding and after
-    the first stop token (differentiable)."""
-    out = values.new_zeros(seqs.response_mask.shape).index_put((b.to(values.device), t.to(values.device)), values)
-    return out * seqs.response_mask.to(out.device)
-
-
-def response_logprobs(model, seqs: Sequences, temperature: float = 1.0, with_entropy: bool = False):
-    """log pi(response token) under ``model``, with logits divided by the sampling temperature
-    (N+ detail: the sampled distribution is softmax(logits / T), so the logprobs must be too).
-    (B, R), 0 on padding; with ``with_entropy`` also the entropy of each position's distribution.
-
-    Packed forwards where the model gives the same numbers packed as padded (see
-    rlhfkit.packing); padded forwards otherwise."""
-    packed = packs_exactly(model, _causal_packing_gap)
-    return _response_logprobs(model, seqs, temperature, with_entropy, packed)
-
-
-def _response_logprobs(model, seqs: Sequences, temperature: float, with_entropy: bool, packed: bool):
-    from rlhfkit.losses import entropy_from_logits, token_logprobs
-
-    if packed:
-        hidden, b, t = packed_response_hidden(model, seqs)
-        logits = unwrap(model).get_output_embeddings()(hidden)[None]  # (1, M, V)
-        targets = seqs.input_ids[:, seqs.prompt_width :][b, t][None]
-        back = lambda x: scatter_responses(x[0], b, t, seqs)  # (1, M) -> (B, R)
-    else:
-        logits = response_logits(model, seqs)  # (B, R, V)
-        targets = seqs.input_ids[:, seqs.prompt_width :].masked_fill(seqs.response_mask == 0, -100)
-        back = lambda x: x
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    logprobs = back(token_logprobs(logits, targets.to(logits.device)))
-    return (logprobs, back(entropy_from_logits(logits))) if with_entropy else logprobs
-
-
-def demonstration_nll(model, examples: list[Example], pad_id: int) -> tuple[torch.Tensor, int]:
-    """Summed negative log-likelihood of the examples' response tokens, and how many there are
-    (the SFT loss before dividing by the global batch's token count): one teacher-forced forward,
-    packed where the model allows."""
-    seqs = join([ex.prompt for ex in examples], [ex.response for ex in examples], pad_id)
-    return -response_logprobs(model, seqs).sum(), int(seqs.response_mask.sum())
-
-
-def probe_batch(model) -> Sequences:
-    """A tiny batch of three (prompt, response) pairs of different lengths, for packing checks."""
-    sequences = probe_sequences(model)
-    return join([s[:3].tolist() for s in sequences], [s[3:].tolist() for s in sequences], pad_id=0)
-
-
-def _causal_packing_gap(model) -> float:
-    """Largest |packed - padded| response logprob on the probe batch."""
-    seqs = probe_batch(model)
-    return relative_gap(_response_logprobs(model, seqs, 1.0, False, True),
-                        _response_logprobs(model, seqs, 1.0, False, False))

@@ -1000,3 +1000,13 @@ def export(world: World, out_dir: Path, n_train: int, n_eval: int, k: int = 4,
         ],
     }
     return {name: _write_jsonl(out_dir / f"{name}.jsonl", lines) for name, lines in rows.items()}
+
+
+def tokenizer_corpus(n: int = 3000) -> list[str]:
+    """World text the built-in tiny tokenizer's merges are learned from (``models.train_tiny_tokenizer``):
+    the first ``n`` train prompts and four candidate answers to each."""
+    texts = []
+    for i, prompt in enumerate(World(seed=0).prompts(n, "train")):
+        texts.append(prompt.messages[0].content)
+        texts.extend(candidates(prompt, 4, random.Random(i)))
+    return texts

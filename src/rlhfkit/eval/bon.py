@@ -23,13 +23,12 @@ from rlhfkit.chunks import (
     partial_path,
 )
 from rlhfkit.config import BestOfNConfig, ModelConfig
-from rlhfkit.data.formats import read_prompts
 from rlhfkit.data.records import Prompt, messages_to_dicts
-from rlhfkit.data.world import World
+from rlhfkit.data.sources import load_prompts, world_of
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.eval.winrate import WinRate, gold_pair_judge, win_rate
 from rlhfkit.models import load_model, load_tokenizer
-from rlhfkit.reward import reward_function
+from rlhfkit.eval.scorers import reward_function
 from rlhfkit.rollout import generate
 
 
@@ -47,12 +46,8 @@ def best_of_n(cfg: BestOfNConfig, chunk: int = CHUNK) -> dict[str, float]:
 
     cfg.check()
     cfg.precision = resolve(cfg.precision, cfg.model, flag="--precision")
-    world = World(seed=0)
-    if cfg.prompts == "world":
-        prompts = world.prompts(cfg.num_prompts, cfg.split)
-    else:
-        prompts, report = read_prompts(cfg.prompts)
-        print(report.summary())
+    world = world_of(cfg.prompts, seed=0)  # None for a prompts file: no gold judge
+    prompts = load_prompts(cfg.prompts, cfg.num_prompts, cfg.split, seed=0)
     if not prompts:
         raise RlhfkitError(f"no prompts in {cfg.prompts}")
     score = reward_function(cfg.reward, 0, cfg.precision)
@@ -103,7 +98,7 @@ def best_of_n(cfg: BestOfNConfig, chunk: int = CHUNK) -> dict[str, float]:
                "bon/reward_first": sum(rewards[i * cfg.n] for i in range(n_prompts)) / n_prompts}
     print(f"best-of-{cfg.n} over {n_prompts} prompts -> {out}: mean reward {metrics['bon/reward_best']:.4f} "
           f"(plain sampling: {metrics['bon/reward_first']:.4f})")
-    if cfg.prompts == "world":  # the gold judge's view: best-of-N vs the first sample
+    if world is not None:  # the gold judge's view: best-of-N vs the first sample
         plain = [texts[i * cfg.n] for i in range(n_prompts)]
         result: WinRate = win_rate(gold_pair_judge(world), prompts, chosen, plain)
         gold_best = [s.score for s in world.judge_many(prompts, chosen)]

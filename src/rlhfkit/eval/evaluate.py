@@ -27,9 +27,13 @@ from rlhfkit.chunks import (
 )
 from rlhfkit.config import ModelConfig, require_positive
 from rlhfkit.data.records import Messages, Prompt, messages_to_dicts
+from rlhfkit.data.sources import is_world, world_of
 from rlhfkit.errors import ConfigError, DataError, RlhfkitError
 from rlhfkit.eval.winrate import PairJudge, WinRate, gold_pair_judge, win_rate
-from rlhfkit.rollout import Generation, autocast, generate, join, response_logprobs
+from rlhfkit.logprobs import logprobs as response_logprobs
+from rlhfkit.logprobs import running_in
+from rlhfkit.records import join
+from rlhfkit.rollout import Generation, generate
 
 REFERENCE = "reference"
 REFERENCE_FIELDS = ("completion", "response", "chosen")  # where a prompts file keeps its reference answer
@@ -93,7 +97,7 @@ class EvalConfig:
         require_positive(self, "n_prompts", "max_new_tokens", "batch_size", "llm.concurrency")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.judge == "gold" and self.prompts != "world":
+        if self.judge == "gold" and not is_world(self.prompts):
             raise ConfigError(f"--judge gold needs the built-in world's prompts (--prompts world), not "
                               f"'{self.prompts}': only world prompts have a gold judge; use --judge rm or llm")
         if self.judge == "rm" and not self.rm:
@@ -138,21 +142,13 @@ def sequence_kl(policy, reference, tokenizer, prompts: list[Messages], generatio
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         seqs = join([encoded[i] for i in idx], [generations[i].token_ids for i in idx], tokenizer.pad_token_id)
-        with autocast(precision):
-            logprobs = response_logprobs(policy, _to(seqs, policy))
-            ref_logprobs = response_logprobs(reference, _to(seqs, reference))
+        with running_in(precision):
+            logprobs = response_logprobs(policy, seqs)
+            ref_logprobs = response_logprobs(reference, seqs)
         kl = sequence_kl_from_logprobs(logprobs.float().cpu(), ref_logprobs.float().cpu(), seqs.response_mask.float())
         for i, value in zip(idx, kl.tolist()):
             out[i] = value
     return out
-
-
-def _to(seqs, model):
-    from rlhfkit.rollout import Sequences
-
-    device = next(model.parameters()).device
-    return Sequences(seqs.input_ids.to(device), seqs.attention_mask.to(device), seqs.position_ids.to(device),
-                     seqs.response_mask.to(device), seqs.prompt_width)
 
 
 # --- 1. prompts ---------------------------------------------------------------------------------
@@ -160,10 +156,7 @@ def _to(seqs, model):
 
 def load_prompts(cfg: EvalConfig) -> tuple[list[Prompt], list[str] | None]:
     """The prompts, and their reference answers when the source has them."""
-    if cfg.prompts == "world":
-        from rlhfkit.data.world import World
-
-        world = World(seed=cfg.world_seed)
+    if (world := world_of(cfg.prompts, cfg.world_seed)) is not None:
         prompts = world.prompts(cfg.n_prompts, "eval")
         return prompts, [world.demonstrate(p) for p in prompts]
     from rlhfkit.data.formats import Format, parse_row, read_rows
@@ -263,12 +256,12 @@ def rm_accuracy(rm, source: str, cfg: EvalConfig) -> dict[str, float]:
     """Share of held-out (better, worse) pairs where the RM scores the better one higher; on world
     data also against the gold judge's order (the labelers are noisy)."""
     from rlhfkit.data.preferences import as_ranking
-    from rlhfkit.train.rm import gold_agreement
+    from rlhfkit.stats import gold_agreement
 
-    if source == "world":
-        from rlhfkit.data.world import Labeler, World, make_rankings
+    if (world := world_of(source, cfg.world_seed)) is not None:
+        from rlhfkit.data.world import Labeler, make_rankings
 
-        rankings = make_rankings(World(seed=cfg.world_seed), cfg.n_prompts, 4, Labeler(seed=cfg.seed), "eval", cfg.seed)
+        rankings = make_rankings(world, cfg.n_prompts, 4, Labeler(seed=cfg.seed), "eval", cfg.seed)
     else:
         from rlhfkit.data.formats import read_records
         from rlhfkit.data.records import Comparison, Ranking
@@ -308,11 +301,7 @@ def evaluate(cfg: EvalConfig, chunk: int = CHUNK) -> dict:
     cfg.check()
     cfg.precision = resolve(cfg.precision, cfg.model, flag="--precision")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    world = None
-    if cfg.prompts == "world":
-        from rlhfkit.data.world import World
-
-        world = World(seed=cfg.world_seed)
+    world = world_of(cfg.prompts, cfg.world_seed)  # None for a prompts file: no gold judge
 
     # 1. Prompts (and reference answers, when the source has them).
     prompts, references = load_prompts(cfg)

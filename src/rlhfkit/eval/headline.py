@@ -24,18 +24,18 @@ from rlhfkit.chunks import (
     fingerprint,
 )
 from rlhfkit.data.records import Prompt, messages_to_dicts
+from rlhfkit.data.sources import gold_prompts, is_world
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.eval.scorers import reward_function
 from rlhfkit.eval.winrate import bootstrap_interval
-from rlhfkit.train.loop import mark_complete
+from rlhfkit.runs import mark_complete
 
 
 def held_out_prompts(source: str, n: int, fraction: float) -> list[Prompt]:
     """The world's eval split, or the prompts of a data file's held-out share (by prompt hash, the
     same rule the training stages use to hold data out)."""
-    if source == "world":
-        from rlhfkit.data.world import World
-
-        return World(seed=0).prompts(n, "eval")
+    if is_world(source):
+        return gold_prompts(source, n, seed=0)
     from rlhfkit.data.formats import read_records
     from rlhfkit.data.records import prompt_bucket
 
@@ -49,36 +49,6 @@ def held_out_prompts(source: str, n: int, fraction: float) -> list[Prompt]:
     if not held:
         raise RlhfkitError(f"{source}: no held-out prompts to evaluate on")
     return held[:n]
-
-
-class Judge:
-    """Scores responses: the gold judge (world prompts) or a reward model folder."""
-
-    def __init__(self, spec: str, precision: str):
-        self.spec = spec
-        if spec == "gold":
-            from rlhfkit.data.world import World
-
-            self.world = World(seed=0)
-        else:
-            from rlhfkit.reward import RewardModel
-
-            self.rm = RewardModel.load(spec, precision=precision)
-
-    def scores(self, prompts: list[Prompt], texts: list[str]) -> list[float]:
-        if self.spec == "gold":
-            return [s.score for s in self.world.judge_many(prompts, texts)]
-        return self.rm.score([p.messages for p in prompts], texts)
-
-    def pair_judge(self):
-        """The same judge, pairwise: higher score wins, equal scores tie."""
-        if self.spec == "gold":
-            from rlhfkit.eval.winrate import gold_pair_judge
-
-            return gold_pair_judge(self.world)
-        from rlhfkit.eval.judges import reward_model_judge
-
-        return reward_model_judge(self.rm)
 
 
 def load(path: str, seed: int):
@@ -107,7 +77,7 @@ def evaluate_run(models: dict[str, str], rl: str, judge: str, prompts: str, cfg:
     cfg = dataclasses.replace(cfg, precision=resolve(cfg.precision, next(iter(models.values())), say,
                                                      flag="eval.precision"))
     held = held_out_prompts(prompts, cfg.prompts, cfg.held_out_fraction)
-    scorer = Judge(judge, cfg.precision)
+    scorer = reward_function(judge, 0, cfg.precision)
     decodings = {"greedy": 0.0, "sampled": cfg.temperature}
     ranges = chunk_ranges(len(held), chunk)
     settings = {"models": models, "rl": rl, "prompts": fingerprint([messages_to_dicts(p.messages) for p in held]),
@@ -155,7 +125,7 @@ def evaluate_run(models: dict[str, str], rl: str, judge: str, prompts: str, cfg:
             generations = [Generation(row["text"], row["token_ids"], row["finished"]) for row in rows]
             texts[name][decoding] = [g.text for g in generations]
             lengths[name][decoding] = [len(g.token_ids) for g in generations]
-            scores = scorer.scores(held, texts[name][decoding])
+            scores = scorer(held, texts[name][decoding])
             low, high = bootstrap_interval(scores, seed=cfg.seed)
             summary[name][decoding] = {
                 "score": sum(scores) / len(scores), "score_low": low, "score_high": high,

@@ -8,7 +8,6 @@ end the gold win rate against the reference, greedy and sampled at the training 
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,17 +20,7 @@ from rlhfkit.data.world import World
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.eval.gold import GoldReport, gold_evaluate
 from rlhfkit.eval.winrate import gold_pair_judge, win_rate
-
-
-@contextlib.contextmanager
-def frozen_reference(policy, reference):
-    """The frozen starting policy: its own copy, or, with LoRA, the policy itself with the adapters
-    disabled (the same weights, no second model in memory)."""
-    if reference is not None:
-        yield reference
-    else:
-        with policy.disable_adapter():
-            yield policy
+from rlhfkit.models import frozen_reference  # noqa: F401  (stages and tests import it from here too)
 
 
 @dataclass
@@ -41,20 +30,18 @@ class PolicyEvaluator:
     policy: torch.nn.Module
     reference: Callable[[], ContextManager] | None  # enters a context that yields the reference model
     tokenizer: object
-    world: World
+    world: World | None  # the gold judge; None when the prompts come from a file (then there are none)
     prompts: list[Prompt]
     max_new_tokens: int
     batch_size: int
     precision: str
     temperature: float  # the training temperature, for the sampled win rate
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext
     say: Callable[[str], None] = print
     reference_cache: dict[str, list[str]] = field(default_factory=dict)  # temperature -> answers
 
     def answers(self, model, temperature: float) -> GoldReport:
-        with self.autocast():
-            return gold_evaluate(model, self.tokenizer, self.world, self.prompts, max_new_tokens=self.max_new_tokens,
-                                 batch_size=self.batch_size, precision=self.precision, temperature=temperature)
+        return gold_evaluate(model, self.tokenizer, self.world, self.prompts, max_new_tokens=self.max_new_tokens,
+                             batch_size=self.batch_size, precision=self.precision, temperature=temperature)
 
     def reference_texts(self, temperature: float) -> list[str]:
         """The reference's answers: remembered by ``snapshot_reference``, else generated now."""

@@ -42,10 +42,10 @@ from starlette.requests import Request  # FastAPI finds endpoint types in module
 from rlhfkit.config import ModelConfig, require_positive
 from rlhfkit.data.records import Message
 from rlhfkit.data.tokenize import end_of_turn_id, prompt_ids
-from rlhfkit.decode_step import weights_cast_once
 from rlhfkit.errors import ConfigError
 from rlhfkit.hosts import LOOPBACK
-from rlhfkit.rollout import autocast, cache_argument, returned_cache
+from rlhfkit.precision import autocast
+from rlhfkit.rollout import cache_argument, returned_cache, weights_cast_once
 
 log = logging.getLogger("rlhfkit.serve")
 

@@ -22,10 +22,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 from rlhfkit.config import ModelConfig
 from rlhfkit.data.records import Message, Messages
 from rlhfkit.data.tokenize import end_of_turn_id, prompt_ids
-from rlhfkit.decode_step import weights_cast_once
 from rlhfkit.errors import ConfigError
 from rlhfkit.models import load_model, load_tokenizer
-from rlhfkit.rollout import autocast, cut_at_stop
+from rlhfkit.precision import autocast
+from rlhfkit.rollout import cut_at_stop, weights_cast_once
 
 HELP = "/reset clears the history, /system TEXT sets the system prompt, /quit or Ctrl-D exits, Ctrl-C stops an answer"
 USER_PROMPT = "you> "

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from rlhfkit.config import ModelConfig, require_positive
-from rlhfkit.data.formats import read_prompts
+from rlhfkit.data import sources
 from rlhfkit.data.records import Prompt, messages_to_dicts
 from rlhfkit.data.tokenize import prompt_ids
 from rlhfkit.data.world import World
@@ -67,12 +67,10 @@ class SampleConfig:
 
 def load_prompts(cfg: SampleConfig) -> list[Prompt]:
     """The prompts to answer; a bad file raises a DataError naming the file, line and field."""
-    if cfg.prompts == "world":
-        return World(seed=cfg.seed).prompts(cfg.n_prompts or WORLD_PROMPTS, "eval")
     # format="prompt" reads each row's `prompt` (and `meta`) and ignores other fields, so a file
     # of demonstrations or comparisons can be answered too.
-    prompts, _ = read_prompts(cfg.prompts, format="prompt", limit=cfg.n_prompts or None)
-    return prompts
+    return sources.load_prompts(cfg.prompts, cfg.n_prompts or WORLD_PROMPTS, "eval", cfg.seed, say=None, format="prompt",
+                                limit=cfg.n_prompts or None)
 
 
 def gold_scores(prompts: list[Prompt], completions: list[str], seed: int) -> list[float] | None:

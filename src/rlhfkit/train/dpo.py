@@ -18,16 +18,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhfkit.config import DPOConfig
-from rlhfkit.data.preferences import load_rankings
+from rlhfkit.rankings import load_rankings
 from rlhfkit.data.records import Comparison, Ranking
 from rlhfkit.data.tokenize import TruncationReport, fit, prompt_ids, response_ids
-from rlhfkit.data.world import World
+from rlhfkit.data.sources import gold_prompts, world_of
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.eval.policy import PolicyEvaluator, frozen_reference, remember_reference_answers
 from rlhfkit.losses import DPOLoss, dpo_loss
 from rlhfkit.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
-from rlhfkit.rollout import join, response_logprobs
-from rlhfkit.train.loop import (TrainingRun, begin_stage, mark_complete, micro_batches, stage, start_training,
+from rlhfkit.logprobs import logprobs
+from rlhfkit.records import join
+from rlhfkit.runs import mark_complete
+from rlhfkit.train.loop import (TrainingRun, begin_stage, micro_batches, stage, start_training,
                                sync_gradients)
 
 # --- 1. pairs -----------------------------------------------------------------------------------
@@ -71,7 +73,7 @@ def sequence_logprobs(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tens
     """Summed response logprobs of chosen then rejected, in one forward: (2B,) each, and response
     lengths (2B,). Rows 0..B-1 are the chosen responses, B..2B-1 the rejected ones."""
     seqs = join([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
-    logps = response_logprobs(model, seqs)  # (2B, R), 0 on padding
+    logps = logprobs(model, seqs)  # (2B, R), 0 on padding
     return logps.sum(-1), seqs.response_mask.sum(-1).float()
 
 
@@ -186,8 +188,8 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
     total_params, trainable = count_parameters(policy)
     say(f"model {cfg.model.name}: {total_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable")
     pad_id = tokenizer.pad_token_id
-    world = World(seed=cfg.data.world_seed)
-    gold_prompts = world.prompts(cfg.eval.gold_prompts, "eval") if cfg.data.train == "world" else []
+    world = world_of(cfg.data.train, cfg.data.world_seed)
+    gold = gold_prompts(cfg.data.train, cfg.eval.gold_prompts, cfg.data.world_seed)
 
     # 3. Reference logprobs. Up front: computed by the starting policy (LoRA: adapters off),
     # saved with the run. Otherwise a frozen copy (LoRA: the base) scores each batch.
@@ -199,15 +201,15 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
         return out
     keeps_reference = reference is not None or cfg.model.lora
     evaluator = PolicyEvaluator(run.raw_model, (lambda: frozen_reference(run.raw_model, reference)) if keeps_reference else None,
-                                tokenizer, world, gold_prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                cfg.model.precision, 1.0, acc.autocast, run.bar.print)
+                                tokenizer, world, gold, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                cfg.model.precision, 1.0, say=run.bar.print)
     ref_tables: dict[str, torch.Tensor] = {}
     if variant.needs_reference and algo.precompute_reference:
         splits = {"train": (train_pairs, first_epoch_batches(run, len(train_pairs))),
                   "eval": (eval_pairs, eval_batches(len(eval_pairs), cfg.eval.batch_size))}
         ref_tables = precomputed_reference(acc, out, run.raw_model, cfg.model.lora, splits, pad_id,
                                            resuming=run.start_step > 0)
-    if not keeps_reference and gold_prompts and acc.is_main_process:  # the SFT answers, for the final win rate
+    if not keeps_reference and gold and acc.is_main_process:  # the SFT answers, for the final win rate
         remember_reference_answers(evaluator, out / "data" / "reference_answers.json", resuming=run.start_step > 0)
 
     def batch_loss(model, pairs: list[Pair], indices: list[int], split: str):
@@ -269,7 +271,13 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
                         "dpo/pairs_per_s": (done - run.start_step) * global_batch / max(train_seconds, 1e-9)})
         run.bar.update(done, f"loss {metrics['dpo/loss']:.4f}  acc {metrics['dpo/accuracy']:.2f}  "
                              f"margin {metrics['dpo/margin']:.3f}")
-        metrics = run.finish_step(done, metrics, evaluate)
+        due = run.end_step(done, metrics)
+        if due.eval:
+            metrics.update(evaluate(done))
+        if due.log:
+            run.log.log(done, metrics)
+        if due.checkpoint:
+            run.checkpoint(done)
 
     # 5. Save the policy (LoRA merged, so the folder loads like any model), then the marker.
     if run.start_step == cfg.run.steps:

@@ -18,16 +18,18 @@ import torch
 
 from rlhfkit.advantages import equal_reward_groups, group_advantages
 from rlhfkit.config import BatchConfig, GRPOConfig
-from rlhfkit.data.formats import read_prompts
 from rlhfkit.data.tokenize import prompt_ids
-from rlhfkit.data.world import World
+from rlhfkit.data.sources import gold_prompts, load_prompts, world_of
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.eval.policy import PolicyEvaluator, frozen_reference, remember_reference_answers
 from rlhfkit.losses import aggregate_loss, policy_gradient_loss
 from rlhfkit.models import apply_lora, load_model, load_tokenizer, save_model
-from rlhfkit.reward import reward_function
-from rlhfkit.rollout import generate, join, response_logprobs, select
-from rlhfkit.train.loop import begin_stage, mark_complete, stage, start_training
+from rlhfkit.eval.scorers import reward_function
+from rlhfkit.logprobs import logprobs as response_logprobs
+from rlhfkit.records import join, select
+from rlhfkit.rollout import generate
+from rlhfkit.runs import mark_complete
+from rlhfkit.train.loop import begin_stage, stage, start_training
 
 
 @stage
@@ -46,14 +48,10 @@ def train(cfg: GRPOConfig) -> Path:
     elif algo.kl_coef > 0:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
     score_fn = reward_function(cfg.reward, cfg.world_seed, cfg.model.precision)
-    world = World(seed=cfg.world_seed)
-    if cfg.prompts == "world":
-        prompts = world.prompts(cfg.world_prompts, "train")
-    else:
-        prompts, report = read_prompts(cfg.prompts)
-        say(report.summary())
+    world = world_of(cfg.prompts, cfg.world_seed)  # None for a prompts file: no gold judge
+    prompts = load_prompts(cfg.prompts, cfg.world_prompts, "train", cfg.world_seed, say)
     encoded = [prompt_ids(tokenizer, p.messages) for p in prompts]
-    gold_prompts = world.prompts(cfg.eval.gold_prompts, "eval") if cfg.prompts == "world" else []
+    gold = gold_prompts(cfg.prompts, cfg.eval.gold_prompts, cfg.world_seed)
 
     run = start_training(acc, out, policy, cfg.optim, cfg.run, BatchConfig(micro_batch_size=algo.prompts_per_step),
                          len(prompts), "grpo")
@@ -61,9 +59,9 @@ def train(cfg: GRPOConfig) -> Path:
         return out
     keeps_reference = reference is not None or cfg.model.lora
     evaluator = PolicyEvaluator(policy, (lambda: frozen_reference(policy, reference)) if keeps_reference else None,
-                                tokenizer, world, gold_prompts, algo.max_new_tokens, cfg.eval.batch_size,
-                                cfg.model.precision, algo.temperature, acc.autocast, run.bar.print)
-    if not keeps_reference and gold_prompts:  # the SFT answers, for the final win rate
+                                tokenizer, world, gold, algo.max_new_tokens, cfg.eval.batch_size,
+                                cfg.model.precision, algo.temperature, say=run.bar.print)
+    if not keeps_reference and gold:  # the SFT answers, for the final win rate
         remember_reference_answers(evaluator, out / "data" / "reference_answers.json", resuming=run.start_step > 0)
 
     def evaluate(step: int) -> dict[str, float]:
@@ -127,11 +125,17 @@ def train(cfg: GRPOConfig) -> Path:
                    "grpo/eos_fraction": sum(g.finished for g in gens) / n_sequences,
                    "grpo/grad_norm": grad_norm, "grpo/skipped": float(skipped),
                    "grpo/seconds_per_step": time.perf_counter() - t0}
-        if cfg.prompts == "world" and cfg.reward != "gold":  # the true quality of what it sampled
+        if world is not None and cfg.reward != "gold":  # the true quality of what it sampled
             gold = world.judge_many(batch_prompts, [g.text for g in gens])
             metrics["grpo/gold_score"] = sum(s.score for s in gold) / len(gold)
         run.bar.update(done, f"reward {metrics['grpo/reward']:.3f}  equal {metrics['grpo/equal_reward_groups']:.2f}")
-        metrics = run.finish_step(done, metrics, evaluate)
+        due = run.end_step(done, metrics)
+        if due.eval:
+            metrics.update(evaluate(done))
+        if due.log:
+            run.log.log(done, metrics)
+        if due.checkpoint:
+            run.checkpoint(done)
 
     if run.start_step == cfg.run.steps:
         metrics = evaluate(cfg.run.steps)

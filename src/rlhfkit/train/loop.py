@@ -4,27 +4,27 @@ checkpoints with exact resume, metrics and the progress bar. No algorithm lives 
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import functools
-import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
 
 from rlhfkit.chunks import PARTIAL_SUFFIX
-from rlhfkit.config import BatchConfig, OptimConfig, RunConfig, save_config, to_dict
+from rlhfkit.config import BatchConfig, OptimConfig, RunConfig
 from rlhfkit.errors import RlhfkitError, TrainingDiverged
+from rlhfkit.fast.memory import copy_file_mapped
+from rlhfkit.logprobs import set_precision
+from rlhfkit.progress import Progress
+from rlhfkit.runs import (COMPLETE, MetricsLog, check_out_dir, prepare_out_dir, resume_state,
+                          save_checkpoint)
 
-COMPLETE = "complete.json"  # written last: its presence means the stage finished
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -95,6 +95,7 @@ def begin_stage(cfg: Any) -> tuple[Accelerator, Path]:
 
     cfg.check()
     cfg.model.precision = agreed_precision(cfg.model)
+    set_precision(cfg.model.precision)  # every forward through rlhfkit.logprobs runs in it
     acc = make_accelerator(cfg.model.precision)
     set_seed(cfg.run.seed)
     # Every process checks the folder before any writes to it: checked after the main process has
@@ -111,54 +112,9 @@ def begin_stage(cfg: Any) -> tuple[Accelerator, Path]:
 
 def build_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
-    copy_file_mapped(params)
+    copy_file_mapped(params)  # fast/memory: the first update would page-fault through the mapped checkpoint
     # fused AdamW is several times faster on CPU than the foreach default (torch >= 2.4).
     return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
-
-
-def file_mapped_ranges() -> list[tuple[int, int]]:
-    """Sorted (start, end) address ranges of this process's file-backed mappings; empty where
-    ``/proc/self/maps`` does not exist (not Linux)."""
-    ranges = []
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:  # "start-end perms offset dev inode [path]"; inode 0: anonymous
-                fields = line.split()
-                if len(fields) >= 6 and fields[4] != "0":
-                    start, end = fields[0].split("-")
-                    ranges.append((int(start, 16), int(end, 16)))
-    except OSError:
-        return []
-    return sorted(ranges)
-
-
-def copy_file_mapped(params: list[torch.Tensor]) -> int:
-    """Give trainable weights that still live in a memory-mapped checkpoint their own memory;
-    returns how many were copied.
-
-    Why: ``from_pretrained`` maps safetensors files copy-on-write and an fp32 weight of the
-    file's dtype stays a view of the mapping, so the first optimizer step writes every page of
-    it and each write faults and copies one page. SmolLM2-135M policy + value model (1.08 GB):
-    3.3 s of page faults in the first update on this project's 2-core VM, against 0.39 s to copy
-    them here in one go. Weights already in anonymous memory (built, converted, LoRA) are left.
-    """
-    ranges = file_mapped_ranges()
-    copied = 0
-    with torch.no_grad():
-        for p in params:
-            if in_file_mapping(p, ranges):
-                p.data = p.data.clone()
-                copied += 1
-    return copied
-
-
-def in_file_mapping(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
-    """Whether a CPU tensor's memory starts inside one of ``ranges`` (``file_mapped_ranges()``)."""
-    if tensor.device.type != "cpu" or tensor.numel() == 0:
-        return False
-    address = tensor.data_ptr()
-    i = bisect.bisect_right(ranges, (address, float("inf"))) - 1
-    return i >= 0 and address < ranges[i][1]
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -290,245 +246,24 @@ def micro_batches(indices: list[int], batch: BatchConfig, rank: int, world: int)
     ]
 
 
-# --- output folder, checkpoints and resume ----------------------------------------------------
-
-
-def check_out_dir(run: RunConfig) -> None:
-    """Refuse to clobber a previous run unless resuming or overwriting."""
-    out = Path(run.out)
-    if out.exists() and any(out.iterdir()) and not run.resume and not run.overwrite:
-        raise RlhfkitError(f"{out} already holds a run; pass --run.resume to continue it or --run.overwrite to replace it")
-
-
-def prepare_out_dir(run: RunConfig, cfg: Any, is_main: bool) -> Path:
-    """Create ``run.out`` (emptied first with ``run.overwrite``) and save the config in it."""
-    out = Path(run.out)
-    if out.exists() and any(out.iterdir()) and not run.resume and run.overwrite and is_main:
-        shutil.rmtree(out)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        saved = out / "config.yaml"
-        if run.resume and saved.exists():
-            check_same_config(saved, cfg)
-        save_config(cfg, saved)
-    return out
-
-
-def check_same_config(saved: Path, cfg: Any) -> None:
-    """Resuming with different settings would not give the uninterrupted run's weights."""
-    import yaml
-
-    old = yaml.safe_load(saved.read_text())
-    # Where the folder lives does not change the weights: a moved or copied run resumes, and so
-    # does a moved pipeline, whose stages name their sibling folders (../sft, ../rm).
-    ignore = {("run", "resume"), ("run", "overwrite"), ("run", "steps"), ("run", "out")}
-    diffs = config_differences(old, to_dict(cfg), Path(old["run"]["out"]).parent, Path(cfg.run.out).parent, ignore,
-                               defaults=to_dict(type(cfg)()))
-    if diffs:
-        raise RlhfkitError(f"cannot resume {saved.parent}: the config changed ({'; '.join(diffs)})")
-
-
-def config_differences(old: dict, new: dict, old_home: Path, new_home: Path, ignore: set[tuple[str, str]],
-                       defaults: dict | None = None) -> list[str]:
-    """``section.key: old -> new`` for each setting that differs, where a path under ``old_home``
-    and one under ``new_home`` are the same setting when they are the same relative path. A
-    setting that ``old`` lacks (saved before the field existed) is the same when ``new`` keeps
-    its default from ``defaults``."""
-    defaults = defaults or {}
-
-    def same(a: Any, b: Any) -> bool:
-        if a == b:
-            return True
-        if not (isinstance(a, str) and isinstance(b, str)):
-            return False
-        a_path, b_path = Path(a), Path(b)
-        return (a_path.is_relative_to(old_home) and b_path.is_relative_to(new_home)
-                and a_path.relative_to(old_home) == b_path.relative_to(new_home))
-
-    def new_default(old_body: dict, key: str, value: Any, default_body: Any) -> bool:
-        return key not in old_body and isinstance(default_body, dict) and key in default_body and default_body[key] == value
-
-    top = [f"{key}: {old.get(key)!r} -> {value!r}" for key, value in new.items()
-           if not isinstance(value, dict) and not same(old.get(key), value)
-           and not new_default(old, key, value, defaults)]  # e.g. PPO's `reward`
-    return top + [
-        f"{sec}.{key}: {old[sec].get(key)!r} -> {value!r}"
-        for sec, body in new.items()
-        if isinstance(body, dict) and isinstance(old.get(sec), dict)
-        for key, value in body.items()
-        if (sec, key) not in ignore and not same(old[sec].get(key), value)
-        and not new_default(old[sec], key, value, defaults.get(sec))
-    ]
-
-
-def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into tensors (for safetensors) and JSON-able metadata."""
-    tensors, scalars = {}, {}
-    for pid, pstate in state["state"].items():
-        for key, value in pstate.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{pid}.{key}"] = value.contiguous()
-            else:
-                scalars[f"{pid}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
-    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint must hold to resume: all trainable ones (LoRA: just adapters)."""
-    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(
-    out: Path, step: int, model: torch.nn.Module, optimizer, scheduler, extra: dict, keep: int,
-    extra_tensors: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write ``checkpoints/step-N`` atomically (a temp folder renamed at the end), so a kill -9
-    mid-write leaves the previous checkpoint as the latest valid one."""
-    root = out / "checkpoints"
-    final = root / f"step-{step:07d}"
-    tmp = root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
-    if extra_tensors:  # stage tensors beyond weights and optimizer (PPO's EMA weights)
-        save_file({k: v.contiguous() for k, v in extra_tensors.items()}, tmp / "extra.safetensors")
-    state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), **extra}
-    (tmp / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def resume_state(out: Path, run: RunConfig, model, optimizer, scheduler, say) -> dict | None:
-    """The saved state to continue from ({"step": 0} for a fresh start), or None when complete."""
-    if not run.resume:
-        return {"step": 0}
-    if (out / COMPLETE).exists():
-        say(f"{out} is already complete; nothing to resume")
-        return None
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        say(f"no checkpoint in {out}; starting from step 0")
-        return {"step": 0}
-    state = load_checkpoint(ckpt, model, optimizer, scheduler)
-    say(f"resumed from {ckpt} at step {state['step']}")
-    return state
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("step-*"))
-    return found[-1] if found else None
-
-
-def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, schedule and RNG; return the saved state (``step`` etc.)."""
-    state = json.loads((ckpt / "state.json").read_text())
-    weights = load_file(ckpt / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(unflatten_optimizer_state(load_file(ckpt / "optimizer.safetensors"), state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch"])
-    if (ckpt / "extra.safetensors").exists():
-        state["tensors"] = load_file(ckpt / "extra.safetensors")
-    return state
-
-
-# --- metrics ----------------------------------------------------------------------------------
-
-
-class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per logged step) plus TensorBoard, main process only.
-
-    On resume, lines past the resumed step are dropped so the file describes one trajectory.
-    """
-
-    def __init__(self, out: Path, enabled: bool, resume_step: int = 0):
-        self.enabled = enabled
-        self.path = out / "metrics.jsonl"
-        self.writer = None
-        if not enabled:
-            return
-        if resume_step and self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
-        elif self.path.exists():
-            self.path.unlink()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step or None)
-        except ImportError:  # tensorboard is a declared dependency; stay usable without it
-            self.writer = None
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.writer:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        if self.writer:
-            self.writer.close()
-
-
-class Progress:
-    """A rich progress bar with ETA and live metrics on the main process; silent elsewhere."""
-
-    def __init__(self, total: int, start: int, description: str, enabled: bool):
-        self.bar = None
-        self.t0, self.start = time.perf_counter(), start
-        if not enabled:
-            return
-        from rich.progress import Progress as RichProgress
-        from rich.progress import TextColumn
-
-        from rlhfkit.progress import columns
-
-        self.bar = RichProgress(*columns(), TextColumn("{task.fields[info]}"))
-        self.bar.start()
-        self.task = self.bar.add_task(description, total=total, completed=start, first=start, info="")
-
-    def update(self, step: int, info: str) -> None:
-        if self.bar:
-            self.bar.update(self.task, completed=step, info=info)
-
-    def print(self, text: str) -> None:
-        if self.bar:
-            self.bar.console.print(text, markup=False, highlight=False)
-
-    def close(self) -> None:
-        if self.bar:
-            self.bar.stop()
-
-
-def mark_complete(out: Path, summary: dict) -> None:
-    tmp = out / f".{COMPLETE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / COMPLETE)
-
-
 # --- one training run ---------------------------------------------------------------------------
+
+
+class StepTimer(Protocol):
+    def step_begin(self, step: int) -> None: ...  # step (1-based) starts: its batch is drawn
+    def step_end(self, done: int) -> None: ...  # its update is done, before eval, logging, checkpoint
+
+
+STEP_TIMERS: list[StepTimer] = []  # benchmarks time every stage's steps through these (bench/common.py)
+
+
+@dataclass
+class Due:
+    """What the eval / log / checkpoint cadence asks for after a step (``TrainingRun.end_step``)."""
+
+    eval: bool
+    log: bool
+    checkpoint: bool
 
 
 @dataclass
@@ -537,7 +272,8 @@ class TrainingRun:
     optimizer and schedule, the step to start from, the batch vocabulary, metrics and progress.
 
     Stages keep their own loop body (the algorithm); this object answers "which examples does
-    this process see at this step" and does the eval / log / checkpoint cadence after a step.
+    this process see at this step" (``step_batches``), applies updates (``update``) and says what
+    is due after a step (``end_step``); each stage's loop then evaluates, logs and checkpoints.
     """
 
     acc: Accelerator
@@ -562,7 +298,10 @@ class TrainingRun:
         return self.batch.global_batch(self.acc.num_processes)
 
     def step_batches(self, step: int) -> tuple[list[int], list[list[int]]]:
-        """(the whole global batch's indices, this process's micro-batches) for ``step``."""
+        """(the whole global batch's indices, this process's micro-batches) for ``step``, which
+        starts here."""
+        for timer in STEP_TIMERS:
+            timer.step_begin(step + 1)
         indices = self.order.batch(step, self.global_batch)
         return indices, micro_batches(indices, self.batch, self.acc.process_index, self.acc.num_processes)
 
@@ -598,27 +337,27 @@ class TrainingRun:
             f"{self.out}: training diverged at step {done}: {problem}. Nothing was saved as finished{metrics}; "
             f"lower --optim.lr (now {self.optim.lr:g}) and rerun with --run.overwrite")
 
-    def finish_step(self, done: int, metrics: dict[str, float], evaluate, extra_state=dict,
-                    extra_tensors=dict) -> dict[str, float]:
-        """Evaluate, log and checkpoint when due; returns the step's metrics (with eval ones).
-        ``extra_state()`` gives stage state to checkpoint beside the weights (JSON-able) and
-        ``extra_tensors()`` stage tensors; both come back in ``state`` on resume."""
+    def end_step(self, done: int, metrics: dict[str, float]) -> Due:
+        """Step ``done`` has updated the weights: what the cadence asks for now. The weights are
+        checked for NaN/inf first when a checkpoint or the final save follows."""
+        for timer in STEP_TIMERS:
+            timer.step_end(done)
         # Not at the last step: the stage saves its final model and complete.json right after, and
         # a finished stage is never resumed (a PPO checkpoint is ~3 GB, ~10 s of disk writes here).
         checkpoint = (done % self.run.save_every == 0 or self.save_is_due()) and done < self.run.steps
         if checkpoint or done == self.run.steps:  # on every process (they hold the same weights)
             self.require_finite_weights(done, metrics)
-        if is_due(done, self.run.eval_every, self.run.steps):
-            metrics.update(evaluate(done))
-        if is_due(done, self.run.log_every, self.run.steps):
-            self.log.log(done, metrics)
-        if checkpoint:
-            if self.acc.is_main_process:
-                save_checkpoint(self.out, done, self.raw_model, self.optimizer, self.scheduler, extra_state(),
-                                self.run.keep_checkpoints, extra_tensors())
-            self.acc.wait_for_everyone()
-            self.last_save = time.monotonic()
-        return metrics
+        return Due(eval=is_due(done, self.run.eval_every, self.run.steps),
+                   log=is_due(done, self.run.log_every, self.run.steps), checkpoint=checkpoint)
+
+    def checkpoint(self, done: int, state: dict | None = None, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Save ``checkpoints/step-N``: weights, optimizer, schedule, RNG, and the stage's own
+        ``state`` (JSON-able) and ``tensors``, which come back in ``self.state`` on resume."""
+        if self.acc.is_main_process:
+            save_checkpoint(self.out, done, self.raw_model, self.optimizer, self.scheduler, state or {},
+                            self.run.keep_checkpoints, tensors or {})
+        self.acc.wait_for_everyone()
+        self.last_save = time.monotonic()
 
     def save_is_due(self) -> bool:
         """``run.save_every_minutes`` have passed since the last checkpoint, by the main process's

@@ -18,16 +18,17 @@ import shutil
 from pathlib import Path
 
 from rlhfkit.config import DPOConfig, OnlineDPOConfig, PreferenceDataConfig
-from rlhfkit.data.formats import read_prompts
 from rlhfkit.data.records import Comparison, Message, Prompt
+from rlhfkit.data.sources import gold_prompts, load_prompts, world_of
 from rlhfkit.data.world import World
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.eval.policy import PolicyEvaluator, remember_reference_answers
 from rlhfkit.models import load_model, load_tokenizer
-from rlhfkit.reward import reward_function
+from rlhfkit.eval.scorers import reward_function
 from rlhfkit.rollout import generate
 from rlhfkit.train import dpo
-from rlhfkit.train.loop import COMPLETE, MetricsLog, begin_stage, mark_complete, stage
+from rlhfkit.runs import COMPLETE, MetricsLog, mark_complete
+from rlhfkit.train.loop import begin_stage, stage
 
 MODEL_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja")
@@ -108,26 +109,22 @@ def train(cfg: OnlineDPOConfig) -> Path:
     if (out / COMPLETE).exists():
         say(f"{out} is already complete; nothing to resume")
         return out
-    world = World(seed=cfg.world_seed) if cfg.prompts == "world" else None
-    total = cfg.online.iterations * cfg.online.prompts_per_iteration
-    if world is not None:
-        prompts = world.prompts(total, "train")
-    else:
-        prompts, report = read_prompts(cfg.prompts)
-        say(report.summary())
+    world = world_of(cfg.prompts, cfg.world_seed)  # None for a prompts file: no gold judge
+    prompts = load_prompts(cfg.prompts, cfg.online.iterations * cfg.online.prompts_per_iteration, "train",
+                           cfg.world_seed, say)
     score = reward_function(cfg.reward, cfg.world_seed, cfg.model.precision)
     log = MetricsLog(out, acc.is_main_process)
-    gold_prompts = world.prompts(cfg.eval.gold_prompts, "eval") if world is not None else []
+    gold = gold_prompts(cfg.prompts, cfg.eval.gold_prompts, cfg.world_seed)
 
     def judge(model_path: str, step: int, final: bool, snapshot: bool = False) -> dict[str, float]:
         """Held-out greedy gold score of a round's model (and at the end, win rates against the
         starting model's answers, remembered in OUT/data before the first round)."""
-        if not gold_prompts:
+        if not gold:
             return {}
         tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
         policy = load_model(dataclasses.replace(cfg.model, lora=False), tokenizer, seed=cfg.run.seed, path=model_path)
-        evaluator = PolicyEvaluator(policy, None, tokenizer, world, gold_prompts, cfg.eval.max_new_tokens,
-                                    cfg.eval.batch_size, cfg.model.precision, cfg.online.temperature, acc.autocast, say)
+        evaluator = PolicyEvaluator(policy, None, tokenizer, world, gold, cfg.eval.max_new_tokens,
+                                    cfg.eval.batch_size, cfg.model.precision, cfg.online.temperature, say=say)
         remember_reference_answers(evaluator, out / "data" / "start_answers.json", resuming=not snapshot)
         return evaluator(step, final=final)
 
@@ -150,7 +147,7 @@ def train(cfg: OnlineDPOConfig) -> Path:
         # judges the rounds itself (below), so the DPO runs skip their own gold evaluation.
         round_cfg = DPOConfig(
             model=dataclasses.replace(cfg.model, name=model_name),
-            data=PreferenceDataConfig(train="world" if world is not None else cfg.prompts, world_seed=cfg.world_seed,
+            data=PreferenceDataConfig(train=cfg.prompts, world_seed=cfg.world_seed,
                                       max_seq_len=cfg.max_seq_len),
             algo=cfg.dpo, optim=cfg.optim, batch=cfg.batch,
             run=dataclasses.replace(cfg.run, out=str(folder), resume=True, overwrite=False),

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from rlhfkit.config import RMConfig
-from rlhfkit.data.preferences import load_rankings
+from rlhfkit.rankings import load_rankings
 from rlhfkit.data.records import Ranking
 from rlhfkit.data.tokenize import TruncationReport
-from rlhfkit.data.world import World
+from rlhfkit.data.sources import world_of
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.losses import center_penalty, ranking_loss
 from rlhfkit.models import apply_lora, load_tokenizer, save_adapter
@@ -29,11 +29,12 @@ from rlhfkit.reward import (
     backbone_is_encoder,
     build_reward_model,
     encode,
-    rewards_of,
 )
+from rlhfkit.logprobs import rewards as scalar_rewards
+from rlhfkit.runs import mark_complete
+from rlhfkit.stats import gold_agreement, spearman_rho
 from rlhfkit.train.loop import (
     begin_stage,
-    mark_complete,
     stage,
     start_training,
     sync_gradients,
@@ -67,7 +68,7 @@ def group_rewards(model, groups: list[Group], pad_id: int) -> tuple[torch.Tensor
     Returns rewards (B, K) with K the largest group, ranks (B, K), valid (B, K) and margin (B,).
     """
     flat = [s for g in groups for s in g.seqs]
-    values = rewards_of(model, flat, pad_id)
+    values = scalar_rewards(model, flat, pad_id)
     k = max(len(g.seqs) for g in groups)
     rewards = torch.zeros(len(groups), k, dtype=values.dtype, device=values.device)
     ranks = torch.zeros(len(groups), k, dtype=torch.long)
@@ -141,35 +142,6 @@ def evaluate(model, groups: list[Group], pad_id: int, batch_size: int) -> dict[s
     return out
 
 
-def gold_agreement(scores: list[float], gold: list[float]) -> tuple[int, int]:
-    """(pairs the RM orders like the gold judge, pairs with different gold scores)."""
-    pairs = [(i, j) for i in range(len(gold)) for j in range(i + 1, len(gold)) if gold[i] != gold[j]]
-    return sum((scores[i] - scores[j]) * (gold[i] - gold[j]) > 0 for i, j in pairs), len(pairs)
-
-
-def spearman_rho(x: list[float], y: list[float]) -> float | None:
-    """Spearman correlation with average ranks for ties; None when either side is constant."""
-
-    def ranks(v: list[float]) -> list[float]:
-        order = sorted(range(len(v)), key=v.__getitem__)
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for t in range(i, j + 1):
-                r[order[t]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
-    return None if vx == 0 or vy == 0 else cov / (vx * vy) ** 0.5
-
-
 # --- 5. normalisation ---------------------------------------------------------------------------
 
 
@@ -178,14 +150,13 @@ def reference_stats(model, tokenizer, cfg: RMConfig, train: list[Ranking], encod
     """Mean and std of raw rewards on reference responses: the world's demonstrations, or for
     user data the best-ranked (chosen) responses. InstructGPT biased its RM so that the
     demonstrations score mean 0 before RL."""
-    if cfg.data.train == "world":
-        world = World(seed=cfg.data.world_seed)
+    if (world := world_of(cfg.data.train, cfg.data.world_seed)) is not None:
         pairs = [(d.prompt, d.response) for d in world.demonstrations(cfg.norm_examples, "train")]
     else:
         pairs = [(r.prompt, r.completions[r.ranks.index(0)]) for r in train[: cfg.norm_examples]]
     seqs = [encode(tokenizer, p, c, cfg.data.max_seq_len, encoder) for p, c in pairs]
     model.eval()
-    values = torch.cat([rewards_of(model, seqs[i : i + cfg.eval_batch_size], tokenizer.pad_token_id)
+    values = torch.cat([scalar_rewards(model, seqs[i : i + cfg.eval_batch_size], tokenizer.pad_token_id)
                         for i in range(0, len(seqs), cfg.eval_batch_size)])
     return float(values.mean()), float(values.std()) if len(values) > 1 else 1.0
 
@@ -310,7 +281,13 @@ def train(cfg: RMConfig) -> Path:
                    "train/grad_norm": grad_norm, "train/skipped": float(skipped), "train/lr": run.scheduler.get_last_lr()[0],
                    "train/prompts_per_s": (done - run.start_step) * global_batch / max(train_seconds, 1e-9)}
         run.bar.update(done, f"loss {metrics['train/loss']:.4f}  acc {metrics['train/accuracy']:.2f}")
-        metrics = run.finish_step(done, metrics, held_out)
+        due = run.end_step(done, metrics)
+        if due.eval:
+            metrics.update(held_out(done))
+        if due.log:
+            run.log.log(done, metrics)
+        if due.checkpoint:
+            run.checkpoint(done)
 
     # 5. Normalise on reference responses, then save a plain sequence-classification folder.
     if run.start_step == cfg.run.steps:

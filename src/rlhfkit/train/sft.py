@@ -16,12 +16,13 @@ from rlhfkit.config import DataConfig, SFTConfig
 from rlhfkit.data.formats import ReadReport, read_demonstrations, read_records
 from rlhfkit.data.records import Comparison, Demonstration, Prompt, Ranking, split_by_prompt
 from rlhfkit.data.tokenize import Example, count_loss_tokens, tokenize_demonstrations
-from rlhfkit.data.world import World
+from rlhfkit.data.sources import world_of
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.eval.gold import gold_evaluate
 from rlhfkit.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
-from rlhfkit.rollout import demonstration_nll
-from rlhfkit.train.loop import begin_stage, mark_complete, stage, start_training, sync_gradients
+from rlhfkit.logprobs import demonstration_nll
+from rlhfkit.runs import mark_complete
+from rlhfkit.train.loop import begin_stage, stage, start_training, sync_gradients
 
 
 def preferred_responses(source: str, **options) -> tuple[list[Demonstration], ReadReport]:
@@ -40,8 +41,7 @@ def preferred_responses(source: str, **options) -> tuple[list[Demonstration], Re
 
 def load_data(data: DataConfig, gold_prompts: int) -> tuple[list[Demonstration], list[Demonstration], list[Prompt]]:
     """Train and held-out demonstrations, and held-out prompts for the gold judge (world only)."""
-    if data.train == "world":
-        world = World(seed=data.world_seed)
+    if (world := world_of(data.train, data.world_seed)) is not None:
         return (
             world.demonstrations(data.world_examples, split="train", imperfect=data.world_imperfect),
             world.demonstrations(data.eval_examples, split="eval"),
@@ -106,7 +106,7 @@ def train(cfg: SFTConfig) -> Path:
             metrics = {"eval/loss": eval_loss(run.raw_model, eval_examples, pad_id, cfg.eval.batch_size)}
         if gold_prompts:
             report = gold_evaluate(
-                run.raw_model, tokenizer, World(seed=cfg.data.world_seed), gold_prompts,
+                run.raw_model, tokenizer, world_of(cfg.data.train, cfg.data.world_seed), gold_prompts,
                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size, precision=cfg.model.precision,
             )
             metrics.update(report.metrics())
@@ -146,7 +146,13 @@ def train(cfg: SFTConfig) -> Path:
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/skipped": float(skipped),
                    "train/lr": run.scheduler.get_last_lr()[0], "train/tokens_per_s": tokens_seen / max(train_seconds, 1e-9)}
         run.bar.update(done, f"loss {loss:.4f}  {metrics['train/tokens_per_s']:.0f} tok/s")
-        metrics = run.finish_step(done, metrics, evaluate)
+        due = run.end_step(done, metrics)
+        if due.eval:
+            metrics.update(evaluate(done))
+        if due.log:
+            run.log.log(done, metrics)
+        if due.checkpoint:
+            run.checkpoint(done)
 
     # 5. The Hugging Face model folder, then the completion marker (written last).
     if run.start_step == cfg.run.steps:  # resumed from the final checkpoint: only the save was lost

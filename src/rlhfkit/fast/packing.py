@@ -33,8 +33,13 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+from rlhfkit.losses import token_logprobs
+from rlhfkit.models import is_wrapped, unwrap
+from rlhfkit.records import Sequences, join
 
 ROW_TOKENS = 192  # tokens per end-to-end row; 128-256 measured best on CPU (longer rows pay for attention)
 # Prefix-tree rows are sized by a cost model: a row of width W costs W * (1 + W / ATTENTION_WIDTH),
@@ -195,18 +200,6 @@ def spans(packed: Packed, offsets: torch.Tensor, counts: torch.Tensor) -> tuple[
     return packed.row[seq], packed.columns[packed.first[seq] + offsets[seq] + within], seq, within
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a PEFT wrapper (its LoRA layers are injected in place, so
-    calling it still runs the adapters, or not, as PEFT's context says)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def is_wrapped(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is a DDP / FSDP / DeepSpeed wrapper, not a transformers model: its own
-    forward must run (it syncs gradients), so packed forwards, which call the backbone, are off."""
-    return not hasattr(unwrap(model), "base_model_prefix")
-
-
 def shares_prefixes(model: torch.nn.Module) -> bool:
     """Whether ``model``'s attention takes a custom 4-D mask, which prefix-tree rows need:
     transformers' SDPA and eager attention do; flash-attention kernels only know segments, so
@@ -237,15 +230,17 @@ def hidden_states(model: torch.nn.Module, packed: Packed) -> torch.Tensor:
                     attention_mask=mask, use_cache=False).last_hidden_state
 
 
-def packs_exactly(model: torch.nn.Module, check) -> bool:
+def packs_exactly(model: torch.nn.Module, what: str, padded: Callable) -> bool:
     """Whether packed forwards of ``model`` give what its padded forwards give, decided once per
-    model and check: ``check(model)`` returns the largest ``relative_gap`` between the two on a
-    tiny input (the LM head, a value head and a reward head are checked separately)."""
+    model and ``what`` (``logprobs``, ``values`` or ``rewards``: the LM head, a value head and a
+    reward head are checked separately). ``padded(model, probe)`` is the plain path's function of
+    the same probe input the packed one gets; the largest ``relative_gap`` must stay small."""
     if is_wrapped(model):
         return False
     verdicts = model.__dict__.setdefault("_rlhfkit_packs_exactly", {})
-    verdict = verdicts.get(check.__qualname__)
+    verdict = verdicts.get(what)
     if verdict is None:
+        packed, probe = _PACKED[what]
         was_training = model.training
         model.eval()
         device_type = next(model.parameters()).device.type
@@ -255,7 +250,8 @@ def packs_exactly(model: torch.nn.Module, check) -> bool:
         patched_forward = model.__dict__.pop("forward", None)
         try:
             with torch.no_grad(), torch.autocast(device_type, enabled=False):
-                verdict = bool(check(model) < _PROBE_TOLERANCE)
+                example = probe(model)
+                verdict = bool(relative_gap(packed(model, example), padded(model, example)) < _PROBE_TOLERANCE)
         except (TypeError, ValueError, RuntimeError, AttributeError):  # no position_ids, no backbone ...
             verdict = False
         finally:
@@ -264,8 +260,8 @@ def packs_exactly(model: torch.nn.Module, check) -> bool:
                 model.forward = patched_forward
         if not verdict:  # said once per model and check: padded forwards are correct but slower
             warnings.warn(f"{type(unwrap(model)).__name__} gives different outputs packed and padded "
-                          f"({check.__qualname__}); using padded forwards, which are slower", stacklevel=2)
-        verdicts[check.__qualname__] = verdict
+                          f"({what}); using padded forwards, which are slower", stacklevel=2)
+        verdicts[what] = verdict
     return verdict
 
 
@@ -278,6 +274,74 @@ def probe_sequences(model: torch.nn.Module) -> list[torch.Tensor]:
     # the second is a prefix of the first and the third shares its first 3 tokens: prefix-tree
     # rows must give each of them what it gets alone
     return [ordinary[:7], ordinary[:5], torch.cat([ordinary[:3], ordinary[6:12]])]
+
+
+def probe_batch(model: torch.nn.Module) -> Sequences:
+    """The probe sequences as three (prompt, response) pairs of different lengths."""
+    sequences = probe_sequences(model)
+    return join([s[:3].tolist() for s in sequences], [s[3:].tolist() for s in sequences], pad_id=0)
+
+
+def probe_token_lists(model: torch.nn.Module) -> list[list[int]]:
+    return [s.tolist() for s in probe_sequences(model)]
+
+
+# --- the packed forwards of the seam (rlhfkit.logprobs) ---------------------------------------
+
+
+def packed_response_hidden(model, seqs: Sequences) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backbone's hidden states at the positions that predict each response token, from a
+    packed forward (no padding computed): (M, H) over all M response tokens of the batch, with
+    each one's row b and response column t. Position P-1+t of a row predicts its token P+t."""
+    real = [ids[mask.bool()] for ids, mask in zip(seqs.input_ids, seqs.attention_mask)]
+    packed = pack(real, pad_id=0, share_prefixes=shares_prefixes(model))  # no real token attends to padding
+    prompt_lengths = seqs.attention_mask[:, : seqs.prompt_width].sum(-1)
+    response_lengths = seqs.attention_mask[:, seqs.prompt_width :].sum(-1)
+    rows, columns, b, t = spans(packed, prompt_lengths - 1, response_lengths)
+    hidden = hidden_states(model, packed)
+    return hidden[rows.to(hidden.device), columns.to(hidden.device)], b, t
+
+
+def scatter_responses(values: torch.Tensor, b: torch.Tensor, t: torch.Tensor, seqs: Sequences) -> torch.Tensor:
+    """Per-response-token values (M,) back into the batch layout (B, R), 0 on padding and after
+    the first stop token (differentiable)."""
+    out = values.new_zeros(seqs.response_mask.shape).index_put((b.to(values.device), t.to(values.device)), values)
+    return out * seqs.response_mask.to(out.device)
+
+
+def packed_logits(model, seqs: Sequences) -> tuple[torch.Tensor, torch.Tensor, Callable]:
+    """(logits (1, M, V) of the response tokens, their targets (1, M), and ``back``: (1, M) -> (B, R))."""
+    hidden, b, t = packed_response_hidden(model, seqs)
+    logits = unwrap(model).get_output_embeddings()(hidden)[None]
+    targets = seqs.input_ids[:, seqs.prompt_width :][b, t][None]
+    return logits, targets, lambda x: scatter_responses(x[0], b, t, seqs)
+
+
+def packed_token_values(model, seqs: Sequences) -> torch.Tensor:
+    """The value head at every response position, (B, R), from a packed forward."""
+    hidden, b, t = packed_response_hidden(model, seqs)
+    return scatter_responses(unwrap(model).score(hidden).squeeze(-1).float(), b, t, seqs)
+
+
+def packed_rewards(model, sequences: list[list[int]]) -> torch.Tensor:
+    """The reward head at each sequence's last token, (N,), from a packed forward."""
+    packed = pack([torch.tensor(s, dtype=torch.long) for s in sequences], pad_id=0, share_prefixes=shares_prefixes(model))
+    rows, columns, _, _ = spans(packed, packed.length - 1, torch.ones_like(packed.length))
+    hidden = hidden_states(model, packed)
+    return unwrap(model).score(hidden[rows.to(hidden.device), columns.to(hidden.device)])[:, 0].float()
+
+
+def _packed_logprobs(model, seqs: Sequences) -> torch.Tensor:
+    logits, targets, back = packed_logits(model, seqs)
+    return back(token_logprobs(logits, targets.to(logits.device)))
+
+
+# what -> (packed forward, its probe input), for packs_exactly
+_PACKED: dict[str, tuple[Callable, Callable]] = {
+    "logprobs": (_packed_logprobs, probe_batch),
+    "values": (packed_token_values, probe_batch),
+    "rewards": (packed_rewards, probe_token_lists),
+}
 
 
 def relative_gap(packed: torch.Tensor, padded: torch.Tensor) -> float:

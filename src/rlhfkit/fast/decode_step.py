@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhfkit.packing import unwrap
+from rlhfkit.models import unwrap
 
 # Architectures whose decoder layer is exactly: norm, q/k/v, rotary, attention, o, residual,
 # norm, act(gate) * up, down, residual; they differ only in biases, which are read from the model.
