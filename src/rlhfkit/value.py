@@ -66,7 +66,7 @@ def shift_head(model, offset: float) -> None:
     """Start the value head on the reward's scale: PPO sees normalised scores (raw - mean), so a
     value model copied from the raw reward model would be off by ``mean`` everywhere. A constant
     value error is not harmless: GAE weights it by lambda^(T-t), so early tokens would look
-    better than late ones (measured: the EOS token was pushed down and responses grew)."""
+    better than late ones (the EOS token gets pushed down and responses grow)."""
     head = model.score
     if head.bias is None:
         biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)

@@ -29,9 +29,9 @@ def copy_file_mapped(params: list[torch.Tensor]) -> int:
 
     Why: ``from_pretrained`` maps safetensors files copy-on-write and an fp32 weight of the
     file's dtype stays a view of the mapping, so the first optimizer step writes every page of
-    it and each write faults and copies one page. SmolLM2-135M policy + value model (1.08 GB):
-    3.3 s of page faults in the first update on this project's 2-core VM, against 0.39 s to copy
-    them here in one go. Weights already in anonymous memory (built, converted, LoRA) are left.
+    it and each write faults and copies one page; one copy here is ~8x cheaper (bench/README.md,
+    "The first step's copy-on-write faults"). Weights already in anonymous memory (built,
+    converted, LoRA) are left.
     """
     ranges = file_mapped_ranges()
     copied = 0

@@ -251,8 +251,7 @@ def train(cfg: PPOConfig) -> Path:
         for minibatches in epochs:
             for rows in minibatches:
                 # The batch's full widths, not the minibatch's own (select() cuts them; GRPO does):
-                # where padded forwards are used, another padding width changes bf16 logprobs by
-                # ~1e-3 and the first ratio drifted from 1 by up to 0.65% (measured, SmolLM2).
+                # in bf16 another padding width moves padded logprobs, and the first ratio off 1.
                 mb = batch[rows]
                 new_logprobs, _, new_values = forward(mb.seqs)
                 ptx_loss = ptx_batch_loss(policy, [ptx[i] for i in ptx_order.batch(update, algo.minibatch_size)],
