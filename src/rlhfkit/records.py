@@ -1,4 +1,4 @@
-"""Typed records passed between the steps of the RL stages, with the shape of every field.
+"""Typed records passed between the steps of the training stages, with the shape of every field.
 
 B: sequences in the batch, P: prompt width (left-padded), R: response width (right-padded).
 Masks are 1 on real tokens; a response mask is 1 up to and including the first stop token.
@@ -55,6 +55,25 @@ def select(seqs: Sequences, rows: torch.Tensor) -> Sequences:
     end = seqs.prompt_width + width
     return Sequences(seqs.input_ids[rows, start:end], attention[:, start:end], seqs.position_ids[rows, start:end],
                      response_mask[:, :width], seqs.prompt_width - start)
+
+
+@dataclass
+class Pair:
+    """One comparison as token ids (DPO); both responses end with the end-of-turn token."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+@dataclass
+class Group:
+    """One prompt's completions as token ids (the reward model); ranks 0 = best, equal = tie."""
+
+    seqs: list[list[int]]
+    ranks: list[int]
+    margin: float  # subtracted from every pair's reward difference (0 = plain Bradley-Terry)
+    gold: list[float] | None  # the world's gold scores, to check the RM against the true ordering
 
 
 class Rows:

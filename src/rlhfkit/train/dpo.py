@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from rlhfkit.eval.policy import PolicyEvaluator, frozen_reference, remember_refe
 from rlhfkit.losses import DPOLoss, dpo_loss
 from rlhfkit.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
 from rlhfkit.logprobs import logprobs
-from rlhfkit.records import join
+from rlhfkit.records import Pair, join
 from rlhfkit.runs import mark_complete
 from rlhfkit.train.loop import (TrainingRun, begin_stage, micro_batches, stage, start_training,
                                sync_gradients)
@@ -40,15 +39,6 @@ def to_comparisons(rankings: list[Ranking], mode: str) -> list[Comparison]:
     if mode == "best_worst":
         return [c for c in (r.best_worst() for r in rankings) if c is not None]
     return [c for r in rankings for c in r.to_comparisons()]
-
-
-@dataclass
-class Pair:
-    """One comparison as token ids; both responses end with the end-of-turn token."""
-
-    prompt: list[int]
-    chosen: list[int]
-    rejected: list[int]
 
 
 def tokenize_pairs(tokenizer, comparisons: list[Comparison], max_len: int,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from rlhfkit.reward import (
     encode,
 )
 from rlhfkit.logprobs import rewards as scalar_rewards
+from rlhfkit.records import Group
 from rlhfkit.runs import mark_complete
 from rlhfkit.stats import gold_agreement, spearman_rho
 from rlhfkit.train.loop import (
@@ -41,16 +41,6 @@ from rlhfkit.train.loop import (
 )
 
 # --- 2. groups of tokenized completions ---------------------------------------------------------
-
-
-@dataclass
-class Group:
-    """One prompt's completions as token ids; ranks 0 = best, equal = tie."""
-
-    seqs: list[list[int]]
-    ranks: list[int]
-    margin: float  # subtracted from every pair's reward difference (0 = plain Bradley-Terry)
-    gold: list[float] | None  # the world's gold scores, to check the RM against the true ordering
 
 
 def to_groups(tokenizer, rankings: list[Ranking], max_len: int, encoder: bool,
