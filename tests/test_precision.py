@@ -176,3 +176,39 @@ def test_a_mistyped_folder_is_refused_before_measuring(measured, tmp_path):
 def test_a_hub_id_not_downloaded_yet_is_measured_at_a_default_shape_without_the_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert layer_shape("someone/not-downloaded-model") == precision.DEFAULT_SHAPE
+
+
+def test_the_seams_precision_is_per_thread_and_restored_after_a_block():
+    """The forward seam runs in the stage's precision; a reward model scored with its own
+    (``running_in``) changes it for that block and that thread only, as autocast itself."""
+    import threading
+
+    import torch
+
+    from rlhfkit.logprobs import precision_context, running_in, set_precision
+
+    def bf16_now() -> bool:
+        with precision_context():
+            return torch.is_autocast_enabled("cpu")
+
+    set_precision("fp32")
+    seen = []
+    entered, release = threading.Event(), threading.Event()
+
+    def other():
+        with running_in("bf16"):
+            seen.append(bf16_now())
+            entered.set()
+            release.wait(10)
+        seen.append(bf16_now())
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert entered.wait(10)
+    assert not bf16_now()  # the other thread's block leaves this one in fp32
+    release.set()
+    thread.join()
+    assert seen == [True, False]
+    with running_in("bf16"):
+        assert bf16_now()
+    assert not bf16_now()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 
 import torch
 
@@ -21,20 +22,23 @@ from rlhfkit.models import is_encoder, is_wrapped, unwrap
 from rlhfkit.precision import autocast
 from rlhfkit.records import Sequences, join
 
-_precision = "fp32"
+class _Precision(threading.local):
+    value = "fp32"  # per thread, like autocast itself: a reward model scored in one thread leaves others alone
+
+
+_precision = _Precision()
 
 
 def set_precision(precision: str) -> None:
-    """The precision every forward of this process runs in from now on (each stage sets its own)."""
+    """The precision every forward of this thread runs in from now on (each stage sets its own)."""
     autocast(precision)  # refuses an unresolved `auto`
-    global _precision
-    _precision = precision
+    _precision.value = precision
 
 
 @contextlib.contextmanager
 def running_in(precision: str):
     """``set_precision`` for a block (a reward model or an evaluation with a precision of its own)."""
-    before = _precision
+    before = _precision.value
     set_precision(precision)
     try:
         yield
@@ -43,7 +47,7 @@ def running_in(precision: str):
 
 
 def precision_context() -> contextlib.AbstractContextManager:
-    return autocast(_precision)
+    return autocast(_precision.value)
 
 
 def logprobs(model, seqs: Sequences, temperature: float = 1.0, with_entropy: bool = False, fast: bool = True):
