@@ -165,3 +165,25 @@ def test_resume_accepts_a_setting_added_since_at_its_default_and_compares_top_le
         check_same_config(saved, parse("ppo", ["--recipe", "tiny", "--run.out", "a", "--run.save-every-minutes", "1"]))
     with pytest.raises(RlhfkitError, match="reward"):
         check_same_config(saved, parse("ppo", ["--recipe", "tiny", "--run.out", "a", "--reward", "gold"]))
+
+
+def test_step_timers_hear_every_step_begin_and_end_of_a_stage(tmp_path, monkeypatch):
+    """Benchmarks time steps through loop.STEP_TIMERS: step k begins when its batch is drawn and
+    ends before its evaluation, logging and checkpoint."""
+    from rlhfkit.cli import parse
+    from rlhfkit.train import loop, sft
+
+    heard = []
+
+    class Timer:
+        def step_begin(self, step):
+            heard.append(("begin", step))
+
+        def step_end(self, done):
+            heard.append(("end", done))
+
+    monkeypatch.setattr(loop, "STEP_TIMERS", [Timer()])
+    flags = ["--recipe", "tiny", "--run.save-every", "2", "--eval.gold-prompts", "0", "--eval.no-at-start",
+             "--data.world-examples", "32", "--batch.micro-batch-size", "4", "--run.out", str(tmp_path / "sft")]
+    sft.train(parse("sft", [*flags, "--run.steps", "3"]))
+    assert heard == [("begin", 1), ("end", 1), ("begin", 2), ("end", 2), ("begin", 3), ("end", 3)]
