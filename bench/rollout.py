@@ -26,7 +26,8 @@ from rlhfkit.data.tokenize import end_of_turn_id, left_pad, prompt_ids
 from rlhfkit.data.world import World
 from rlhfkit.models import load_model, load_tokenizer
 from rlhfkit.precision import autocast
-from rlhfkit.rollout import cut_at_stop, generate
+from rlhfkit.engines import Output
+from rlhfkit.generation import as_generation, generate
 
 
 def hf_generate(model, tokenizer, prompts, max_new_tokens, temperature, batch_size, precision):
@@ -43,7 +44,9 @@ def hf_generate(model, tokenizer, prompts, max_new_tokens, temperature, batch_si
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, **sampling)
         for row, i in zip(out[:, ids.shape[1] :].tolist(), idx):
-            results[i] = cut_at_stop(row, stop, tokenizer)
+            ends = [pos for pos, token in enumerate(row) if token in stop]  # HF pads after the first stop token
+            kept = row[: ends[0] + 1] if ends else row
+            results[i] = as_generation(Output(kept, bool(ends)), tokenizer)
     return results
 
 

@@ -73,7 +73,7 @@ def run_chat(monkeypatch, capsys, folder, lines, context=None, **flags):
         except StopIteration:
             raise EOFError from None
 
-    def fake_answer(model, tok, ids, cfg, max_new_tokens, *cast_weights):
+    def fake_answer(answerer, tok, ids, cfg, max_new_tokens):
         prompts.append(tokenizer.decode(ids))
         return f"answer{len(prompts)}", ""
 
@@ -117,44 +117,42 @@ def test_a_message_longer_than_the_context_is_not_sent(monkeypatch, capsys, tiny
 
 
 def test_stream_answer_prints_as_it_generates_and_ctrl_c_stops_it(monkeypatch, capsys, tiny_folder):
-    """Ctrl-C reaches the main thread as KeyboardInterrupt while it prints the stream: the answer
+    """Ctrl-C reaches the main thread, which runs the decoder, as KeyboardInterrupt: the answer
     stops within a token or two and stream_answer returns normally (the program goes on)."""
     import signal
 
-    from transformers import AutoTokenizer, TextIteratorStreamer
+    from transformers import AutoTokenizer
 
     from rlhfkit.config import ModelConfig
     from rlhfkit.data.tokenize import prompt_ids
+    from rlhfkit.generation import Answerer, Detokenizer
     from rlhfkit.models import load_model
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_folder)
     model = load_model(ModelConfig(name=tiny_folder), tokenizer)
+    answerer = Answerer(model, tokenizer)
     ids = prompt_ids(tokenizer, (Message("system", "Be brief."), Message("user", "hi")))
     cfg = ChatConfig(model=tiny_folder, temperature=0)
 
-    text, note = chat_module.stream_answer(model, tokenizer, ids, cfg, max_new_tokens=12)
+    text, note = chat_module.stream_answer(answerer, tokenizer, ids, cfg, max_new_tokens=12)
     out = capsys.readouterr().out
     assert note == "(cut at 12 tokens)" and text.strip() and out.startswith("model> ") and text in out
 
-    class CtrlCAfterThreeTokens(TextIteratorStreamer):
-        """Ctrl-C after the third generated token. Counted where generate hands over tokens, not
-        where text comes out: the streamer holds text back until a space, and the random tiny
-        model's gibberish may have none."""
+    class CtrlCAfterThreeTokens(Detokenizer):
+        """Ctrl-C after the third generated token (counted as tokens, not text: the random tiny
+        model's gibberish may hold a partial character)."""
 
-        tokens = 0
-
-        def put(self, value):
-            super().put(value)
-            self.tokens += 1
-            if self.tokens == 4:  # the first put is the prompt
+        def add(self, token):
+            if len(self.ids) == 3:
                 os.kill(os.getpid(), signal.SIGINT)  # as the terminal does on Ctrl-C
+            return super().add(token)
 
-    monkeypatch.setattr(chat_module, "TextIteratorStreamer", CtrlCAfterThreeTokens)
+    monkeypatch.setattr(chat_module, "Detokenizer", CtrlCAfterThreeTokens)
     # As `chat` does: SIGINT must raise KeyboardInterrupt even if this test process inherited it
     # ignored (a background job of a non-interactive shell does).
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        text, note = chat_module.stream_answer(model, tokenizer, ids, cfg, max_new_tokens=900)
+        text, note = chat_module.stream_answer(answerer, tokenizer, ids, cfg, max_new_tokens=900)
     finally:
         signal.signal(signal.SIGINT, previous)
     assert note == "(stopped)"

@@ -119,7 +119,8 @@ def test_models_it_cannot_reproduce_keep_their_own_forward(tiny_tokenizer):
 def test_decoding_gives_the_same_tokens_with_the_step_as_without(tiny_tokenizer, temperature):
     """The whole loop in bf16, two slots for six prompts (rows leave and join, caches are merged
     and cut): the same tokens, greedy and sampled, with the lean step as with the model's forward."""
-    from rlhfkit.rollout import decode
+    from rlhfkit.engines import SamplingParams
+    from rlhfkit.engines.builtin import BuiltinEngine
 
     model = build_tiny_model(tiny_tokenizer).eval()
     prompts = [prompt_ids(tiny_tokenizer, user(t)) for t in ("hi", "What is 12 + 30?", "ok", "Why?",
@@ -128,8 +129,8 @@ def test_decoding_gives_the_same_tokens_with_the_step_as_without(tiny_tokenizer,
 
     def run(stop, fast):
         torch.manual_seed(0)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return decode(model, prompts, 12, stop, pad, temperature, batch_size=2, fast_steps=fast)
+        engine = BuiltinEngine(model, pad, "bf16", batch_size=2, fast_steps=fast)
+        return [o.token_ids for o in engine.generate(prompts, SamplingParams(12, temperature, tuple(stop)))]
 
     # A stop token that the rows reach first at the most different steps, in a run that never stops.
     free = run([-1], fast=False)

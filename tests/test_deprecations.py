@@ -18,7 +18,9 @@ from rlhfkit.models import apply_lora, build_tiny_model, disable_dropout, load_m
 from rlhfkit.logprobs import demonstration_nll, logprobs, rewards
 from rlhfkit.records import join
 from rlhfkit.reward import build_reward_model
-from rlhfkit.rollout import decode, generate
+from rlhfkit.engines import SamplingParams
+from rlhfkit.engines.builtin import BuiltinEngine
+from rlhfkit.generation import generate
 
 LIBRARIES = ("transformers", "peft", "accelerate")
 
@@ -82,19 +84,19 @@ PROMPTS = ["What is 2+2?", "Name a colour, please.", "Write a haiku about the se
 
 @pytest.mark.parametrize("fast_steps", [False, True], ids=["model-forward", "decode-step"])
 def test_decoding_with_a_kv_cache(tiny, fast_steps):
-    """rollout.decode: the shared-prefix cache, prefills, refills and steps (greedy and sampled)."""
+    """The built-in engine: the shared-prefix cache, prefills, refills and steps (greedy and sampled)."""
     model, tok = tiny
     prompts = [prompt_ids(tok, user(q)) for q in PROMPTS]
+    engine = BuiltinEngine(model, tok.pad_token_id, batch_size=4, fast_steps=fast_steps)
     with no_library_deprecations():
         for temperature in (0.0, 1.0):
-            rows = decode(model, prompts, 12, [tok.eos_token_id], tok.pad_token_id, temperature, batch_size=4,
-                          fast_steps=fast_steps)
-    assert all(rows)
+            outputs = engine.generate(prompts, SamplingParams(12, temperature, (tok.eos_token_id,)))
+    assert all(o.token_ids for o in outputs)
 
 
 def test_generate_serve_engine_and_hf_generate(tiny):
-    """rollout.generate (sdpa switch, progress bar), `rlhfkit serve`'s token loop, and
-    transformers' own ``generate`` that `rlhfkit chat` streams from."""
+    """generation.generate (sdpa switch, progress bar) and the token stream `rlhfkit serve` and
+    `rlhfkit chat` answer from."""
     from rlhfkit.serve.api import Engine, Params
 
     model, tok = tiny
@@ -105,7 +107,6 @@ def test_generate_serve_engine_and_hf_generate(tiny):
             generate(model, tok, [user(q) for q in PROMPTS], 8, temperature=1.0, batch_size=4, generator_seed=0)
             tokens = list(itertools.islice(engine.tokens(ids[0].tolist(), Params(6, 1.0, 0.9, (), 0),
                                                          torch.Generator().manual_seed(0)), 6))
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
     finally:
         engine.worker.shutdown()
     assert len(tokens) == 6

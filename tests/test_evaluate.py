@@ -13,7 +13,7 @@ from rlhfkit.data.world import World
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.eval.evaluate import EvalConfig, evaluate, sequence_kl
 from rlhfkit.models import load_model, save_model
-from rlhfkit.rollout import generate
+from rlhfkit.generation import generate
 
 PROMPTS = World(seed=0).prompts(8, "eval")
 

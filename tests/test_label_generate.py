@@ -1,5 +1,5 @@
 """`rlhfkit label serve --model tiny --prompts FILE`: the server starts at once, a background thread
-generates K responses per prompt with rlhfkit.rollout.generate, and the tasks appear; a restart
+generates K responses per prompt with rlhfkit.generation.generate, and the tasks appear; a restart
 regenerates nothing."""
 
 import json

@@ -11,7 +11,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 MATH = {"rlhfkit.losses", "rlhfkit.advantages", "rlhfkit.stats"}
 # The seams: only these (and the speed paths themselves) may import rlhfkit.fast.
-FAST_USERS = {"rlhfkit.logprobs", "rlhfkit.rollout", "rlhfkit.train.loop"}
+FAST_USERS = {"rlhfkit.logprobs", "rlhfkit.engines.builtin", "rlhfkit.train.loop"}
 
 
 def module_name(path: Path) -> str:
@@ -55,7 +55,9 @@ def back_edges() -> list[str]:
         for dep in sorted(deps):
             why = None
             if under(dep, "rlhfkit.fast") and not under(module, "rlhfkit.fast") and module not in FAST_USERS:
-                why = "speed paths are imported only by the seams (logprobs, rollout) and the training loop"
+                why = "speed paths are imported only by the forward seam, the built-in engine and the training loop"
+            elif under(dep, "rlhfkit.engines") and not under(module, "rlhfkit.engines") and module != "rlhfkit.generation":
+                why = "generation engines sit below the generation seam: callers use rlhfkit.generation"
             elif under(module, "rlhfkit.eval") and under(dep, "rlhfkit.train"):
                 why = "eval never imports train"
             elif under(module, "rlhfkit.data") and not under(dep, "rlhfkit.data") and dep not in (

@@ -10,7 +10,7 @@ from rlhfkit.fast.packing import balanced_rows, pack, shares_prefixes, spans, tr
 from rlhfkit.logprobs import logprobs, rewards, token_values
 from rlhfkit.records import join
 from rlhfkit.reward import build_reward_model
-from tests.test_rollout import tiny_gpt2
+from tests.test_generation import tiny_gpt2
 
 
 def verdicts(model) -> dict[str, bool]:

@@ -17,7 +17,7 @@ import torch
 import rlhfkit.rankings as preferences
 import rlhfkit.eval.bon as bon
 import rlhfkit.eval.evaluate as evaluate_cli
-import rlhfkit.rollout as rollout
+import rlhfkit.generation as rollout
 from rlhfkit.chunks import PartialFile
 from rlhfkit.cli import parse
 from rlhfkit.config import ModelConfig, PreferenceDataConfig

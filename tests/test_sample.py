@@ -102,7 +102,7 @@ def test_greedy_is_deterministic_and_answers_each_prompt(tiny_folder, tmp_path):
 
     from rlhfkit.config import ModelConfig
     from rlhfkit.models import load_model
-    from rlhfkit.rollout import generate
+    from rlhfkit.generation import generate
 
     outs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
     for out in outs:  # batch_size 1: no padding (exact match below); 6 prompts make 2 chunks of 4

@@ -21,7 +21,8 @@ from fastapi.testclient import TestClient
 from rlhfkit.data.records import Message
 from rlhfkit.data.tokenize import prompt_ids
 from rlhfkit.serve import api
-from rlhfkit.serve.api import Detokenizer, Params, ServeConfig, create_app
+from rlhfkit.generation import Detokenizer
+from rlhfkit.serve.api import Params, ServeConfig, create_app
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-key"
@@ -174,16 +175,6 @@ def test_detokenizer_never_sends_half_a_character(tiny_tokenizer):
     detok = Detokenizer(tiny_tokenizer, stops=("fin",))
     pieces = [detok.add(t) for t in ids]
     assert all("\ufffd" not in p for p in pieces) and "".join(pieces) == "héllo €uro 🙂 " and detok.stopped
-
-
-def test_top_p_keeps_the_smallest_likely_set():
-    import torch
-
-    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])  # probabilities .64, .24, .09, .03
-    generator = torch.Generator().manual_seed(0)
-    assert {api.pick(logits, 1.0, 0.5, generator) for _ in range(50)} == {0}
-    assert {api.pick(logits, 1.0, 0.8, generator) for _ in range(200)} == {0, 1}
-    assert api.pick(logits, 0.0, 0.1, generator) == 0
 
 
 def test_errors_have_openai_shape_and_name_the_field(app_client):
@@ -402,20 +393,22 @@ def test_serve_binds_loopback_by_default(monkeypatch, tiny_tokenizer):
 
 
 def test_bf16_engine_answers_the_same_with_its_weights_cast_once(tiny_tokenizer):
-    """In bf16 the engine casts the weights once at start (a Llama is covered); its answers are
-    those of autocast's per-call casting, token for token."""
-    import contextlib
+    """In bf16 the engine casts the weights once at start (a Llama is covered) and decodes with
+    the lean step; its answers are those of the model's own forward under autocast's per-call
+    casting, token for token."""
     import threading
 
     from rlhfkit.data.records import user
+    from rlhfkit.engines.builtin import BuiltinEngine
     from rlhfkit.models import build_tiny_model
 
     engine = api.Engine(build_tiny_model(tiny_tokenizer), tiny_tokenizer, "bf16")
-    assert engine.cast_weights is not contextlib.nullcontext
+    assert engine.answerer.engine._step is not None  # cast once, here
     ids = prompt_ids(tiny_tokenizer, user("What is 12 + 30?"))
     answers = []
-    for cast in (engine.cast_weights, contextlib.nullcontext):
-        engine.cast_weights = cast
+    for plain in (False, True):
+        if plain:
+            engine.answerer.engine = BuiltinEngine(engine.model, tiny_tokenizer.pad_token_id, "bf16", fast_steps=False)
         for temperature in (0.0, 1.0):
             params = Params(max_tokens=12, temperature=temperature, top_p=1.0, stop=(), seed=3)
             answers.append(engine.complete(ids, params, threading.Event(), lambda piece: None))

@@ -16,7 +16,7 @@ from rlhfkit.data.records import Ranking, split_by_prompt
 from rlhfkit.data.sources import is_world
 from rlhfkit.data.world import Labeler, World
 from rlhfkit.models import load_model, load_tokenizer
-from rlhfkit.rollout import generate
+from rlhfkit.generation import generate
 
 
 def load_rankings(data: PreferenceDataConfig, model_cfg: ModelConfig, seed: int, out: Path,

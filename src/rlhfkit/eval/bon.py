@@ -29,7 +29,7 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.eval.winrate import WinRate, gold_pair_judge, win_rate
 from rlhfkit.models import load_model, load_tokenizer
 from rlhfkit.eval.scorers import reward_function
-from rlhfkit.rollout import generate
+from rlhfkit.generation import generate
 
 
 def pick_best(rewards: list[float], n: int) -> list[int]:

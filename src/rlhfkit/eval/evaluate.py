@@ -33,7 +33,7 @@ from rlhfkit.eval.winrate import PairJudge, WinRate, gold_pair_judge, win_rate
 from rlhfkit.logprobs import logprobs as response_logprobs
 from rlhfkit.logprobs import running_in
 from rlhfkit.records import join
-from rlhfkit.rollout import Generation, generate
+from rlhfkit.generation import Generation, generate
 
 REFERENCE = "reference"
 REFERENCE_FIELDS = ("completion", "response", "chosen")  # where a prompts file keeps its reference answer

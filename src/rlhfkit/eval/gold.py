@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from rlhfkit.data.records import Prompt
 from rlhfkit.data.world import World
-from rlhfkit.rollout import Generation, generate
+from rlhfkit.generation import Generation, generate
 
 
 @dataclass

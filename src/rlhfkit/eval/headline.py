@@ -69,7 +69,7 @@ def evaluate_run(models: dict[str, str], rl: str, judge: str, prompts: str, cfg:
 
     from rlhfkit.eval.evaluate import sequence_kl
     from rlhfkit.eval.winrate import win_rate
-    from rlhfkit.rollout import Generation, generate
+    from rlhfkit.generation import Generation, generate
 
     from rlhfkit.precision import resolve
 

@@ -123,7 +123,7 @@ def generate_tasks(store: Store, prompts: list[Prompt], settings: GenerationSett
 
     from rlhfkit.config import ModelConfig
     from rlhfkit.models import load_model, load_tokenizer
-    from rlhfkit.rollout import generate
+    from rlhfkit.generation import generate
 
     k = settings.k
     keys = [task_key(p.messages, "model", settings.model, k) for p in prompts]

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
-import inspect
 import json
 import logging
 import os
@@ -41,11 +41,10 @@ from starlette.requests import Request  # FastAPI finds endpoint types in module
 
 from rlhfkit.config import ModelConfig, require_positive
 from rlhfkit.data.records import Message
-from rlhfkit.data.tokenize import end_of_turn_id, prompt_ids
+from rlhfkit.data.tokenize import prompt_ids
 from rlhfkit.errors import ConfigError
 from rlhfkit.hosts import LOOPBACK
-from rlhfkit.precision import autocast
-from rlhfkit.rollout import cache_argument, returned_cache, weights_cast_once
+from rlhfkit.generation import Answerer, Detokenizer
 
 log = logging.getLogger("rlhfkit.serve")
 
@@ -175,91 +174,19 @@ def message_text(message: ChatMessage, i: int) -> str:
 # --- generation -------------------------------------------------------------------------------
 
 
-def pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """The next token: argmax at temperature 0, else a draw from softmax(logits / T) cut to the
-    smallest set of tokens whose probability reaches top_p (the most likely token always stays)."""
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p >= 1:
-        return int(torch.multinomial(probs, 1, generator=generator))
-    sorted_probs, order = probs.sort(descending=True)
-    keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the mass before each token is still short of top_p
-    return int(order[torch.multinomial(sorted_probs * keep, 1, generator=generator)])
-
-
-def held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest end of ``text`` that begins a stop string: it may still become one."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
-
-
-class Detokenizer:
-    """Generated tokens in, text pieces to send out, the answer cut before the first stop string.
-
-    Each step decodes all tokens so far (cheap next to a forward pass) rather than token by
-    token: a token need not be whole characters (byte-level BPE splits UTF-8), so text is sent
-    only once it is complete, and never the end that might still turn into a stop string.
-    Every piece extends what was sent, so the pieces always add up to the answer.
-    """
-
-    def __init__(self, tokenizer, stops: tuple[str, ...]):
-        self.tokenizer, self.stops = tokenizer, stops
-        self.ids: list[int] = []
-        self.sent = ""
-        self.stopped = False  # a stop string was generated
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if cuts:
-            self.stopped = True
-            return self._send(text[: min(cuts)])
-        ready = text.rstrip("\ufffd")  # a character whose remaining bytes are still to come
-        return self._send(ready[: len(ready) - held_back(ready, self.stops)])
-
-    def flush(self) -> str:
-        """What is left once generation has ended without a stop string."""
-        return "" if self.stopped else self._send(self.tokenizer.decode(self.ids, skip_special_tokens=True))
-
-    def _send(self, text: str) -> str:
-        if len(text) <= len(self.sent) or not text.startswith(self.sent):
-            return ""
-        piece, self.sent = text[len(self.sent) :], text
-        return piece
-
-
 class Engine:
     """The model, and the one worker thread that runs its generations one after the other."""
 
     def __init__(self, model, tokenizer, precision: str = "fp32"):
-        self.model, self.tokenizer, self.precision = model.eval(), tokenizer, precision
-        self.stop_ids = {end_of_turn_id(tokenizer), tokenizer.eos_token_id} - {None}  # as rollout.generate
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.answerer = Answerer(model, tokenizer, precision)
+        self.stop_ids = set(self.answerer.stop)
         self.context = getattr(model.config, "max_position_embeddings", None)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlhfkit-generate")
-        # Only the last position's logits are needed; models whose forward cannot say so compute all.
-        keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self.last_logits = {"logits_to_keep": 1} if keeps else {}
-        self.cache_arg = cache_argument(model)
-        with autocast(precision):  # the weights are cast once for the precision generation runs in
-            self.cast_weights = weights_cast_once(model)
 
     def tokens(self, ids: list[int], params: Params, generator: torch.Generator) -> Iterator[int]:
-        """Sampled tokens, one forward pass each over the new token (the KV cache holds the rest)."""
-        device = self.model.device
-        input_ids, past = torch.tensor([ids], device=device), None
-        for _ in range(params.max_tokens):
-            out = self.model(input_ids=input_ids, use_cache=True, **{self.cache_arg: past}, **self.last_logits)
-            past = returned_cache(out)
-            token = pick(out.logits[0, -1].float(), params.temperature, params.top_p, generator)
-            yield token
-            input_ids = torch.tensor([[token]], device=device)
+        """The answer's tokens as they are sampled, through the end-of-turn token if one comes."""
+        return self.answerer.stream(ids, params.max_tokens, params.temperature, params.top_p, generator)
 
     def complete(self, ids: list[int], params: Params, cancelled: threading.Event,
                  send: Callable[[str], None]) -> Completion:
@@ -273,9 +200,8 @@ class Engine:
         finish, count = "length", 0
         if cancelled.is_set():  # the client left while this request waited its turn
             return Completion("", finish, len(ids), 0)
-        # autocast is per thread: enter it in the generating one.
-        with torch.inference_mode(), autocast(self.precision), self.cast_weights():
-            for token in self.tokens(ids, params, generator):
+        with contextlib.closing(self.tokens(ids, params, generator)) as tokens:  # closing stops the decoder
+            for token in tokens:
                 if cancelled.is_set():  # the client left
                     break
                 count += 1

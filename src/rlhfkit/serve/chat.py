@@ -2,30 +2,27 @@
 
 The whole conversation is rendered by the tokenizer's chat template each turn (``prompt_ids``,
 the same rendering training and rollouts use), so a model answers here exactly as it would in
-an evaluation. ``model.generate`` runs in a thread and feeds a ``TextIteratorStreamer`` that the
-main thread prints; the main thread is then the one that receives Ctrl-C, and it stops the
-generation through a stopping criterion without leaving the program.
+an evaluation, through the same decoder (``generation.Answerer``). It decodes in the main thread,
+the one that receives Ctrl-C: KeyboardInterrupt stops the answer without leaving the program.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
-import threading
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import torch
 import tyro
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit.config import ModelConfig
 from rlhfkit.data.records import Message, Messages
-from rlhfkit.data.tokenize import end_of_turn_id, prompt_ids
+from rlhfkit.data.tokenize import prompt_ids
 from rlhfkit.errors import ConfigError
 from rlhfkit.models import load_model, load_tokenizer
-from rlhfkit.precision import autocast
-from rlhfkit.rollout import cut_at_stop, weights_cast_once
+from rlhfkit.generation import Answerer, Detokenizer
 
 HELP = "/reset clears the history, /system TEXT sets the system prompt, /quit or Ctrl-D exits, Ctrl-C stops an answer"
 USER_PROMPT = "you> "
@@ -116,66 +113,25 @@ def context_length(model: PreTrainedModel) -> int | None:
 # --- generation -------------------------------------------------------------------------------
 
 
-class StopOnEvent(StoppingCriteria):
-    """Ends generation once ``event`` is set (by Ctrl-C in the main thread)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def stream_answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ids: list[int], cfg: ChatConfig,
-                  max_new_tokens: int, cast_weights=contextlib.nullcontext) -> tuple[str, str]:
+def stream_answer(answerer: Answerer, tokenizer: PreTrainedTokenizerBase, ids: list[int], cfg: ChatConfig,
+                  max_new_tokens: int) -> tuple[str, str]:
     """Generate an answer to the prompt ``ids``, printing it as it comes. Returns (the answer text,
-    a note for the user: "" when it ended with the end-of-turn token). ``cast_weights``: from
-    ``weights_cast_once`` (the same tokens, faster)."""
-    stop = sorted({end_of_turn_id(tokenizer), tokenizer.eos_token_id} - {None})  # as rollout.generate
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    interrupted = threading.Event()
-    # Plain sampling from softmax(logits / T), as rollout.generate: no top-k/top-p from the model's defaults.
-    greedy = cfg.temperature == 0
-    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0)
-    input_ids = torch.tensor([ids], device=model.device)
-    result: dict = {}
-    from rlhfkit.precision import resolve
-
-    precision = resolve(cfg.precision, cfg.model, None)  # `chat` said what auto chose
-
-    def work() -> None:
-        try:
-            with autocast(precision), cast_weights():  # autocast is per thread: enter it in the generating one
-                result["out"] = model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                    eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([StopOnEvent(interrupted)]), **sampling)
-        except BaseException as e:  # re-raised in the main thread; end the stream so it does not wait forever
-            result["error"] = e
-            streamer.end()
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    ended = False
+    a note for the user: "" when it ended with the end-of-turn token)."""
+    text = Detokenizer(tokenizer, stops=())
+    stop = set(answerer.stop)
+    note = f"(cut at {max_new_tokens} tokens)"
+    print(ANSWER_PREFIX, end="", flush=True)
     try:
-        print(ANSWER_PREFIX, end="", flush=True)
-        for chunk in streamer:
-            print(chunk, end="", flush=True)
-        ended = True
-        thread.join()
-    except KeyboardInterrupt:  # until the thread is done, Ctrl-C stops the answer, not the program
-        interrupted.set()
-        if not ended:
-            for _ in streamer:  # generation stops at its next token; let the stream end
-                pass
-        thread.join()
-    print()
-    if "error" in result:
-        raise result["error"]
-    answer = cut_at_stop(result["out"][0, len(ids):].tolist(), stop, tokenizer)
-    if interrupted.is_set():
-        return answer.text, "(stopped)"
-    return answer.text, "" if answer.finished else f"(cut at {max_new_tokens} tokens)"
+        with contextlib.closing(answerer.stream(ids, max_new_tokens, cfg.temperature)) as tokens:
+            for token in tokens:
+                if token in stop:
+                    note = ""
+                    break
+                print(text.add(token), end="", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C stops the answer, not the program
+        note = "(stopped)"
+    print(text.flush())
+    return text.sent, note
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -200,8 +156,7 @@ def chat(cfg: ChatConfig) -> None:
     model = load_model(ModelConfig(name=cfg.model, precision=cfg.precision), tokenizer, seed=cfg.seed,
                        training=False)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    with autocast(cfg.precision):  # the weights are cast once for the precision answers run in
-        cast_weights = weights_cast_once(model)
+    answerer = Answerer(model, tokenizer, cfg.precision)  # casts the weights for decoding once
     torch.manual_seed(cfg.seed)
     ctx = context_length(model)
     # Leave room for an answer; a long answer may still use up to the rest of the context.
@@ -236,7 +191,7 @@ def chat(cfg: ChatConfig) -> None:
                   f"besides the answer; not sent)")
             continue
         room = cfg.max_new_tokens if ctx is None else min(cfg.max_new_tokens, ctx - len(ids))
-        answer, note = stream_answer(model, tokenizer, ids, cfg, room, cast_weights)
+        answer, note = stream_answer(answerer, tokenizer, ids, cfg, room)
         conv.turns.append(Message("assistant", answer))
         if note:
             print(note)

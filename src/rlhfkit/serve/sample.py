@@ -23,7 +23,7 @@ from rlhfkit.data.tokenize import prompt_ids
 from rlhfkit.data.world import World
 from rlhfkit.errors import ConfigError
 from rlhfkit.models import load_model, load_tokenizer
-from rlhfkit.rollout import Generation, generate
+from rlhfkit.generation import Generation, generate
 
 WORLD_PROMPTS = 200  # `prompts=world` with n_prompts 0: the eval split size `rlhfkit world export` writes
 
@@ -82,7 +82,7 @@ def gold_scores(prompts: list[Prompt], completions: list[str], seed: int) -> lis
 
 
 def generate_all(model, tokenizer, prompts: list[Prompt], cfg: SampleConfig) -> list[Generation]:
-    """``rollout.generate`` over every prompt, a few batches at a time for a progress bar.
+    """``generation.generate`` over every prompt, a few batches at a time for a progress bar.
 
     Prompts are sorted by length across the whole set first (each chunk then pads little), and one
     RNG stream seeded once runs through all chunks, so the output depends on the config only.

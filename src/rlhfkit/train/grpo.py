@@ -27,7 +27,7 @@ from rlhfkit.models import apply_lora, load_model, load_tokenizer, save_model
 from rlhfkit.eval.scorers import reward_function
 from rlhfkit.logprobs import logprobs as response_logprobs
 from rlhfkit.records import join, select
-from rlhfkit.rollout import generate
+from rlhfkit.generation import generate
 from rlhfkit.runs import mark_complete
 from rlhfkit.train.loop import begin_stage, stage, start_training
 

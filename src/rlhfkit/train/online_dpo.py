@@ -25,7 +25,7 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.eval.policy import PolicyEvaluator, remember_reference_answers
 from rlhfkit.models import load_model, load_tokenizer
 from rlhfkit.eval.scorers import reward_function
-from rlhfkit.rollout import generate
+from rlhfkit.generation import generate
 from rlhfkit.train import dpo
 from rlhfkit.runs import COMPLETE, MetricsLog, mark_complete
 from rlhfkit.train.loop import begin_stage, stage

@@ -28,7 +28,7 @@ from rlhfkit.losses import ppo_policy_loss, ppo_value_loss
 from rlhfkit.models import apply_lora, frozen_reference, load_model, load_tokenizer, save_model
 from rlhfkit.records import Scored, Sequences, join
 from rlhfkit.eval.scorers import reward_function
-from rlhfkit.rollout import generate
+from rlhfkit.generation import generate
 from rlhfkit.runs import mark_complete
 from rlhfkit.train.loop import DataOrder, begin_stage, stage, start_training
 from rlhfkit.value import save_value_model, value_model

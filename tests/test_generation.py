@@ -8,7 +8,7 @@ from rlhfkit.data.tokenize import end_of_turn_id, prompt_ids
 from rlhfkit.models import build_tiny_model
 from rlhfkit.logprobs import logprobs, response_logits
 from rlhfkit.records import join
-from rlhfkit.rollout import generate
+from rlhfkit.generation import generate
 
 
 def test_generation_stops_at_end_of_turn_and_marks_unfinished(tiny_tokenizer):
@@ -87,7 +87,8 @@ def test_decoding_loop_matches_transformers_generate(tiny_tokenizer, arch, pruna
     from transformers import cache_utils
 
     from rlhfkit.data.tokenize import left_pad, left_pad_after_common_prefix
-    from rlhfkit.rollout import decode
+    from rlhfkit.engines import SamplingParams
+    from rlhfkit.engines.builtin import BuiltinEngine
 
     torch.manual_seed(0)
     model = (build_tiny_model(tiny_tokenizer) if arch == "llama" else tiny_gpt2(tiny_tokenizer)).eval()
@@ -119,22 +120,26 @@ def test_decoding_loop_matches_transformers_generate(tiny_tokenizer, arch, pruna
     assert shared == 4  # the chat template's common start: computed once, its cache copied
     for batch_size in (len(prompts), 2, 1):
         finished = []
-        assert decode(model, encoded, 10, [stop], pad, 0.0, batch_size, on_finished=finished.append) == expected
+        outputs = BuiltinEngine(model, pad, batch_size=batch_size).generate(
+            encoded, SamplingParams(10, 0.0, (stop,)), on_finished=finished.append)
+        assert [o.token_ids for o in outputs] == expected
+        assert [o.finished for o in outputs] == [stop in row for row in expected]
         assert sum(finished) == len(prompts)
-    assert decode(model, encoded, 0, [stop], pad, 0.0) == [[]] * len(prompts)
+    assert [o.token_ids for o in BuiltinEngine(model, pad).generate(encoded, SamplingParams(0, 0.0, (stop,)))] \
+        == [[]] * len(prompts)
 
 
 def test_cpu_trains_with_eager_attention_and_decodes_with_sdpa(tiny_tokenizer, monkeypatch):
     """Eager attention for training forwards on CPU (faster backward), sdpa inside the decoding
     loop (faster there), the model's setting restored afterwards, and the two agree."""
-    import rlhfkit.rollout as rollout
+    import rlhfkit.engines.builtin as builtin
     from rlhfkit.config import ModelConfig
     from rlhfkit.models import attention_implementation, load_model
 
     model = load_model(ModelConfig(name="tiny"), tiny_tokenizer).eval()
     assert model.config._attn_implementation == "eager"
-    seen, real_decode = [], rollout.decode
-    monkeypatch.setattr(rollout, "decode", lambda m, *a, **k: seen.append(m.config._attn_implementation) or real_decode(m, *a, **k))
+    seen, real_steps = [], builtin._steps
+    monkeypatch.setattr(builtin, "_steps", lambda m, *a, **k: seen.append(m.config._attn_implementation) or real_steps(m, *a, **k))
     generate(model, tiny_tokenizer, [user("hi")], max_new_tokens=3)
     assert seen == ["sdpa"] and model.config._attn_implementation == "eager"
 
@@ -168,7 +173,7 @@ def test_minibatch_is_cut_to_its_own_widths_with_the_same_logprobs(tiny_tokenize
 
 
 def test_sample_tokens_follows_the_tempered_softmax():
-    from rlhfkit.rollout import sample_tokens
+    from rlhfkit.engines.builtin import sample_tokens
 
     torch.manual_seed(0)
     logits = torch.tensor([[0.0, 1.0, 2.0, -1e9]]).repeat(100_000, 1)
@@ -176,3 +181,47 @@ def test_sample_tokens_follows_the_tempered_softmax():
     expected = torch.softmax(logits[0] / 2.0, -1)
     assert counts[3] == 0  # a zero-probability token is never drawn
     assert torch.allclose(counts, expected, atol=0.006), (counts, expected)  # ~4 standard errors
+
+
+def test_top_p_keeps_the_smallest_likely_set():
+    from rlhfkit.engines.builtin import sample_tokens
+
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]]).repeat(4000, 1)  # probabilities .64, .24, .09, .03
+    generator = torch.Generator().manual_seed(0)
+    assert set(sample_tokens(logits, 1.0, 0.5, generator).tolist()) == {0}
+    kept = sample_tokens(logits, 1.0, 0.8, generator)
+    assert set(kept.tolist()) == {0, 1}  # .64 < .8, so the next most likely joins; then .88 >= .8
+    assert abs(float((kept == 0).float().mean()) - 0.64 / 0.88) < 0.03  # renormalised over the kept set
+    first, second = (sample_tokens(logits, 1.0, 0.8, torch.Generator().manual_seed(7)) for _ in range(2))
+    assert torch.equal(first, second)  # a request's seed gives its draws
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_engine_logprobs_are_the_forward_seams_logprobs(tiny_tokenizer, temperature):
+    """The sampling logprobs an engine returns are log softmax(logits / T) of the tokens it drew
+    (T = 1 when greedy): what the forward seam computes for the same sequences, up to the float
+    differences between a KV-cached step and a full forward."""
+    torch.manual_seed(0)
+    model = build_tiny_model(tiny_tokenizer).eval()
+    prompts = [user(t) for t in ("hi", "What is 12 + 30?", "Name a colour.")]
+    gens = generate(model, tiny_tokenizer, prompts, 8, temperature=temperature, batch_size=2, generator_seed=1,
+                    logprobs=True)
+    seqs = join([prompt_ids(tiny_tokenizer, p) for p in prompts], [g.token_ids for g in gens],
+                tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = logprobs(model, seqs, temperature or 1.0)
+    for row, g in enumerate(gens):
+        assert len(g.logprobs) == len(g.token_ids) > 0
+        torch.testing.assert_close(torch.tensor(g.logprobs), expected[row, : len(g.token_ids)], atol=1e-4, rtol=1e-4)
+
+
+def test_serving_streams_the_same_tokens_the_batch_decoder_gives(tiny_tokenizer):
+    """`serve` and `chat` answer through the same decoder as the stages: greedy tokens agree."""
+    from rlhfkit.generation import Answerer
+
+    torch.manual_seed(0)
+    model = build_tiny_model(tiny_tokenizer).eval()
+    prompt = user("What is 12 + 30?")
+    batch = generate(model, tiny_tokenizer, [prompt], 12)[0]
+    streamed = list(Answerer(model, tiny_tokenizer).stream(prompt_ids(tiny_tokenizer, prompt), 12, 0.0))
+    assert streamed == batch.token_ids

@@ -1,0 +1,154 @@
+"""The generation seam: chat prompts in, answers out, through one engine, sampler and stop rule.
+
+Every caller generates here: the RL stages' rollouts, labels, evaluation, best-of-N, `rlhfkit
+sample`, `serve` and `chat`. An answer ends after its first end-of-turn (or eos) token;
+``finished`` says whether one came (the PPO "EOS trick" penalises answers that never end).
+Sampling is plain softmax(logits / T), T = 0 greedy; ``top_p`` exists for serving only.
+The engine below (``rlhfkit.engines``) is the built-in decoder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhfkit.data.records import Messages
+from rlhfkit.data.tokenize import end_of_turn_id, prompt_ids
+from rlhfkit.engines import Output, SamplingParams
+from rlhfkit.engines.builtin import BuiltinEngine
+
+
+@dataclass
+class Generation:
+    text: str  # decoded response without special tokens
+    token_ids: list[int]  # response tokens, up to and including the end-of-turn token if any
+    finished: bool  # True when the response ended with the end-of-turn token
+    logprobs: list[float] | None = None  # each token's sampling logprob, when asked for
+
+
+def stop_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """The tokens that end an answer: the chat template's end of turn and the tokenizer's eos."""
+    return tuple(sorted({end_of_turn_id(tokenizer), tokenizer.eos_token_id} - {None}))
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Messages],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    batch_size: int = 16,
+    precision: str = "fp32",
+    generator_seed: int | None = None,
+    progress: str = "",
+    logprobs: bool = False,
+) -> list[Generation]:
+    """One response per prompt, in the caller's order. ``temperature`` 0 means greedy decoding.
+    At most ``batch_size`` prompts decode together; as answers finish, waiting prompts take their
+    places. ``progress`` names a progress bar over the prompts (none when empty).
+
+    Prompts are taken shortest first, so rows that decode together pad little. Sampling uses a
+    private RNG when ``generator_seed`` is given, so evaluation does not disturb the training RNG
+    stream (exact resume depends on that)."""
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    engine = BuiltinEngine(model, tokenizer.pad_token_id, precision, batch_size)
+    params = SamplingParams(max_new_tokens, temperature, stop_ids(tokenizer), logprobs=logprobs)
+    rng = torch.random.fork_rng() if generator_seed is not None else contextlib.nullcontext()
+    with rng, progress_bar(progress, len(prompts)) as advance:
+        if generator_seed is not None:
+            torch.manual_seed(generator_seed)
+        outputs = engine.generate([encoded[i] for i in order], params, on_finished=advance)
+    results: list[Generation | None] = [None] * len(prompts)
+    for i, output in zip(order, outputs):
+        results[i] = as_generation(output, tokenizer)
+    return results  # type: ignore[return-value]
+
+
+def as_generation(output: Output, tokenizer: PreTrainedTokenizerBase) -> Generation:
+    """An engine's output with its text: the tokens before the stop token, special tokens skipped."""
+    shown = output.token_ids[:-1] if output.finished else output.token_ids
+    return Generation(tokenizer.decode(shown, skip_special_tokens=True), output.token_ids, output.finished,
+                      output.logprobs)
+
+
+class Answerer:
+    """A model held for answering one prompt at a time, token by token (`rlhfkit serve` and
+    `chat`): its weights do not change, so they are cast for decoding once, here."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, precision: str = "fp32"):
+        self.engine = BuiltinEngine(model, tokenizer.pad_token_id, precision, batch_size=1, frozen=True)
+        self.stop = stop_ids(tokenizer)
+
+    def stream(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> Iterator[int]:
+        """The answer's tokens as they are generated, through the stop token if one comes. Close
+        the iterator (or stop consuming it and drop it) to stop the generation."""
+        return self.engine.stream(ids, SamplingParams(max_new_tokens, temperature, self.stop, top_p), generator)
+
+
+def held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of ``text`` that begins a stop string: it may still become one."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+class Detokenizer:
+    """Generated tokens in, text pieces to send out, the answer cut before the first stop string.
+
+    Each step decodes all tokens so far (cheap next to a forward pass) rather than token by
+    token: a token need not be whole characters (byte-level BPE splits UTF-8), so text is sent
+    only once it is complete, and never the end that might still turn into a stop string.
+    Every piece extends what was sent, so the pieces always add up to the answer.
+    """
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False  # a stop string was generated
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            self.stopped = True
+            return self._send(text[: min(cuts)])
+        ready = text.rstrip("\ufffd")  # a character whose remaining bytes are still to come
+        return self._send(ready[: len(ready) - held_back(ready, self.stops)])
+
+    def flush(self) -> str:
+        """What is left once generation has ended without a stop string."""
+        return "" if self.stopped else self._send(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def _send(self, text: str) -> str:
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int):
+    """A transient rich progress bar over ``total`` prompts; yields ``advance(n)``. No bar when
+    ``description`` is empty."""
+    if not description:
+        yield lambda n: None
+        return
+    from rich.progress import Progress
+
+    from rlhfkit.progress import columns
+
+    with Progress(*columns(), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
