@@ -140,18 +140,14 @@ def test_decoding_gives_the_same_tokens_with_the_step_as_without(tiny_tokenizer,
     assert len({len(row) for row in runs[0]}) > 1  # rows really finish at different steps
 
 
-def test_weights_cast_once_gives_the_same_generation(tiny_tokenizer):
-    """Serving and chat cast a fixed model's weights once: HF generate gives the same tokens and
-    logits within the context; the model's own forwards are back after it; a model DecodeStep
-    does not cover gets a context that changes nothing."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from rlhfkit.fast.decode_step import weights_cast_once
-
+def test_the_model_computes_with_the_steps_cast_weights_to_the_same_numbers(tiny_tokenizer):
+    """The prompts' forward (and serving's, whose weights are cast once) runs the model with the
+    step's cast weights: HF generate gives the same tokens and logits within the context, and the
+    model's own forwards are back after it."""
     model = build_tiny_model(tiny_tokenizer).eval()
     ids = torch.tensor([prompt_ids(tiny_tokenizer, user("What is 12 + 30?"))])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        cast_weights = weights_cast_once(model)
+        cast_weights = DecodeStep.build(model, rows=1).model_uses_cast_weights
     outputs = []
     for context in (cast_weights, contextlib.nullcontext):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), context():
@@ -161,8 +157,6 @@ def test_weights_cast_once_gives_the_same_generation(tiny_tokenizer):
     assert torch.equal(outputs[0].sequences, outputs[1].sequences)
     assert all(torch.equal(a, b) for a, b in zip(outputs[0].logits, outputs[1].logits))
     assert "forward" not in vars(model.lm_head)
-    assert weights_cast_once(GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2))) \
-        is contextlib.nullcontext
 
 
 def test_cpus_whose_onednn_refuses_to_pack_bf16_decode_with_plain_cast_weights(monkeypatch):

@@ -187,3 +187,27 @@ def test_step_timers_hear_every_step_begin_and_end_of_a_stage(tmp_path, monkeypa
              "--data.world-examples", "32", "--batch.micro-batch-size", "4", "--run.out", str(tmp_path / "sft")]
     sft.train(parse("sft", [*flags, "--run.steps", "3"]))
     assert heard == [("begin", 1), ("end", 1), ("begin", 2), ("end", 2), ("begin", 3), ("end", 3)]
+
+
+def test_a_finished_stage_writes_its_model_then_complete_json_and_a_resume_returns_before_loading(tmp_path,
+                                                                                                 monkeypatch):
+    """run.finish saves the model folder and then complete.json (stage, steps, final metrics);
+    resuming the complete run returns its folder before any data or model is loaded."""
+    import json
+
+    from rlhfkit.cli import parse
+    from rlhfkit.train import sft
+
+    flags = ["--recipe", "tiny", "--run.steps", "2", "--eval.gold-prompts", "0", "--eval.no-at-start",
+             "--data.world-examples", "32", "--batch.micro-batch-size", "4", "--run.out", str(tmp_path / "sft")]
+    out = sft.train(parse("sft", flags))
+    complete = json.loads((out / "complete.json").read_text())
+    assert complete["stage"] == "sft" and complete["steps"] == 2 and "train/loss" in complete
+    assert (out / "model.safetensors").stat().st_mtime <= (out / "complete.json").stat().st_mtime
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a complete stage loaded its data or model")
+
+    monkeypatch.setattr(sft, "load_model", no_loading)
+    monkeypatch.setattr(sft, "load_data", no_loading)
+    assert sft.train(parse("sft", [*flags, "--run.resume"])) == out

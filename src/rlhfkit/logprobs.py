@@ -79,8 +79,8 @@ def _plain_logprobs(model, seqs: Sequences) -> torch.Tensor:
 def response_logits(model, seqs: Sequences) -> torch.Tensor:
     """Logits that predict each response token from a padded forward, (B, R, V): position P-1+t
     predicts token P+t. Only those R positions go through the LM head (``logits_to_keep``):
-    prompts are most of each sequence in RLHF, and (B, P + R, V) logits over a 50k vocabulary
-    cost as much as a fifth of the forward pass."""
+    prompts are most of each sequence in RLHF, and logits over a large vocabulary at every
+    prompt position would be computed only to be dropped."""
     width = seqs.input_ids.shape[1] - seqs.prompt_width
     kwargs = {"logits_to_keep": width + 1} if accepts_logits_to_keep(model) else {}  # positions P-1 .. end
     device = next(model.parameters()).device

@@ -301,10 +301,9 @@ def load_model(
 
 def prefer_eager_attention_on_cpu(model: torch.nn.Module) -> None:
     """On CPU, train with eager attention: PyTorch's CPU flash-attention backward is slow for the
-    short, padded sequences of RLHF. Measured on SmolLM2-135M, bf16 autocast, one core, forward +
-    backward: 8 x 101 tokens 4.3-4.9 s eager vs 5.9-6.1 s sdpa; 4 x 400 tokens 9.2-10.5 vs
-    10.6-11.3 s. Decoding is the other way round (sdpa 6.8 s vs eager 8.6 s for 32 prompts), so
-    the built-in decoder (engines/builtin.py) switches back for its loop (``attention_implementation``)."""
+    short, padded sequences of RLHF. Decoding is the other way round, so the built-in decoder
+    (engines/builtin.py) switches back for its loop (``attention_implementation``); the timings
+    are in bench/README.md, "Measurements behind the code's choices"."""
     if torch.cuda.is_available() or getattr(model.config, "_attn_implementation", None) != "sdpa":
         return
     with contextlib.suppress(ValueError, AttributeError):  # a model without an eager path keeps sdpa

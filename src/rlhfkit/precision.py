@@ -1,8 +1,7 @@
 """`precision: auto`: bf16 autocast or fp32, whichever trains this model faster on this machine.
 
-bf16 autocast is no universal speed-up on CPUs. One SmolLM2-135M forward+backward: about half
-the fp32 time on AMD Zen 5 (avx512_bf16), 1.5x slower on an Intel Xeon with avx512_bf16 but no
-AMX, and 24x slower on AVX2-only Zen 3 (5.7 s vs 135 s; bench/README.md). So `auto` measures: one
+bf16 autocast is no universal speed-up on CPUs: it halves a step on some and slows it many times
+on others (bench/README.md, "Measurements behind the code's choices"). So `auto` measures: one
 decoder layer of the model's width, forward and backward on a short batch, in fp32 and under bf16
 autocast, on one thread. bf16 must win clearly (its rounding costs accuracy); the result is cached
 per CPU, torch version and layer shape, so later commands only read it.
@@ -112,7 +111,7 @@ def measure(shape: LayerShape, tokens: int = 128, min_reps: int = 3, max_reps: i
     (fp32, bf16 autocast), the best of several passes each, alternating so a busy machine slows
     both; short passes (small models) repeat until each side has run ``min_seconds``. bf16 is
     None where autocast fails. On one thread: the ratio is the instruction set's, and threads
-    waiting on each other on a shared machine made 2-thread timings 6-8x slower and noisy.
+    waiting on each other on a shared machine make several-thread timings slow and noisy.
     Leaves the global RNG and the thread count as it found them."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -251,9 +250,8 @@ def resolve(precision: str, model: str, say: Callable[[str], None] | None = to_s
 
 def busy_machine_warning(threads: int | None = None) -> str | None:
     """A warning when other work already fills the CPU cores and torch runs several threads
-    (``threads``, default torch's): they then wait on each other at every operation. On a 2-core
-    VM at load ~9, one SmolLM2-wide layer's forward+backward took 1.79-1.86 s with 2 threads and
-    0.23-0.30 s with 1."""
+    (``threads``, default torch's): they then wait on each other at every operation (bench/README.md,
+    "Measurements behind the code's choices")."""
     if torch.cuda.is_available() or not hasattr(os, "getloadavg"):
         return None
     load, cores = os.getloadavg()[0], os.cpu_count() or 1

@@ -142,13 +142,11 @@ def save_checkpoint(
     return final
 
 
-def resume_state(out: Path, run: RunConfig, model, optimizer, scheduler, say) -> dict | None:
-    """The saved state to continue from ({"step": 0} for a fresh start), or None when complete."""
+def resume_state(out: Path, run: RunConfig, model, optimizer, scheduler, say) -> dict:
+    """The saved state to continue from ({"step": 0} for a fresh start). A complete run never
+    gets here (``train.loop.begin_stage`` stops first)."""
     if not run.resume:
         return {"step": 0}
-    if (out / COMPLETE).exists():
-        say(f"{out} is already complete; nothing to resume")
-        return None
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         say(f"no checkpoint in {out}; starting from step 0")

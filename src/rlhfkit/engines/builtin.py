@@ -19,6 +19,7 @@ import torch
 from rlhfkit.data.tokenize import common_prefix_length, left_pad_after_common_prefix
 from rlhfkit.engines import Output, SamplingParams
 from rlhfkit.fast.decode_step import DecodeStep
+from rlhfkit.logprobs import accepts_logits_to_keep
 from rlhfkit.models import attention_implementation, unwrap
 from rlhfkit.precision import autocast
 
@@ -121,7 +122,7 @@ def _steps(model, step: DecodeStep | None, prompts: list[list[int]], params: Sam
     that cannot drop rows keep them (their tokens ignored) and take no new ones until the batch
     is done. The prompts' common prefix (a chat template's system prompt) is computed once and its
     KV cache copied into every new row."""
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     cache_arg = cache_argument(model)
     device = next(model.parameters()).device
     stop_ids = torch.tensor(params.stop, device=device, dtype=torch.long)
@@ -269,12 +270,6 @@ def _drop(rows: _Rows, done: torch.Tensor) -> _Rows | None:
             layer.keys, layer.values = layer.keys[:, :, unused:], layer.values[:, :, unused:]
         rows.mask = rows.mask[:, unused:]
     return rows
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    """Whether the causal LM under ``model`` (maybe wrapped by PEFT) takes ``logits_to_keep``
-    (transformers' models do; a hand-written one may not)."""
-    return "logits_to_keep" in inspect.signature(type(unwrap(model)).forward).parameters
 
 
 def cache_argument(model) -> str:

@@ -1,11 +1,10 @@
 """One decoding step of a Llama-family model, with the model's own numbers and less overhead.
 
-Profiled on SmolLM2-135M (2 CPU cores, bf16 autocast): a decoding step through the model's
-``forward`` cost 23.5 ms for one row and 35.6 ms for sixteen. Its matmuls took twice the time of
-the same matmuls on weights packed once for oneDNN (22 vs 14 ms for sixteen rows, weights streamed
-from memory as in a step): ``F.linear`` reorders a bf16 weight on every call. The rest was
-per-token overhead: 30 layers of module calls, autocast's casts, and the KV cache grown by
-``torch.cat`` (a fresh copy of every layer's keys and values, in fp32, each step).
+A decoding step through the model's ``forward`` spends its time on two things besides the math
+(profile in bench/README.md, "Measurements behind the code's choices"): ``F.linear`` reorders a
+bf16 weight for oneDNN on every call, and per-token overhead: 30 layers of module calls,
+autocast's casts, and the KV cache grown by ``torch.cat`` (a fresh copy of every layer's keys
+and values, in fp32, each step).
 
 ``DecodeStep`` runs the same operations in the same order and dtypes, with three changes that
 leave every result bit for bit as it was (``tests/test_decode_step.py`` compares logits exactly):
@@ -32,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,8 +50,7 @@ HEADROOM = 32
 class _Linear:
     """``linear`` with its weight (and bias) cast once to ``dtype``, as autocast would cast them
     on every call. ``pack_rows``: the weight is also reordered once into oneDNN's blocked layout
-    for about that many input rows; ``F.linear`` reorders a bf16 weight on every call, which was
-    ~40% of a decoding step's matmul time on CPU."""
+    for about that many input rows; ``F.linear`` reorders a bf16 weight on every call."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype, pack_rows: int | None):
         self.dtype = dtype
@@ -230,17 +227,6 @@ class DecodeStep:
         key_buffer[:, :, :used] = keys  # the rounding attention would apply to them anyway
         value_buffer[:, :, :used] = values
         self._buffers[index] = (key_buffer, value_buffer)
-
-
-def weights_cast_once(model: nn.Module, rows: int = 1) -> Callable[[], contextlib.AbstractContextManager]:
-    """For a model whose weights stay as they are (serving, chat): a function giving a context in
-    which the model's forward computes with its weights cast and packed once, now, for the
-    autocast setting in force here (``DecodeStep.model_uses_cast_weights``). The same results bit
-    for bit, ~20% faster to decode one row on CPU in bf16; the cast copies stay in memory (half
-    the fp32 weights' size in bf16; none in fp32). Models ``DecodeStep`` does not cover get a
-    context that changes nothing."""
-    step = DecodeStep.build(model, rows)
-    return step.model_uses_cast_weights if step is not None else contextlib.nullcontext
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,6 @@ from rlhfkit.losses import DPOLoss, dpo_loss
 from rlhfkit.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
 from rlhfkit.logprobs import logprobs
 from rlhfkit.records import Pair, join
-from rlhfkit.runs import mark_complete
 from rlhfkit.train.loop import (TrainingRun, begin_stage, micro_batches, stage, start_training,
                                sync_gradients)
 
@@ -187,8 +186,6 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
     if variant.needs_reference and not algo.precompute_reference and not cfg.model.lora:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
     run = start_training(acc, out, policy, cfg.optim, cfg.run, cfg.batch, len(train_pairs), "dpo")
-    if run is None:
-        return out
     keeps_reference = reference is not None or cfg.model.lora
     evaluator = PolicyEvaluator(run.raw_model, (lambda: frozen_reference(run.raw_model, reference)) if keeps_reference else None,
                                 tokenizer, world, gold, cfg.eval.max_new_tokens, cfg.eval.batch_size,
@@ -270,10 +267,4 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
             run.checkpoint(done)
 
     # 5. Save the policy (LoRA merged, so the folder loads like any model), then the marker.
-    if run.start_step == cfg.run.steps:
-        metrics = evaluate(cfg.run.steps)
-    if acc.is_main_process:
-        save_model(run.raw_model, tokenizer, out)
-        mark_complete(out, {"stage": "dpo", "steps": cfg.run.steps, **metrics})
-    run.close()
-    return out
+    return run.finish(metrics, evaluate, save=lambda out: save_model(run.raw_model, tokenizer, out))

@@ -28,7 +28,6 @@ from rlhfkit.eval.scorers import reward_function
 from rlhfkit.logprobs import logprobs as response_logprobs
 from rlhfkit.records import join, select
 from rlhfkit.generation import generate
-from rlhfkit.runs import mark_complete
 from rlhfkit.train.loop import begin_stage, stage, start_training
 
 
@@ -55,8 +54,6 @@ def train(cfg: GRPOConfig) -> Path:
 
     run = start_training(acc, out, policy, cfg.optim, cfg.run, BatchConfig(micro_batch_size=algo.prompts_per_step),
                          len(prompts), "grpo")
-    if run is None:
-        return out
     keeps_reference = reference is not None or cfg.model.lora
     evaluator = PolicyEvaluator(policy, (lambda: frozen_reference(policy, reference)) if keeps_reference else None,
                                 tokenizer, world, gold, algo.max_new_tokens, cfg.eval.batch_size,
@@ -137,9 +134,4 @@ def train(cfg: GRPOConfig) -> Path:
         if due.checkpoint:
             run.checkpoint(done)
 
-    if run.start_step == cfg.run.steps:
-        metrics = evaluate(cfg.run.steps)
-    save_model(policy, tokenizer, out)
-    mark_complete(out, {"stage": "grpo", "steps": cfg.run.steps, **metrics})
-    run.close()
-    return out
+    return run.finish(metrics, evaluate, save=lambda out: save_model(policy, tokenizer, out))

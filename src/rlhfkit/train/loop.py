@@ -22,7 +22,7 @@ from rlhfkit.errors import RlhfkitError, TrainingDiverged
 from rlhfkit.fast.memory import copy_file_mapped
 from rlhfkit.logprobs import set_precision
 from rlhfkit.progress import Progress
-from rlhfkit.runs import (COMPLETE, MetricsLog, check_out_dir, prepare_out_dir, resume_state,
+from rlhfkit.runs import (COMPLETE, MetricsLog, check_out_dir, mark_complete, prepare_out_dir, resume_state,
                           save_checkpoint)
 
 
@@ -46,11 +46,16 @@ def make_accelerator(precision: str) -> Accelerator:
     return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
 
 
+class StageComplete(Exception):
+    """``begin_stage`` found ``run.out`` complete while resuming: the stage returns its folder."""
+
+
 def stage(train: Callable[..., Path]) -> Callable[..., Path]:
-    """Marks a stage's ``train(cfg, ...)``: when a run into an empty or new ``run.out`` stops on a
-    user's mistake (bad data, a bad setting) before it saved any progress (a checkpoint, a
-    finished round), the folder it started is removed, so the corrected command is not refused as
-    "already holds a run". A diverged run keeps its metrics to read."""
+    """Marks a stage's ``train(cfg, ...)``: a resumed run that is already complete returns its
+    folder at once. When a run into an empty or new ``run.out`` stops on a user's mistake (bad
+    data, a bad setting) before it saved any progress (a checkpoint, a finished round), the folder
+    it started is removed, so the corrected command is not refused as "already holds a run". A
+    diverged run keeps its metrics to read."""
 
     @functools.wraps(train)
     def run(cfg: Any, *args, **kwargs) -> Path:
@@ -58,6 +63,8 @@ def stage(train: Callable[..., Path]) -> Callable[..., Path]:
         fresh = not out.exists() or not any(out.iterdir())
         try:
             return train(cfg, *args, **kwargs)
+        except StageComplete:
+            return out
         except RlhfkitError as error:
             progress = any(out.rglob("checkpoints")) or any(out.rglob(COMPLETE)) or any(out.rglob(f"*{PARTIAL_SUFFIX}"))
             if fresh and not progress and not isinstance(error, TrainingDiverged):
@@ -90,7 +97,8 @@ def agreed_precision(model: Any) -> str:
 
 
 def begin_stage(cfg: Any) -> tuple[Accelerator, Path]:
-    """Every stage's first lines: check the config, set up processes and seeds, claim ``run.out``."""
+    """Every stage's first lines: check the config, set up processes and seeds, claim ``run.out``.
+    Resuming a complete run stops here (``StageComplete``), before any data or model loads."""
     from accelerate.utils import set_seed
 
     cfg.check()
@@ -104,6 +112,9 @@ def begin_stage(cfg: Any) -> tuple[Accelerator, Path]:
     acc.wait_for_everyone()
     out = prepare_out_dir(cfg.run, cfg, acc.is_main_process)
     acc.wait_for_everyone()
+    if cfg.run.resume and (out / COMPLETE).exists():
+        acc.print(f"{out} is already complete; nothing to resume")
+        raise StageComplete
     return acc, out
 
 
@@ -278,6 +289,7 @@ class TrainingRun:
 
     acc: Accelerator
     out: Path
+    name: str  # the stage, as complete.json names it
     run: RunConfig
     optim: OptimConfig
     batch: BatchConfig
@@ -371,6 +383,19 @@ class TrainingRun:
             due = broadcast_object_list(due)
         return bool(due[0])
 
+    def finish(self, metrics: dict[str, float], evaluate: Callable[[int], dict[str, float]],
+               save: Callable[[Path], None], **summary: Any) -> Path:
+        """The stage's end: ``save(out)`` writes its model folder (main process), then
+        complete.json, written last: a folder without it is an unfinished run. A run resumed from a
+        checkpoint at its last step (only the save was lost) evaluates once more first."""
+        if self.start_step == self.run.steps:
+            metrics = evaluate(self.run.steps)
+        if self.acc.is_main_process:
+            save(self.out)
+            mark_complete(self.out, {"stage": self.name, "steps": self.run.steps, **summary, **metrics})
+        self.close()
+        return self.out
+
     def close(self) -> None:
         self.bar.close()
         self.log.close()
@@ -378,20 +403,18 @@ class TrainingRun:
 
 
 def start_training(acc: Accelerator, out: Path, model: torch.nn.Module, optim: OptimConfig, run: RunConfig,
-                   batch: BatchConfig, n_examples: int, name: str, schedule_steps: int = 0) -> TrainingRun | None:
+                   batch: BatchConfig, n_examples: int, name: str, schedule_steps: int = 0) -> TrainingRun:
     """Optimizer, schedule, exact resume, DDP wrapping, metrics and progress bar for one stage.
     ``schedule_steps``: optimizer steps in the whole run when a stage takes several per step
-    (PPO); default ``run.steps``. Returns None when ``--run.resume`` finds the stage complete."""
+    (PPO); default ``run.steps``."""
     optimizer = build_optimizer(model.parameters(), optim)
     scheduler = build_scheduler(optimizer, optim, schedule_steps or run.steps)
     state = resume_state(out, run, model, optimizer, scheduler, acc.print)
-    if state is None:
-        return None
     start = state["step"]
     prepared = acc.prepare(model)
     prepared.train()
     return TrainingRun(
-        acc=acc, out=out, run=run, optim=optim, batch=batch, model=prepared, raw_model=acc.unwrap_model(prepared),
+        acc=acc, out=out, name=name, run=run, optim=optim, batch=batch, model=prepared, raw_model=acc.unwrap_model(prepared),
         optimizer=optimizer, scheduler=scheduler, start_step=start, state=state, order=DataOrder(n_examples, run.seed),
         log=MetricsLog(out, acc.is_main_process, resume_step=start),
         bar=Progress(run.steps, start, name, acc.is_main_process),

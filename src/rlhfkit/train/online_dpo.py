@@ -27,7 +27,7 @@ from rlhfkit.models import load_model, load_tokenizer
 from rlhfkit.eval.scorers import reward_function
 from rlhfkit.generation import generate
 from rlhfkit.train import dpo
-from rlhfkit.runs import COMPLETE, MetricsLog, mark_complete
+from rlhfkit.runs import MetricsLog, mark_complete
 from rlhfkit.train.loop import begin_stage, stage
 
 MODEL_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -106,9 +106,6 @@ def train(cfg: OnlineDPOConfig) -> Path:
     if acc.num_processes > 1:
         raise RlhfkitError("rlhfkit online-dpo runs in one process for now; launch it without accelerate/torchrun")
     say = acc.print
-    if (out / COMPLETE).exists():
-        say(f"{out} is already complete; nothing to resume")
-        return out
     world = world_of(cfg.prompts, cfg.world_seed)  # None for a prompts file: no gold judge
     prompts = load_prompts(cfg.prompts, cfg.online.iterations * cfg.online.prompts_per_iteration, "train",
                            cfg.world_seed, say)

@@ -29,7 +29,6 @@ from rlhfkit.models import apply_lora, frozen_reference, load_model, load_tokeni
 from rlhfkit.records import Scored, Sequences, join
 from rlhfkit.eval.scorers import reward_function
 from rlhfkit.generation import generate
-from rlhfkit.runs import mark_complete
 from rlhfkit.train.loop import DataOrder, begin_stage, stage, start_training
 from rlhfkit.value import save_value_model, value_model
 
@@ -165,8 +164,6 @@ def train(cfg: PPOConfig) -> Path:
     updates_per_step = algo.epochs * (algo.prompts_per_step // algo.minibatch_size)
     run = start_training(acc, out, models, cfg.optim, cfg.run, BatchConfig(micro_batch_size=algo.prompts_per_step),
                          len(prompts), "ppo", schedule_steps=cfg.run.steps * updates_per_step)
-    if run is None:
-        return out
     kl_ctl = KLController(run.state.get("kl_coef", algo.kl_coef), algo.kl_target or None, algo.kl_horizon)
     ema = EMA(policy, algo.ema_decay, run.state.get("tensors")) if algo.ema_decay else None
     ptx_order = DataOrder(len(ptx), cfg.run.seed + 1)
@@ -311,13 +308,10 @@ def train(cfg: PPOConfig) -> Path:
             run.checkpoint(done, state={"kl_coef": kl_ctl.value}, tensors=ema.tensors() if ema is not None else None)
 
     # Save the policy as a plain model folder and the value model beside it.
-    if run.start_step == cfg.run.steps:
-        metrics = evaluate(cfg.run.steps)
-    save_model(policy, tokenizer, out)
-    value = models.value.merge_and_unload() if cfg.model.lora else models.value
-    save_value_model(value, out / "value_model")
-    if ema is not None:
-        save_model(ema.averaged_copy(policy), tokenizer, out / "ema")
-    mark_complete(out, {"stage": "ppo", "steps": cfg.run.steps, **metrics})
-    run.close()
-    return out
+    def save(out: Path) -> None:
+        save_model(policy, tokenizer, out)
+        save_value_model(models.value.merge_and_unload() if cfg.model.lora else models.value, out / "value_model")
+        if ema is not None:
+            save_model(ema.averaged_copy(policy), tokenizer, out / "ema")
+
+    return run.finish(metrics, evaluate, save)

@@ -31,7 +31,6 @@ from rlhfkit.reward import (
 )
 from rlhfkit.logprobs import rewards as scalar_rewards
 from rlhfkit.records import Group
-from rlhfkit.runs import mark_complete
 from rlhfkit.stats import gold_agreement, spearman_rho
 from rlhfkit.train.loop import (
     begin_stage,
@@ -226,8 +225,6 @@ def train(cfg: RMConfig) -> Path:
     if cfg.model.lora:
         model = apply_lora(model, cfg.model, task_type="SEQ_CLS")
     run = start_training(acc, out, model, cfg.optim, cfg.run, cfg.batch, len(train_groups), "rm")
-    if run is None:
-        return out
     pad_id = tokenizer.pad_token_id
 
     def held_out(step: int) -> dict[str, float]:
@@ -280,9 +277,7 @@ def train(cfg: RMConfig) -> Path:
             run.checkpoint(done)
 
     # 5. Normalise on reference responses, then save a plain sequence-classification folder.
-    if run.start_step == cfg.run.steps:
-        metrics = held_out(cfg.run.steps)
-    if acc.is_main_process:
+    def save(out: Path) -> None:
         if cfg.model.lora:  # the adapter and the fully trained head, before merging in place
             save_adapter(run.raw_model, out)
         final = run.raw_model.merge_and_unload() if cfg.model.lora else run.raw_model
@@ -297,6 +292,5 @@ def train(cfg: RMConfig) -> Path:
         card = model_card(encoder, getattr(final.config, MEAN_KEY, None), getattr(final.config, STD_KEY, None),
                           cfg.data.max_seq_len)
         (out / "README.md").write_text(card)
-        mark_complete(out, {"stage": "rm", "steps": cfg.run.steps, **metrics})
-    run.close()
-    return out
+
+    return run.finish(metrics, held_out, save)

@@ -21,7 +21,6 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.eval.gold import gold_evaluate
 from rlhfkit.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
 from rlhfkit.logprobs import demonstration_nll
-from rlhfkit.runs import mark_complete
 from rlhfkit.train.loop import begin_stage, stage, start_training, sync_gradients
 
 
@@ -95,8 +94,6 @@ def train(cfg: SFTConfig) -> Path:
 
     # 3. Optimizer, schedule, exact resume from the last checkpoint, DDP.
     run = start_training(acc, out, model, cfg.optim, cfg.run, cfg.batch, len(train_examples), "sft")
-    if run is None:
-        return out
     pad_id = tokenizer.pad_token_id
 
     def evaluate(step: int) -> dict[str, float]:
@@ -155,10 +152,4 @@ def train(cfg: SFTConfig) -> Path:
             run.checkpoint(done)
 
     # 5. The Hugging Face model folder, then the completion marker (written last).
-    if run.start_step == cfg.run.steps:  # resumed from the final checkpoint: only the save was lost
-        metrics = evaluate(cfg.run.steps)
-    if acc.is_main_process:
-        save_model(run.raw_model, tokenizer, out)
-        mark_complete(out, {"stage": "sft", "steps": cfg.run.steps, **metrics})
-    run.close()
-    return out
+    return run.finish(metrics, evaluate, save=lambda out: save_model(run.raw_model, tokenizer, out))
