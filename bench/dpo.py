@@ -159,7 +159,7 @@ def differences(args) -> list[str]:
 
 STAGE = common.Stage(
     name="dpo", doc=__doc__, unit="pairs", add_args=add_args,
-    defaults={"lr": 1e-6, "warmup": 5, "schedule": "cosine"},  # rlhfkit's DPO defaults (config.DPOConfig)
+    defaults={"lr": 1e-6, "warmup": 5, "schedule": "cosine"},  # rlhfkit's DPO defaults (train/dpo.py DPOConfig)
     prepare=prepare, run_ours=run_ours, run_trl=run_trl, units_per_step=global_batch, differences=differences,
     extra_rows=[common.Row("reward margin at step N", "margin_last", "{:.4f}", ratio=False)],
 )

@@ -153,7 +153,7 @@ def differences(args) -> list[str]:
 
 STAGE = common.Stage(
     name="grpo", doc=__doc__, unit="completions", add_args=add_args,
-    defaults={"lr": 1e-6, "warmup": 0, "schedule": "constant"},  # rlhfkit's GRPO defaults (config.GRPOConfig)
+    defaults={"lr": 1e-6, "warmup": 0, "schedule": "constant"},  # rlhfkit's GRPO defaults (train/grpo.py GRPOConfig)
     prepare=prepare, run_ours=run_ours, run_trl=run_trl, units_per_step=completions_per_step,
     differences=differences, loss_key="reward",
     extra_rows=[

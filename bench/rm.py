@@ -136,7 +136,7 @@ def differences(args) -> list[str]:
 
 STAGE = common.Stage(
     name="rm", doc=__doc__, unit="pairs", add_args=add_args,
-    defaults={"lr": 1e-5, "warmup": 10, "schedule": "cosine"},  # rlhfkit's RM defaults (config.RMConfig)
+    defaults={"lr": 1e-5, "warmup": 10, "schedule": "cosine"},  # rlhfkit's RM defaults (train/rm.py RMConfig)
     prepare=prepare, run_ours=run_ours, run_trl=run_trl, units_per_step=global_batch, differences=differences,
     extra_rows=[common.Row("train accuracy at step N", "accuracy_last", "{:.3f}", ratio=False)],
 )

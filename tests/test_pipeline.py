@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from rlhfkit.cli import parse
-from rlhfkit.config import PPOConfig
+from rlhfkit.train.ppo import PPOConfig
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.pipeline import make_plan, parse_overrides, run, stages
 

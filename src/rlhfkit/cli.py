@@ -11,8 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from rlhfkit.config import (BestOfNConfig, DPOConfig, GRPOConfig, OnlineDPOConfig, PPOConfig, RMConfig, SFTConfig, from_dict,
-                            load_recipe_section, require_finite)
+from rlhfkit.config import from_dict, load_recipe_section, require_finite
 from rlhfkit.errors import ConfigError, RlhfkitError
 
 
@@ -73,15 +72,15 @@ def rm_score(cfg: RMScoreConfig) -> None:
 COMMANDS: dict[str, tuple[type | str, str, str | None, str]] = {
     "run": ("rlhfkit.pipeline:PipelineConfig", "rlhfkit.pipeline:run", None,
             "the whole pipeline: SFT -> labels -> RM -> PPO (or DPO, online DPO, GRPO) -> eval -> report"),
-    "sft": (SFTConfig, "rlhfkit.train.sft:train", "sft", "supervised fine-tuning on demonstrations"),
-    "rm": (RMConfig, "rlhfkit.train.rm:train", "rm", "reward model from comparisons and K-wise rankings"),
+    "sft": ("rlhfkit.train.sft:SFTConfig", "rlhfkit.train.sft:train", "sft", "supervised fine-tuning on demonstrations"),
+    "rm": ("rlhfkit.train.rm:RMConfig", "rlhfkit.train.rm:train", "rm", "reward model from comparisons and K-wise rankings"),
     "rm score": (RMScoreConfig, "rlhfkit.cli:rm_score", None, "score prompt/response records with a reward model"),
-    "ppo": (PPOConfig, "rlhfkit.train.ppo:train", "ppo", "PPO against a reward model with a per-token KL penalty"),
-    "dpo": (DPOConfig, "rlhfkit.train.dpo:train", "dpo", "DPO (or IPO, cDPO, SimPO) on comparisons and rankings"),
-    "online-dpo": (OnlineDPOConfig, "rlhfkit.train.online_dpo:train", "online-dpo",
+    "ppo": ("rlhfkit.train.ppo:PPOConfig", "rlhfkit.train.ppo:train", "ppo", "PPO against a reward model with a per-token KL penalty"),
+    "dpo": ("rlhfkit.train.dpo:DPOConfig", "rlhfkit.train.dpo:train", "dpo", "DPO (or IPO, cDPO, SimPO) on comparisons and rankings"),
+    "online-dpo": ("rlhfkit.train.online_dpo:OnlineDPOConfig", "rlhfkit.train.online_dpo:train", "online-dpo",
                    "online iterative DPO: sample N, rank with the reward, best vs worst, DPO, repeat"),
-    "grpo": (GRPOConfig, "rlhfkit.train.grpo:train", "grpo", "GRPO / RLOO: group-baseline policy gradient against a reward"),
-    "bon": (BestOfNConfig, "rlhfkit.eval.bon:best_of_n", None, "best-of-N sampling with a reward (a baseline, or SFT data)"),
+    "grpo": ("rlhfkit.train.grpo:GRPOConfig", "rlhfkit.train.grpo:train", "grpo", "GRPO / RLOO: group-baseline policy gradient against a reward"),
+    "bon": ("rlhfkit.eval.bon:BestOfNConfig", "rlhfkit.eval.bon:best_of_n", None, "best-of-N sampling with a reward (a baseline, or SFT data)"),
     "eval": ("rlhfkit.eval.evaluate:EvalConfig", "rlhfkit.eval.evaluate:evaluate", None,
              "win rate of one model against another under a judge (gold, reward model, LLM), both orders"),
     "report": ("rlhfkit.eval.report:ReportConfig", "rlhfkit.eval.report:report", None,

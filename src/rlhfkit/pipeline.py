@@ -25,20 +25,16 @@ from typing import Any, Callable, Literal
 import tyro
 import yaml
 
-from rlhfkit.config import (
-    DPOConfig,
-    GRPOConfig,
-    OnlineDPOConfig,
-    PPOConfig,
-    RMConfig,
-    SFTConfig,
-    from_dict,
-    recipe_path,
-)
-from rlhfkit.config import save_config, to_dict
+from rlhfkit.config import from_dict, recipe_path, save_config, to_dict
 from rlhfkit.data.sources import WORLD, is_world
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.runs import COMPLETE, config_differences, mark_complete
+from rlhfkit.train.dpo import DPOConfig
+from rlhfkit.train.grpo import GRPOConfig
+from rlhfkit.train.online_dpo import OnlineDPOConfig
+from rlhfkit.train.ppo import PPOConfig
+from rlhfkit.train.rm import RMConfig
+from rlhfkit.train.sft import SFTConfig
 
 ALGOS = ("ppo", "dpo", "online-dpo", "grpo")
 PIPELINE_KEYS = ("algo", "stage_eval", "keep_checkpoints")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from rlhfkit.chunks import (
     CHUNK,
@@ -22,14 +24,51 @@ from rlhfkit.chunks import (
     fingerprint,
     partial_path,
 )
-from rlhfkit.config import BestOfNConfig, ModelConfig
+from rlhfkit.config import ModelConfig, require_positive
 from rlhfkit.data.records import Prompt, messages_to_dicts
 from rlhfkit.data.sources import load_prompts, world_of
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.eval.winrate import WinRate, gold_pair_judge, win_rate
-from rlhfkit.models import load_model, load_tokenizer
+from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.eval.scorers import reward_function
+from rlhfkit.eval.winrate import WinRate, gold_pair_judge, win_rate
 from rlhfkit.generation import generate
+from rlhfkit.models import load_model, load_tokenizer
+
+
+@dataclass
+class BestOfNConfig:
+    """Best-of-N: sample N responses per prompt and keep the one the reward scores highest."""
+
+    model: str = "tiny"
+    """The policy that samples (a model folder or built-in name)."""
+    reward: str = "gold"
+    """Picks the best: a reward-model folder, `gold` (the world's gold judge), or `module:function`."""
+    n: int = 4
+    """Samples per prompt."""
+    prompts: str = "world"
+    """`world` (held-out world prompts, judged by the gold judge too) or a file of prompt records."""
+    split: Literal["train", "eval"] = "eval"
+    """World split: `eval` for an inference-time baseline, `train` to make rejection-sampling SFT data."""
+    num_prompts: int = 128
+    """World prompts to answer (a prompts file is read whole)."""
+    out: str = "bon.jsonl"
+    """Output JSONL: prompt, completion (the best sample, so the file is SFT data), reward, and every
+    sample with its reward."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    max_new_tokens: int = 48
+    """Response length limit."""
+    batch_size: int = 32
+    """Prompts per generation batch."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto` (default): bf16 autocast where it measures clearly faster for this model on this machine, else fp32 (measured once, cached). `bf16`: forward passes under bf16 autocast, weights stay fp32. `fp32`."""
+    seed: int = 0
+    """Sampling seed."""
+
+    def check(self) -> None:
+        require_positive(self, "n", "num_prompts", "max_new_tokens", "batch_size")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be positive to sample {self.n} different responses, got {self.temperature}")
+
 
 
 def pick_best(rewards: list[float], n: int) -> list[int]:

@@ -11,24 +11,96 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhfkit.config import DPOConfig
-from rlhfkit.rankings import load_rankings
+from rlhfkit.config import (
+    BatchConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    PreferenceDataConfig,
+    RunConfig,
+    require_positive,
+)
 from rlhfkit.data.records import Comparison, Ranking
-from rlhfkit.data.tokenize import TruncationReport, fit, prompt_ids, response_ids
 from rlhfkit.data.sources import gold_prompts, world_of
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.eval.policy import PolicyEvaluator, frozen_reference, remember_reference_answers
-from rlhfkit.losses import DPOLoss, dpo_loss
-from rlhfkit.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
+from rlhfkit.data.tokenize import TruncationReport, fit, prompt_ids, response_ids
+from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.eval.policy import (
+    PolicyEvaluator,
+    frozen_reference,
+    remember_reference_answers,
+)
 from rlhfkit.logprobs import logprobs
+from rlhfkit.losses import DPOLoss, dpo_loss
+from rlhfkit.models import (
+    apply_lora,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    save_model,
+)
+from rlhfkit.rankings import load_rankings
 from rlhfkit.records import Pair, join
-from rlhfkit.train.loop import (TrainingRun, begin_stage, micro_batches, stage, start_training,
-                               sync_gradients)
+from rlhfkit.train.loop import (
+    TrainingRun,
+    begin_stage,
+    micro_batches,
+    stage,
+    start_training,
+    sync_gradients,
+)
+
+
+@dataclass
+class DPOAlgoConfig:
+    """The DPO family (losses.DPOLoss): what the loss is and how rankings become pairs."""
+
+    loss: Literal["sigmoid", "ipo", "cdpo", "simpo"] = "sigmoid"
+    """`sigmoid` (DPO), `ipo`, `cdpo` (conservative: label smoothing), `simpo` (reference-free)."""
+    beta: float = 0.1
+    """Strength of the implicit KL to the reference (IPO: its tau; SimPO: the reward scale)."""
+    label_smoothing: float = 0.0
+    """cdpo: the probability that a preference label is flipped, in [0, 0.5)."""
+    simpo_gamma: float = 0.5
+    """simpo: the target reward margin."""
+    pairs: Literal["all", "best_worst"] = "all"
+    """A ranking of K becomes all its untied pairs, or its best vs its worst completion."""
+    precompute_reference: bool = True
+    """Reference logprobs of every pair once, before training, saved with the run: no reference
+    model in memory while training. Off: a frozen copy (or, with LoRA, the adapters disabled)
+    scores each batch."""
+
+
+@dataclass
+class DPOConfig:
+    """DPO and its variants: learn from preferences directly, with no reward model."""
+
+    recipe: str = ""
+    """Recipe name or YAML path whose `dpo:` section fills these defaults."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy to train (usually the SFT output); also the frozen reference."""
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    algo: DPOAlgoConfig = field(default_factory=DPOAlgoConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=5))
+    batch: BatchConfig = field(default_factory=lambda: BatchConfig(micro_batch_size=8))
+    """micro_batch_size counts pairs (chosen and rejected go through one forward together)."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/dpo", steps=100, eval_every=0))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> None:
+        require_positive(self, "batch.micro_batch_size", "batch.grad_accum", "run.steps", "run.save_every",
+                         "data.max_seq_len", "algo.beta")
+        if not 0.0 <= self.algo.label_smoothing < 0.5:
+            raise ConfigError(f"algo.label_smoothing must be in [0, 0.5), got {self.algo.label_smoothing}")
+        if self.data.k < 2:
+            raise ConfigError(f"data.k must be at least 2 to make pairs, got {self.data.k}")
+
 
 # --- 1. pairs -----------------------------------------------------------------------------------
 

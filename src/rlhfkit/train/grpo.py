@@ -12,23 +12,90 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from rlhfkit.advantages import equal_reward_groups, group_advantages
-from rlhfkit.config import BatchConfig, GRPOConfig
-from rlhfkit.data.tokenize import prompt_ids
+from rlhfkit.config import (
+    BatchConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    require_positive,
+)
 from rlhfkit.data.sources import gold_prompts, load_prompts, world_of
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.eval.policy import PolicyEvaluator, frozen_reference, remember_reference_answers
+from rlhfkit.data.tokenize import prompt_ids
+from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.eval.policy import (
+    PolicyEvaluator,
+    frozen_reference,
+    remember_reference_answers,
+)
+from rlhfkit.eval.scorers import reward_function
+from rlhfkit.generation import generate
+from rlhfkit.logprobs import logprobs as response_logprobs
 from rlhfkit.losses import aggregate_loss, policy_gradient_loss
 from rlhfkit.models import apply_lora, load_model, load_tokenizer, save_model
-from rlhfkit.eval.scorers import reward_function
-from rlhfkit.logprobs import logprobs as response_logprobs
 from rlhfkit.records import join, select
-from rlhfkit.generation import generate
 from rlhfkit.train.loop import begin_stage, stage, start_training
+
+
+@dataclass
+class GRPOAlgoConfig:
+    """Policy gradient with a group baseline: G samples per prompt, no value model."""
+
+    prompts_per_step: int = 8
+    """Prompts per update."""
+    group_size: int = 4
+    """Samples per prompt (G); the group's other samples are the baseline."""
+    baseline: Literal["grpo", "rloo"] = "grpo"
+    """`grpo`: (r - group mean) / group std; `rloo`: r - mean of the other G-1 samples."""
+    loss_aggregation: Literal["token", "sequence"] = "token"
+    """`token`: every token of the batch weighs the same (DAPO); `sequence`: each response's token
+    mean, then the mean over responses (the GRPO paper)."""
+    kl_coef: float = 0.0
+    """k3 KL to the reference in the loss (GRPO used 0.04; 0 keeps no reference model)."""
+    temperature: float = 1.0
+    """Sampling temperature; logprobs are computed at the same temperature."""
+    max_new_tokens: int = 48
+    """Response length limit."""
+    micro_batch_size: int = 16
+    """Responses per forward/backward (the update still covers the whole step)."""
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO / RLOO against a reward: sample a group per prompt, reinforce the better-than-group answers."""
+
+    recipe: str = ""
+    """Recipe name or YAML path whose `grpo:` section fills these defaults."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy to train (usually the SFT output)."""
+    reward: str = "gold"
+    """A reward-model folder, `gold` (the world's gold judge), or `module:function` taking (prompts, responses)."""
+    prompts: str = "world"
+    """Training prompts: `world` or a file of prompt records."""
+    world_prompts: int = 2000
+    """World training prompts."""
+    world_seed: int = 0
+    """Seed of the world's prompt generator."""
+    algo: GRPOAlgoConfig = field(default_factory=GRPOAlgoConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant"))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/grpo", steps=50, eval_every=0))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> None:
+        require_positive(self, "algo.prompts_per_step", "algo.max_new_tokens", "algo.micro_batch_size", "run.steps",
+                         "run.save_every")
+        if self.algo.group_size < 2:
+            raise ConfigError(f"algo.group_size must be at least 2 (the group is the baseline), got {self.algo.group_size}")
+        if self.algo.kl_coef < 0:
+            raise ConfigError(f"algo.kl_coef must be >= 0, got {self.algo.kl_coef}")
+
 
 
 @stage

@@ -15,20 +15,87 @@ import dataclasses
 import json
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from rlhfkit.config import DPOConfig, OnlineDPOConfig, PreferenceDataConfig
+from rlhfkit.config import (
+    BatchConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    PreferenceDataConfig,
+    RunConfig,
+    require_positive,
+)
 from rlhfkit.data.records import Comparison, Message, Prompt
 from rlhfkit.data.sources import gold_prompts, load_prompts, world_of
 from rlhfkit.data.world import World
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.eval.policy import PolicyEvaluator, remember_reference_answers
-from rlhfkit.models import load_model, load_tokenizer
 from rlhfkit.eval.scorers import reward_function
 from rlhfkit.generation import generate
-from rlhfkit.train import dpo
+from rlhfkit.models import load_model, load_tokenizer
 from rlhfkit.runs import MetricsLog, mark_complete
+from rlhfkit.train import dpo
+from rlhfkit.train.dpo import DPOAlgoConfig, DPOConfig
 from rlhfkit.train.loop import begin_stage, stage
+
+
+@dataclass
+class OnlineAlgoConfig:
+    """The RLHFlow "Online RLHF" loop: sample N, rank with the reward, best vs worst, DPO, repeat."""
+
+    iterations: int = 3
+    """Rounds of (sample -> score -> pair -> DPO); each starts from the previous round's model."""
+    prompts_per_iteration: int = 256
+    """Fresh prompts per round (round i uses the i-th slice of the training prompts)."""
+    samples_per_prompt: int = 4
+    """N responses sampled per prompt from the current policy."""
+    pairing: Literal["best_worst", "best_random", "random"] = "best_worst"
+    """Which two of the N become the pair: the highest vs the lowest reward, the highest vs a random
+    lower one, or two random ones with different rewards (the higher is chosen)."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    max_new_tokens: int = 48
+    """Response length limit."""
+
+
+@dataclass
+class OnlineDPOConfig:
+    """Online iterative DPO: each round's pairs come from the current policy, ranked by a reward."""
+
+    recipe: str = ""
+    """Recipe name or YAML path whose `online-dpo:` section fills these defaults."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The starting policy (usually the SFT output)."""
+    reward: str = "gold"
+    """Ranks the samples: a reward-model folder, `gold` (the world's gold judge), or `module:function`."""
+    prompts: str = "world"
+    """Training prompts: `world` or a file of prompt records."""
+    world_seed: int = 0
+    """Seed of the world's prompt generator."""
+    max_seq_len: int = 256
+    """Prompt + response tokens in DPO training."""
+    online: OnlineAlgoConfig = field(default_factory=OnlineAlgoConfig)
+    dpo: DPOAlgoConfig = field(default_factory=DPOAlgoConfig)
+    """The DPO loss of each round (its reference is the round's starting model; `pairs` is unused)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=5))
+    batch: BatchConfig = field(default_factory=lambda: BatchConfig(micro_batch_size=8))
+    """micro_batch_size counts pairs."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/online_dpo", steps=30, eval_every=0))
+    """`steps` are DPO steps per round; each round is a folder OUT/iter_<i>."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> None:
+        require_positive(self, "online.iterations", "online.prompts_per_iteration", "online.max_new_tokens",
+                         "batch.micro_batch_size", "batch.grad_accum", "run.steps", "run.save_every", "max_seq_len",
+                         "dpo.beta")
+        if self.online.samples_per_prompt < 2:
+            raise ConfigError(f"online.samples_per_prompt must be at least 2 to make a pair, got {self.online.samples_per_prompt}")
+        if not 0.0 <= self.dpo.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.dpo.label_smoothing}")
+
 
 MODEL_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja")

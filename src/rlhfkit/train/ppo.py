@@ -12,25 +12,126 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from rlhfkit.advantages import KLController, gae, kl_penalised_rewards, masked_mean, masked_var, masked_whiten
-from rlhfkit.config import BatchConfig, PPOConfig
+from rlhfkit.advantages import (
+    KLController,
+    gae,
+    kl_penalised_rewards,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+)
+from rlhfkit.config import (
+    BatchConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    exact_div,
+    require_positive,
+)
 from rlhfkit.data.formats import read_demonstrations
 from rlhfkit.data.sources import gold_prompts, load_prompts, world_of
 from rlhfkit.data.tokenize import Example, prompt_ids, tokenize_demonstrations
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.eval.policy import PolicyEvaluator
-from rlhfkit.logprobs import demonstration_nll, logprobs, token_values
-from rlhfkit.losses import ppo_policy_loss, ppo_value_loss
-from rlhfkit.models import apply_lora, frozen_reference, load_model, load_tokenizer, save_model
-from rlhfkit.records import Scored, Sequences, join
 from rlhfkit.eval.scorers import reward_function
 from rlhfkit.generation import generate
+from rlhfkit.logprobs import demonstration_nll, logprobs, token_values
+from rlhfkit.losses import ppo_policy_loss, ppo_value_loss
+from rlhfkit.models import (
+    apply_lora,
+    frozen_reference,
+    load_model,
+    load_tokenizer,
+    save_model,
+)
+from rlhfkit.records import Scored, Sequences, join
 from rlhfkit.train.loop import DataOrder, begin_stage, stage, start_training
 from rlhfkit.value import save_value_model, value_model
+
+
+@dataclass
+class PPOAlgoConfig:
+    """PPO and its RLHF details (InstructGPT §3.5/App. C; the N+ implementation details)."""
+
+    prompts_per_step: int = 16
+    """Prompts sampled per PPO iteration (one response each)."""
+    minibatch_size: int = 8
+    """Rollouts per PPO update; prompts_per_step must be a multiple of it."""
+    epochs: int = 4
+    """PPO epochs over each iteration's rollouts."""
+    temperature: float = 1.0
+    """Sampling temperature; logprobs are recomputed with the same temperature."""
+    max_new_tokens: int = 48
+    """Response length limit; responses that never end get `missing_eos_penalty`."""
+    clip: float = 0.2
+    """Policy ratio clip."""
+    value_clip: float = 0.2
+    """Value clip around the rollout-time values."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    kl_coef: float = 0.05
+    """Initial per-token KL penalty coefficient (beta)."""
+    kl_target: float = 0.0
+    """Adaptive KL: target KL per sequence (0 = fixed coefficient)."""
+    kl_horizon: int = 10000
+    """Adaptive KL horizon in samples."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator in the reward."""
+    missing_eos_penalty: float = -1.0
+    """Score given instead of the RM score to a response that never produced EOS (0 disables)."""
+    whiten_rewards: bool = False
+    """Scale per-token rewards to unit variance before GAE (the mean is kept)."""
+    ptx_coef: float = 0.0
+    """PPO-ptx (InstructGPT gamma): weight of an SFT loss on demonstrations mixed into every update (0 = off)."""
+    ptx_data: str = "world"
+    """PPO-ptx demonstrations: `world` or a demonstrations file."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the policy weights, updated once per PPO step and saved to OUT/ema (0 = off)."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO against a reward model with a per-token KL penalty to the SFT policy."""
+
+    recipe: str = ""
+    """Recipe name or YAML path whose `ppo:` section fills these defaults."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy to train (usually the SFT output); also the frozen reference."""
+    reward: str = "gold"
+    """Reward: a reward-model folder, `gold` (the world's gold judge), or `module:function` taking (prompts, responses)."""
+    value_model: str = ""
+    """Value model initialisation: empty = the reward-model folder (or, for other rewards, the policy with a new head)."""
+    prompts: str = "world"
+    """Training prompts: `world` or a file of prompt records."""
+    world_prompts: int = 2000
+    """World training prompts."""
+    world_seed: int = 0
+    """Seed of the world's prompt generator."""
+    algo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/ppo", steps=50, eval_every=0))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> None:
+        require_positive(self, "algo.prompts_per_step", "algo.minibatch_size", "algo.epochs", "algo.max_new_tokens",
+                         "run.steps", "run.save_every")
+        exact_div(self.algo.prompts_per_step, self.algo.minibatch_size, "algo.prompts_per_step / algo.minibatch_size")
+        if not 0 <= self.algo.ema_decay < 1:
+            raise ConfigError(f"algo.ema_decay must be in [0, 1), got {self.algo.ema_decay}")
+        if self.algo.ptx_coef < 0:
+            raise ConfigError(f"algo.ptx_coef must be >= 0, got {self.algo.ptx_coef}")
+
 
 # --- models and rewards -----------------------------------------------------------------------
 

@@ -10,18 +10,28 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from rlhfkit.config import RMConfig
-from rlhfkit.rankings import load_rankings
+from rlhfkit.config import (
+    BatchConfig,
+    ModelConfig,
+    OptimConfig,
+    PreferenceDataConfig,
+    RunConfig,
+    require_positive,
+)
 from rlhfkit.data.records import Ranking
-from rlhfkit.data.tokenize import TruncationReport
 from rlhfkit.data.sources import world_of
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.data.tokenize import TruncationReport
+from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.logprobs import rewards as scalar_rewards
 from rlhfkit.losses import center_penalty, ranking_loss
 from rlhfkit.models import apply_lora, load_tokenizer, save_adapter
+from rlhfkit.rankings import load_rankings
+from rlhfkit.records import Group
 from rlhfkit.reward import (
     MEAN_KEY,
     STD_KEY,
@@ -29,8 +39,6 @@ from rlhfkit.reward import (
     build_reward_model,
     encode,
 )
-from rlhfkit.logprobs import rewards as scalar_rewards
-from rlhfkit.records import Group
 from rlhfkit.stats import gold_agreement, spearman_rho
 from rlhfkit.train.loop import (
     begin_stage,
@@ -38,6 +46,36 @@ from rlhfkit.train.loop import (
     start_training,
     sync_gradients,
 )
+
+
+@dataclass
+class RMConfig:
+    """Reward model from comparisons and K-wise rankings."""
+
+    recipe: str = ""
+    """Recipe name or YAML path whose `rm:` section fills these defaults."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    batch: BatchConfig = field(default_factory=lambda: BatchConfig(micro_batch_size=4))
+    """micro_batch_size counts prompts (each with all its K completions in one forward)."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/rm", steps=100))
+    center_coef: float = 0.0
+    """Weight of the reward-centering penalty mean(r^2) (0 disables)."""
+    normalize: bool = True
+    """Store the mean/std of scores on reference responses, so they score mean 0 (InstructGPT)."""
+    norm_examples: int = 256
+    """Reference responses scored for the normalisation."""
+    eval_batch_size: int = 32
+    """Sequences per forward pass at evaluation."""
+
+    def check(self) -> None:
+        require_positive(self, "batch.micro_batch_size", "batch.grad_accum", "run.steps", "run.save_every", "data.max_seq_len")
+        if self.data.k < 2:
+            raise ConfigError(f"data.k must be at least 2 to rank, got {self.data.k}")
+        if not 0.0 <= self.data.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
+
 
 # --- 2. groups of tokenized completions ---------------------------------------------------------
 

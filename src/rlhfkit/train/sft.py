@@ -8,20 +8,63 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from rlhfkit.config import DataConfig, SFTConfig
+from rlhfkit.config import (
+    BatchConfig,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    require_positive,
+)
 from rlhfkit.data.formats import ReadReport, read_demonstrations, read_records
-from rlhfkit.data.records import Comparison, Demonstration, Prompt, Ranking, split_by_prompt
-from rlhfkit.data.tokenize import Example, count_loss_tokens, tokenize_demonstrations
+from rlhfkit.data.records import (
+    Comparison,
+    Demonstration,
+    Prompt,
+    Ranking,
+    split_by_prompt,
+)
 from rlhfkit.data.sources import world_of
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.data.tokenize import Example, count_loss_tokens, tokenize_demonstrations
+from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.eval.gold import gold_evaluate
-from rlhfkit.models import apply_lora, count_parameters, load_model, load_tokenizer, save_model
 from rlhfkit.logprobs import demonstration_nll
+from rlhfkit.models import (
+    apply_lora,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    save_model,
+)
 from rlhfkit.train.loop import begin_stage, stage, start_training, sync_gradients
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on demonstrations."""
+
+    recipe: str = ""
+    """Recipe name (`tiny`, `smollm2`) or YAML path whose `sft:` section fills these defaults."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> None:
+        require_positive(self, "batch.micro_batch_size", "batch.grad_accum", "run.steps", "run.save_every", "data.max_seq_len")
+        if not 0.0 <= self.data.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.optim.lr}")
+
 
 
 def preferred_responses(source: str, **options) -> tuple[list[Demonstration], ReadReport]:
