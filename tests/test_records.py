@@ -16,3 +16,15 @@ def test_ranking_pairs_skip_ties_and_best_worst():
     bw = r.best_worst()
     assert bw.chosen == "b" and bw.rejected in ("a", "c")
     assert Ranking(user("q"), ("a", "b"), (0, 0)).best_worst() is None
+
+
+def test_ppo_stats_log_the_mean_of_each_diagnostic_over_updates():
+    from rlhfkit.records import PPOStats
+
+    stats = PPOStats()
+    assert stats.means()["ratio"] == 0.0  # no update yet (all skipped): 0, not a division error
+    stats.ratio += [1.0, 1.2]
+    stats.clipfrac += [0.0, 0.5, 0.25]
+    means = stats.means()
+    assert means["ratio"] == 1.1 and means["clipfrac"] == 0.25
+    assert set(means) == {"pg_loss", "vf_loss", "clipfrac", "approx_kl", "ratio", "vf_clipfrac", "ptx_loss"}

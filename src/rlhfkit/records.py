@@ -6,7 +6,7 @@ Masks are 1 on real tokens; a response mask is 1 up to and including the first s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -103,3 +103,20 @@ class Scored(Rows):
     values: torch.Tensor  # (B, R) V_old before each token
     advantages: torch.Tensor  # (B, R) whitened GAE advantages
     returns: torch.Tensor  # (B, R) advantages + values, before whitening: the value targets
+
+
+@dataclass
+class PPOStats:
+    """One PPO step's update diagnostics, one value per minibatch update (a skipped update adds
+    none); logged as their means. The first ``ratio`` comes before any update, so it must be 1."""
+
+    pg_loss: list[float] = field(default_factory=list)  # masked mean of the clipped surrogate
+    vf_loss: list[float] = field(default_factory=list)  # masked mean of the clipped value loss
+    clipfrac: list[float] = field(default_factory=list)  # share of tokens whose ratio was clipped
+    approx_kl: list[float] = field(default_factory=list)  # k3 estimate of KL(old || new) (N+ detail)
+    ratio: list[float] = field(default_factory=list)  # mean pi_new / pi_old over response tokens
+    vf_clipfrac: list[float] = field(default_factory=list)  # share of tokens whose value was clipped
+    ptx_loss: list[float] = field(default_factory=list)  # PPO-ptx's SFT loss (0 when off)
+
+    def means(self) -> dict[str, float]:
+        return {name: sum(values) / max(len(values), 1) for name, values in asdict(self).items()}

@@ -51,7 +51,7 @@ from rlhfkit.models import (
     load_tokenizer,
     save_model,
 )
-from rlhfkit.records import Scored, Sequences, join
+from rlhfkit.records import PPOStats, Scored, Sequences, join
 from rlhfkit.train.loop import DataOrder, begin_stage, stage, start_training
 from rlhfkit.value import save_value_model, value_model
 
@@ -343,8 +343,7 @@ def train(cfg: PPOConfig) -> Path:
 
         # 6. PPO epochs over shuffled minibatches.
         # Optional PPO-ptx: an SFT loss on demonstrations in every update (InstructGPT eq. 2, gamma).
-        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "ratio",
-                                                         "vf_clipfrac", "ptx_loss")}
+        stats = PPOStats()
         update = step * updates_per_step
         for minibatches in epochs:
             for rows in minibatches:
@@ -358,7 +357,7 @@ def train(cfg: PPOConfig) -> Path:
                 pg, pg_stats = ppo_policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.mask, algo.clip)
                 vf, vf_stats = ppo_value_loss(new_values, mb.values, mb.returns, mb.mask, algo.value_clip)
                 loss = masked_mean(pg, mb.mask) + algo.vf_coef * masked_mean(vf, mb.mask) + algo.ptx_coef * ptx_loss
-                if not stats["ratio"]:  # first minibatch: no update yet, so the ratio must be 1
+                if not stats.ratio:  # first minibatch: no update yet, so the ratio must be 1
                     first_ratio = float(pg_stats["ratio"])
                     if abs(first_ratio - 1) > 1e-3:
                         run.bar.print(f"warning: step {step + 1}: ratio {first_ratio:.4f} != 1 before the first update: "
@@ -369,12 +368,13 @@ def train(cfg: PPOConfig) -> Path:
                 run.update(step + 1, float(loss.detach()), loss_has_scale=False)  # a non-finite loss: the update is skipped
                 if not finite:
                     continue
-                stats["pg_loss"].append(float(masked_mean(pg.detach(), mb.mask)))
-                stats["vf_loss"].append(float(masked_mean(vf.detach(), mb.mask)))
-                stats["vf_clipfrac"].append(float(vf_stats["value_clipfrac"]))
-                stats["ptx_loss"].append(float(ptx_loss.detach()))
-                for key in ("clipfrac", "approx_kl", "ratio"):
-                    stats[key].append(float(pg_stats[key]))
+                stats.pg_loss.append(float(masked_mean(pg.detach(), mb.mask)))
+                stats.vf_loss.append(float(masked_mean(vf.detach(), mb.mask)))
+                stats.vf_clipfrac.append(float(vf_stats["value_clipfrac"]))
+                stats.ptx_loss.append(float(ptx_loss.detach()))
+                stats.clipfrac.append(float(pg_stats["clipfrac"]))
+                stats.approx_kl.append(float(pg_stats["approx_kl"]))
+                stats.ratio.append(float(pg_stats["ratio"]))
 
         t_train = time.perf_counter()
         # 7. EMA, KL controller, metrics.
@@ -394,7 +394,7 @@ def train(cfg: PPOConfig) -> Path:
             "ppo/seconds_per_step": time.perf_counter() - t0, "ppo/seconds_rollout": t_rollout - t0,
             "ppo/seconds_score": t_score - t_rollout, "ppo/seconds_train": t_train - t_score,
             "ppo/ratio_first_minibatch": first_ratio,
-            **{f"ppo/{k}": sum(v) / max(len(v), 1) for k, v in stats.items()}, **metrics_first,
+            **{f"ppo/{k}": v for k, v in stats.means().items()}, **metrics_first,
         }
         metrics_first = {}
         if world is not None:
