@@ -11,6 +11,7 @@ from rlhfkit.cli import parse
 from rlhfkit.data.records import Ranking, user
 from rlhfkit.models import build_tiny_tokenizer
 from rlhfkit.train import dpo
+from tests.test_metrics import assert_documented
 
 # The random tiny model on the world's synthetic candidates: no sampling, seconds per run.
 QUICK = ["--recipe", "tiny", "--model.name", "tiny", "--data.responses", "candidates", "--data.world-prompts", "40",
@@ -115,3 +116,4 @@ def test_dpo_on_world_preferences_beats_sft(imperfect_sft, tmp_path):
     evals = [r for r in rows(out) if "eval/gold_score" in r]
     assert evals[-1]["eval/gold_score"] > evals[0]["eval/gold_score"] + 0.04, evals
     assert evals[-1]["eval/vs_sft_win_rate"] > 0.5, evals[-1]
+    assert_documented(out)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from rlhfkit.cli import parse
 from rlhfkit.train import grpo
+from tests.test_metrics import assert_documented
 
 
 def constant_reward(prompts, responses):
@@ -61,6 +62,7 @@ def test_grpo_against_the_rm_stage_beats_sft(imperfect_sft, tiny_mixed_rm, tmp_p
     evals = [r for r in rows(out) if "eval/gold_score" in r]
     assert evals[-1]["eval/gold_score"] > evals[0]["eval/gold_score"] + 0.03, evals
     assert evals[-1]["eval/vs_sft_win_rate"] > 0.5, evals[-1]
+    assert_documented(out)
 
 
 def test_non_finite_loss_is_left_out_and_reported(tmp_path, capsys):

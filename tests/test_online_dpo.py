@@ -5,6 +5,7 @@ from pathlib import Path
 
 from rlhfkit.cli import parse
 from rlhfkit.train import online_dpo
+from tests.test_metrics import assert_documented
 
 
 def rows(out: Path) -> list[dict]:
@@ -44,3 +45,4 @@ def test_online_dpo_with_the_rm_stage_beats_sft(imperfect_sft, tiny_mixed_rm, tm
     final = json.loads((out / "complete.json").read_text())
     assert final["eval/vs_sft_win_rate"] > 0.5, final
     assert final["eval/gold_score"] > final["eval/sft_gold_score"] + 0.02, final
+    assert_documented(out)  # the rounds' DPO metrics too

@@ -11,6 +11,7 @@ from rlhfkit.cli import parse
 from rlhfkit.train.ppo import PPOConfig
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.pipeline import make_plan, parse_overrides, run, stages
+from tests.test_metrics import assert_documented
 
 
 def test_run_tiny_beats_sft_under_the_gold_judge_and_writes_the_report(tiny_run):
@@ -90,6 +91,7 @@ def test_every_algo_runs_in_the_pipeline_after_the_shared_stages(tiny_run, tmp_p
     # A finished stage's resume checkpoints are deleted (the default); the final model stays.
     assert (out / folder / "complete.json").exists() and (out / folder / "model.safetensors").exists()
     assert not (out / folder / "checkpoints").exists()
+    assert_documented(out)
 
 
 def test_overrides_parse_as_yaml_and_bad_ones_say_what_is_wrong():
