@@ -75,3 +75,21 @@ def test_non_finite_loss_is_left_out_and_reported(tmp_path, capsys):
     start = build_tiny_model(build_tiny_tokenizer(), seed=0).state_dict()
     after = load_file(out / "model.safetensors")
     assert all(torch.equal(start[k], after[k]) for k in after)
+
+
+def test_the_vllm_engine_without_vllm_fails_before_any_work_saying_how_to_install_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    from rlhfkit.errors import ConfigError
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(ConfigError, match=r"pip install 'rlhfkit\[vllm\]'"):
+        grpo.train(parse("grpo", ["--recipe", "tiny", "--model.name", "tiny", "--rollout.engine", "vllm",
+                                  "--run.out", str(tmp_path / "grpo")]))
+    assert not (tmp_path / "grpo").exists()
+    monkeypatch.setattr(grpo, "check_engine", lambda rollout: None)  # as if vLLM were installed
+    with pytest.raises(ConfigError, match="model.lora"):
+        parse("grpo", ["--recipe", "tiny", "--model.name", "tiny", "--model.lora", "--rollout.engine", "vllm"]).check()

