@@ -191,7 +191,9 @@ def test_a_finished_samples_reward_is_the_plain_rm_score_of_its_chat_template(ti
     rm.save_pretrained(tmp_path / "rm")
     tiny_tokenizer.save_pretrained(tmp_path / "rm")
     scored, rollouts = [], []
-    real_reward_function, real_generate = ppo.reward_function, ppo.generate
+    from rlhfkit import generation
+
+    real_reward_function, real_generate = ppo.reward_function, generation.generate
 
     def recording_reward_function(*args, **kwargs):
         fn = real_reward_function(*args, **kwargs)
@@ -206,7 +208,7 @@ def test_a_finished_samples_reward_is_the_plain_rm_score_of_its_chat_template(ti
         return rollouts[-1]
 
     monkeypatch.setattr(ppo, "reward_function", recording_reward_function)
-    monkeypatch.setattr(ppo, "generate", recording_generate)
+    monkeypatch.setattr(generation, "generate", recording_generate)  # what PPO's Sampler calls
     run_ppo(tiny_sft, tmp_path / "ppo", "--reward", str(tmp_path / "rm"), "--run.steps", "1")
 
     (prompts, texts, rewards), = scored

