@@ -165,6 +165,12 @@ def test_resume_accepts_a_setting_added_since_at_its_default_and_compares_top_le
         check_same_config(saved, parse("ppo", ["--recipe", "tiny", "--run.out", "a", "--run.save-every-minutes", "1"]))
     with pytest.raises(RlhfkitError, match="reward"):
         check_same_config(saved, parse("ppo", ["--recipe", "tiny", "--run.out", "a", "--reward", "gold"]))
+    # A whole section added since (`rollout`): its defaults resume, another setting does not.
+    del old["rollout"]
+    save_config(old, saved)
+    check_same_config(saved, parse("ppo", ["--recipe", "tiny", "--run.out", "a"]))
+    with pytest.raises(RlhfkitError, match="rollout.engine"):
+        check_same_config(saved, parse("ppo", ["--recipe", "tiny", "--run.out", "a", "--rollout.engine", "vllm"]))
 
 
 def test_step_timers_hear_every_step_begin_and_end_of_a_stage(tmp_path, monkeypatch):

@@ -80,13 +80,15 @@ def config_differences(old: dict, new: dict, old_home: Path, new_home: Path, ign
     top = [f"{key}: {old.get(key)!r} -> {value!r}" for key, value in new.items()
            if not isinstance(value, dict) and not same(old.get(key), value)
            and not new_default(old, key, value, defaults)]  # e.g. PPO's `reward`
+    # A section ``old`` lacks altogether (added since, e.g. `rollout`) holds only new settings.
+    sections = {sec: old.get(sec, {}) for sec, body in new.items() if isinstance(body, dict)}
     return top + [
-        f"{sec}.{key}: {old[sec].get(key)!r} -> {value!r}"
+        f"{sec}.{key}: {sections[sec].get(key)!r} -> {value!r}"
         for sec, body in new.items()
-        if isinstance(body, dict) and isinstance(old.get(sec), dict)
+        if isinstance(body, dict) and isinstance(sections[sec], dict)
         for key, value in body.items()
-        if (sec, key) not in ignore and not same(old[sec].get(key), value)
-        and not new_default(old[sec], key, value, defaults.get(sec))
+        if (sec, key) not in ignore and not same(sections[sec].get(key), value)
+        and not new_default(sections[sec], key, value, defaults.get(sec))
     ]
 
 
