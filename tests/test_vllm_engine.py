@@ -92,3 +92,32 @@ def test_pushed_weights_make_vllms_logprobs_the_policys(engine_and_model, tiny_t
         expected = logprobs(model, seqs, 0.8)
     for row, o in enumerate(outputs):
         torch.testing.assert_close(torch.tensor(o.logprobs), expected[row, : len(o.token_ids)], atol=2e-3, rtol=2e-3)
+
+
+@needs_vllm
+def test_a_stages_sampler_follows_the_policy_through_pushes(tiny_tokenizer):
+    """generation.Sampler with rollout.engine vllm, as GRPO and PPO hold it: it starts from the
+    policy (through a temporary folder it removes), and after the policy changes and
+    ``load_weights``, its sampling logprobs are the new policy's."""
+    from rlhfkit.config import RolloutConfig
+    from rlhfkit.generation import Sampler
+
+    torch.manual_seed(1)
+    model = build_tiny_model(tiny_tokenizer).eval()
+    sampler = Sampler(model, tiny_tokenizer, RolloutConfig(engine="vllm", vllm_memory=0.15), "fp32")
+    messages = [user(q) for q in QUESTIONS]
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        sampler.load_weights(model)
+        gens = sampler.generate(messages, 12, 0.8, len(messages), generator_seed=3, logprobs=True)
+        seqs = join([prompt_ids(tiny_tokenizer, m) for m in messages], [g.token_ids for g in gens],
+                    tiny_tokenizer.pad_token_id)
+        with torch.no_grad():
+            expected = logprobs(model, seqs, 0.8)
+        for row, g in enumerate(gens):
+            torch.testing.assert_close(torch.tensor(g.logprobs), expected[row, : len(g.token_ids)], atol=2e-3,
+                                       rtol=2e-3)
+    finally:
+        sampler.engine.close()

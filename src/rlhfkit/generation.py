@@ -83,16 +83,20 @@ class Sampler:
     after every update."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rollout, precision: str,
-                 folder: Path, seed: int = 0):
+                 seed: int = 0):
         self.model, self.tokenizer, self.precision = model, tokenizer, precision
         self.engine = None
         if rollout.engine == "vllm":
+            import tempfile
+
             from rlhfkit.engines.vllm import VLLMEngine, require_vllm
             from rlhfkit.models import save_model
 
             require_vllm()  # before writing the folder: a missing install fails at once
-            save_model(model, tokenizer, folder)  # vLLM starts from a model folder, then takes pushes
-            self.engine = VLLMEngine(folder, precision, rollout.vllm_memory, seed=seed)
+            # vLLM starts from a model folder (read once, at start), then takes the pushes.
+            with tempfile.TemporaryDirectory(prefix="rlhfkit-rollout-") as folder:
+                save_model(model, tokenizer, Path(folder))
+                self.engine = VLLMEngine(folder, precision, rollout.vllm_memory, seed=seed)
 
     def generate(self, prompts: list[Messages], max_new_tokens: int, temperature: float, batch_size: int,
                  generator_seed: int, logprobs: bool = False) -> list[Generation]:

@@ -136,7 +136,7 @@ def train(cfg: GRPOConfig) -> Path:
 
     if run.start_step == 0 and cfg.eval.at_start:
         run.log.log(0, evaluate(0))
-    sampler = Sampler(policy, tokenizer, cfg.rollout, cfg.model.precision, out / "rollout_model", cfg.run.seed)
+    sampler = Sampler(policy, tokenizer, cfg.rollout, cfg.model.precision, cfg.run.seed)
 
     group, metrics = algo.group_size, {}
     for step in range(run.start_step, cfg.run.steps):

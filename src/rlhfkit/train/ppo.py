@@ -273,7 +273,7 @@ def train(cfg: PPOConfig) -> Path:
     ptx_order = DataOrder(len(ptx), cfg.run.seed + 1)
     pad_id = tokenizer.pad_token_id
 
-    sampler = Sampler(policy, tokenizer, cfg.rollout, cfg.model.precision, out / "rollout_model", cfg.run.seed)
+    sampler = Sampler(policy, tokenizer, cfg.rollout, cfg.model.precision, cfg.run.seed)
     evaluator = PolicyEvaluator(policy, lambda: frozen_reference(policy, reference), tokenizer, world, gold,
                                 algo.max_new_tokens, cfg.eval.batch_size, cfg.model.precision, algo.temperature,
                                 run.bar.print)
