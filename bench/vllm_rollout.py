@@ -34,7 +34,7 @@ from rlhfkit.records import join  # noqa: E402
 
 def tokens_per_second(engine, prompts, params, seed: int) -> float:
     start = time.perf_counter()
-    outputs = engine.generate(prompts, params, generator=torch.Generator().manual_seed(seed))
+    outputs = engine.generate(prompts, params, seeds=[seed * 1000 + i for i in range(len(prompts))])
     return sum(len(o.token_ids) for o in outputs) / (time.perf_counter() - start)
 
 
@@ -76,7 +76,7 @@ def main() -> None:
         pushes.append(time.perf_counter() - start)
     print("weight push: " + ", ".join(f"{s:.2f} s" for s in pushes))
     outputs = theirs.generate(prompts[:8], SamplingParams(24, 1.0, stop, logprobs=True),
-                              generator=torch.Generator().manual_seed(0))
+                              seeds=list(range(len(prompts))))
     seqs = join(prompts[:8], [o.token_ids for o in outputs], tokenizer.pad_token_id)
     set_precision(args.precision)
     with torch.no_grad():

@@ -1,12 +1,15 @@
-"""N processes == 1 process: each training stage on 2 gloo processes (torchrun) with grad
-accumulation 1 gives the losses, gradient norms and weights of 1 process accumulating 2
-micro-batches (the same global batch)."""
+"""N processes == 1 process, through a kill -9: each training stage on 2 gloo processes
+(torchrun), killed with SIGKILL after a checkpoint and resumed, gives the per-step losses, gradient
+norms and final weights of 1 uninterrupted process accumulating the same global batch."""
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,21 +18,42 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Small runs, evaluation off; every stage's global batch is 2 micro-batches.
+
+def length_reward(prompts, responses):
+    """A reward with a different value for nearly every answer of the random tiny model."""
+    return [-abs(len(r) - 12) / 12 for r in responses]
+
+
+RL = ["--model.name", "tiny", "--model.precision", "fp32", "--reward", "test_processes:length_reward",
+      "--world-prompts", "40", "--eval.gold-prompts", "0", "--eval.no-at-start", "--algo.max-new-tokens", "10"]
+# Small runs, evaluation off, a checkpoint every 2 steps; (arguments, flags of the 1-process run,
+# flags of the 2-process run) with the same global batch.
 STAGES = {
-    "sft": ["sft", "--recipe", "tiny", "--run.steps", "8", "--eval.gold-prompts", "0", "--eval.no-at-start",
-            "--data.world-examples", "200", "--batch.micro-batch-size", "4"],
+    "sft": (["sft", "--recipe", "tiny", "--run.steps", "6", "--eval.gold-prompts", "0", "--eval.no-at-start",
+             "--data.world-examples", "200", "--batch.micro-batch-size", "4"],
+            ["--batch.grad-accum", "2"], ["--batch.grad-accum", "1"]),
     # The random tiny backbone on world candidates (no sampling), with held-out rankings: the main
     # process writes the rankings cache the other reads, and evaluates alone.
-    "rm": ["rm", "--recipe", "tiny", "--model.name", "tiny", "--data.responses", "candidates", "--run.steps", "8",
-           "--data.world-prompts", "64", "--data.world-eval-prompts", "8", "--batch.micro-batch-size", "4"],
+    "rm": (["rm", "--recipe", "tiny", "--model.name", "tiny", "--data.responses", "candidates", "--run.steps", "6",
+            "--data.world-prompts", "64", "--data.world-eval-prompts", "8", "--batch.micro-batch-size", "4"],
+           ["--batch.grad-accum", "2"], ["--batch.grad-accum", "1"]),
     # Reference logprobs are computed once by the main process and read by the other.
-    "dpo": ["dpo", "--recipe", "tiny", "--model.name", "tiny", "--data.responses", "candidates",
-            "--data.world-prompts", "40", "--data.world-eval-prompts", "8", "--run.steps", "8",
-            "--eval.gold-prompts", "0", "--eval.no-at-start", "--batch.micro-batch-size", "4"],
+    "dpo": (["dpo", "--recipe", "tiny", "--model.name", "tiny", "--data.responses", "candidates",
+             "--data.world-prompts", "40", "--data.world-eval-prompts", "8", "--run.steps", "6",
+             "--eval.gold-prompts", "0", "--eval.no-at-start", "--batch.micro-batch-size", "4"],
+            ["--batch.grad-accum", "2"], ["--batch.grad-accum", "1"]),
+    # Each process samples half of each step's groups (one seed per answer) and the update sums both.
+    "grpo": (["grpo", "--recipe", "tiny", *RL, "--run.steps", "8", "--algo.prompts-per-step", "4",
+              "--algo.group-size", "2", "--algo.micro-batch-size", "2", "--optim.lr", "1e-3"], [], []),
+    # Each process rolls out half of each step's prompts; advantages are whitened over both halves
+    # and each minibatch takes rows of both.
+    "ppo": (["ppo", "--recipe", "tiny", *RL, "--run.steps", "8", "--algo.prompts-per-step", "4",
+             "--algo.minibatch-size", "2", "--algo.epochs", "2", "--optim.lr", "1e-3"],
+            ["--algo.grad-accum", "2"], ["--algo.grad-accum", "1"]),
 }
-LOSS = {"sft": "train/loss", "rm": "train/loss", "dpo": "dpo/loss"}
-GRAD_NORM = {"sft": "train/grad_norm", "rm": "train/grad_norm", "dpo": "dpo/grad_norm"}
+LOSSES = ("train/loss", "train/grad_norm", "dpo/loss", "dpo/grad_norm", "grpo/reward", "grpo/grad_norm",
+          "grpo/kl", "ppo/score", "ppo/kl", "ppo/pg_loss", "ppo/vf_loss", "ppo/explained_variance")
+WEIGHTS = ("model.safetensors", "value_model/model.safetensors")
 
 
 def free_port() -> int:
@@ -38,36 +62,72 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(args: list[str], processes: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+def start(args: list[str], processes: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
+           "OMP_NUM_THREADS": "1"}
     launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port", str(free_port())]
-    return subprocess.run([sys.executable, *(launcher if processes > 1 else []), "-m", "rlhfkit.cli", *args],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen([sys.executable, *(launcher if processes > 1 else []), "-m", "rlhfkit.cli", *args],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def rows(out: Path, key: str) -> list[float]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r[key] for r in map(json.loads, lines) if key in r]
+def kill9_tree(process: subprocess.Popen) -> None:
+    """SIGKILL to the launcher and every worker (torchrun starts its workers in sessions of their
+    own, so its process group does not reach them)."""
+    import psutil  # accelerate's dependency
+
+    tree = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+    for pid in tree[1:]:  # the workers are not our children: wait until they are gone
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).wait(timeout=30)
+
+
+def finish(process: subprocess.Popen) -> str:
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+    return out
+
+
+def steps(out: Path) -> list[dict[str, float]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in LOSSES if k in r} for r in rows if any(k in r for k in LOSSES)]
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_two_processes_match_one_process_with_accumulation(stage, tmp_path):
+def test_two_processes_killed_and_resumed_match_one_process(stage, tmp_path):
     """Tolerances: the only difference is the order of float additions in the all-reduce (and in
-    the reduction of logged sums), which 8 Adam steps amplify only slightly: 1e-4 relative on every
-    step's loss and gradient norm, and on the weights 1e-4 relative plus an absolute 1e-3 of the
-    weights' largest magnitude (Adam steps elements with near-cancelling gradients by up to lr)."""
-    one = run([*STAGES[stage], "--batch.grad-accum", "2", "--run.out", str(tmp_path / "one")], processes=1)
-    assert one.returncode == 0, one.stdout + one.stderr
-    two = run([*STAGES[stage], "--batch.grad-accum", "1", "--run.out", str(tmp_path / "two")], processes=2)
-    assert two.returncode == 0, two.stdout + two.stderr
-    losses = [rows(tmp_path / d, LOSS[stage]) for d in ("one", "two")]
-    assert len(losses[0]) == 8
-    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-6)  # same weights, same data: same first loss
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
-    # Adam hides a gradient scale error from the losses; the gradient norm does not.
-    norms = [rows(tmp_path / d, GRAD_NORM[stage]) for d in ("one", "two")]
-    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
-    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-3 * float(a[key].abs().max()), msg=key)
+    the reduction of logged sums), which a few Adam steps amplify only slightly: 1e-4 relative on
+    every step's losses and gradient norms, and on the weights 1e-4 relative plus an absolute 1e-3
+    of the weights' largest magnitude (Adam steps elements with near-cancelling gradients by up to
+    lr). A resume that lost or replayed any state (data position, optimizer, sampling seeds,
+    checkpoint of the other process) changes the steps after the kill far beyond these."""
+    args, one_flags, two_flags = STAGES[stage]
+    args = [*args, "--run.save-every", "2"]
+    finish(start([*args, *one_flags, "--run.out", str(tmp_path / "one")], processes=1))
+
+    two = [*args, *two_flags, "--run.out", str(tmp_path / "two")]
+    killed = start(two, processes=2)
+    deadline = time.time() + 240
+    while not list((tmp_path / "two" / "checkpoints").glob("step-*")):
+        assert killed.poll() is None, killed.communicate()[0]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    kill9_tree(killed)
+    assert not (tmp_path / "two" / "complete.json").exists(), "the run finished before the kill"
+    assert "resumed from" in finish(start([*two, "--run.resume"], processes=2))
+
+    one, resumed = steps(tmp_path / "one"), steps(tmp_path / "two")
+    assert len(one) == len(resumed) and one[0], (one, resumed)
+    for a, b in zip(one, resumed):
+        assert a.keys() == b.keys()
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6), (a, b)
+    for weights in WEIGHTS:
+        if not (tmp_path / "one" / weights).exists():
+            continue
+        a, b = (load_file(tmp_path / d / weights) for d in ("one", "two"))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-3 * float(a[key].abs().max()), msg=key)

@@ -86,7 +86,7 @@ def test_pushed_weights_make_vllms_logprobs_the_policys(engine_and_model, tiny_t
     engine.load_weights(model)
     prompts = [prompt_ids(tiny_tokenizer, user(q)) for q in QUESTIONS]
     outputs = engine.generate(prompts, SamplingParams(12, 0.8, stop_ids(tiny_tokenizer), logprobs=True),
-                              generator=torch.Generator().manual_seed(0))
+                              seeds=list(range(len(prompts))))
     seqs = join(prompts, [o.token_ids for o in outputs], tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         expected = logprobs(model, seqs, 0.8)
@@ -111,7 +111,7 @@ def test_a_stages_sampler_follows_the_policy_through_pushes(tiny_tokenizer):
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
         sampler.load_weights(model)
-        gens = sampler.generate(messages, 12, 0.8, len(messages), generator_seed=3, logprobs=True)
+        gens = sampler.generate(messages, 12, 0.8, len(messages), list(range(len(messages))), logprobs=True)
         seqs = join([prompt_ids(tiny_tokenizer, m) for m in messages], [g.token_ids for g in gens],
                     tiny_tokenizer.pad_token_id)
         with torch.no_grad():

@@ -9,7 +9,7 @@ and every loss multiplies by ``mask``, so tokens after EOS never count.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -20,29 +20,37 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> t
     return (x * mask).sum() if dim is None else (x * mask).sum(dim)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean over masked entries (all of them, or along ``dim``); 0 where nothing is masked in."""
-    count = mask.sum() if dim is None else mask.sum(dim)
-    return masked_sum(x, mask, dim) / count.clamp(min=1)
+def same(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, total: Callable = same) -> torch.Tensor:
+    """Mean over masked entries (all of them, or along ``dim``); 0 where nothing is masked in.
+    ``total`` sums a statistic over every process's share of the batch (one process: itself)."""
+    if dim is not None:
+        return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1)
+    return total(masked_sum(x, mask)) / total(mask.sum()).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True, total: Callable = same) -> torch.Tensor:
     """Variance over masked entries, with Bessel's correction by default (as TRL/N+ do)."""
-    mean = masked_mean(x, mask)
-    centered_sq = masked_mean((x - mean) ** 2, mask)
-    n = mask.sum()
+    mean = masked_mean(x, mask, total=total)
+    centered_sq = masked_mean((x - mean) ** 2, mask, total=total)
+    n = total(mask.sum())
     if unbiased and n > 1:
         centered_sq = centered_sq * n / (n - 1)
     return centered_sq
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over masked entries only (padding does not bias the statistics).
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  total: Callable = same) -> torch.Tensor:
+    """(x - mean) / std over masked entries only (padding does not bias the statistics), over
+    the whole batch when ``total`` sums across processes.
 
     ``shift_mean=False`` keeps the mean (N+ detail: rewards are scaled, not shifted, when
     whitening rewards). Masked-out entries come back as 0.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = masked_mean(x, mask, total=total), masked_var(x, mask, total=total)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

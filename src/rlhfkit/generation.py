@@ -47,27 +47,35 @@ def generate(
     generator_seed: int | None = None,
     progress: str = "",
     logprobs: bool = False,
+    seeds: list[int] | None = None,
 ) -> list[Generation]:
     """One response per prompt, in the caller's order. ``temperature`` 0 means greedy decoding.
     At most ``batch_size`` prompts decode together; as answers finish, waiting prompts take their
     places. ``progress`` names a progress bar over the prompts (none when empty).
 
-    Prompts are taken shortest first, so rows that decode together pad little. Sampling uses a
-    private RNG when ``generator_seed`` is given, so evaluation does not disturb the training RNG
-    stream (exact resume depends on that)."""
+    Prompts are taken shortest first, so rows that decode together pad little. Each answer is
+    sampled from its own RNG, ``request_seeds(generator_seed, ...)`` (or ``seeds``, one per
+    prompt): an answer depends on its seed, not on the batch or process that generates it, and
+    the training RNG stream is left alone (exact resume depends on that)."""
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     engine = BuiltinEngine(model, tokenizer.pad_token_id, precision, batch_size)
     params = SamplingParams(max_new_tokens, temperature, stop_ids(tokenizer), logprobs=logprobs)
-    rng = torch.random.fork_rng() if generator_seed is not None else contextlib.nullcontext()
-    with rng, progress_bar(progress, len(prompts)) as advance:
-        if generator_seed is not None:
-            torch.manual_seed(generator_seed)
-        outputs = engine.generate([encoded[i] for i in order], params, on_finished=advance)
+    if seeds is None and generator_seed is not None:
+        seeds = request_seeds(generator_seed, len(prompts))
+    with progress_bar(progress, len(prompts)) as advance:
+        outputs = engine.generate([encoded[i] for i in order], params, on_finished=advance,
+                                  seeds=None if seeds is None else [seeds[i] for i in order])
     results: list[Generation | None] = [None] * len(prompts)
     for i, output in zip(order, outputs):
         results[i] = as_generation(output, tokenizer)
     return results  # type: ignore[return-value]
+
+
+def request_seeds(seed: int, n: int) -> list[int]:
+    """One sampling seed per request of a batch seeded ``seed``: request i's answer depends on
+    (seed, i) only, so a batch split across processes samples what it samples whole."""
+    return [(seed * 1_000_003 + i) % 2**63 for i in range(n)]
 
 
 def as_generation(output: Output, tokenizer: PreTrainedTokenizerBase) -> Generation:
@@ -99,13 +107,14 @@ class Sampler:
                 self.engine = VLLMEngine(folder, precision, rollout.vllm_memory, seed=seed)
 
     def generate(self, prompts: list[Messages], max_new_tokens: int, temperature: float, batch_size: int,
-                 generator_seed: int, logprobs: bool = False) -> list[Generation]:
+                 seeds: list[int], logprobs: bool = False) -> list[Generation]:
+        """One answer per prompt, each sampled from its seed (``request_seeds``)."""
         if self.engine is None:
             return generate(self.model, self.tokenizer, prompts, max_new_tokens, temperature, batch_size,
-                            self.precision, generator_seed, logprobs=logprobs)
+                            self.precision, logprobs=logprobs, seeds=seeds)
         params = SamplingParams(max_new_tokens, temperature, stop_ids(self.tokenizer), logprobs=logprobs)
         encoded = [prompt_ids(self.tokenizer, p) for p in prompts]
-        outputs = self.engine.generate(encoded, params, generator=torch.Generator().manual_seed(generator_seed))
+        outputs = self.engine.generate(encoded, params, seeds=seeds)
         return [as_generation(output, self.tokenizer) for output in outputs]
 
     def load_weights(self, model: PreTrainedModel) -> None:

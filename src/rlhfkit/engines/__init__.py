@@ -37,8 +37,9 @@ class Output:
 
 class Engine(Protocol):
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, on_finished=None,
-                 generator: torch.Generator | None = None) -> list[Output]:
-        """One answer per prompt, in the prompts' order; ``on_finished(n)`` as answers end."""
+                 seeds: list[int] | None = None) -> list[Output]:
+        """One answer per prompt, in the prompts' order; ``on_finished(n)`` as answers end.
+        ``seeds``: one per prompt, each answer sampled from its own; None: unseeded."""
         ...
 
     def stream(self, prompt: list[int], params: SamplingParams,

@@ -64,13 +64,14 @@ class BuiltinEngine:
             self.model.train(was_training)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, on_finished=None,
-                 generator: torch.Generator | None = None) -> list[Output]:
+                 seeds: list[int] | None = None) -> list[Output]:
         out = [Output([], False, [] if params.logprobs else None) for _ in prompts]
         if params.max_new_tokens <= 0:
             return out
+        generators = None if seeds is None else [torch.Generator().manual_seed(s) for s in seeds]
         with self._decoding(self.batch_size) as step:
             for i, token, logprob, done in _steps(self.model, step, prompts, params, self.pad_id, self.batch_size,
-                                                  generator):
+                                                  generators):
                 _add(out[i], token, logprob, params, done)
                 if done and on_finished is not None:
                     on_finished(1)
@@ -82,7 +83,8 @@ class BuiltinEngine:
         if params.max_new_tokens <= 0:
             return
         with self._decoding(1) as step:
-            for _, token, _, _ in _steps(self.model, step, [prompt], params, self.pad_id, 1, generator):
+            for _, token, _, _ in _steps(self.model, step, [prompt], params, self.pad_id, 1,
+                                         None if generator is None else [generator]):
                 yield token
 
 
@@ -107,7 +109,8 @@ class _Rows:
 
 
 def _steps(model, step: DecodeStep | None, prompts: list[list[int]], params: SamplingParams, pad_id: int,
-           batch_size: int, generator) -> Iterator[tuple[int, int, float | None, bool]]:
+           batch_size: int, generators: list[torch.Generator] | None,
+           ) -> Iterator[tuple[int, int, float | None, bool]]:
     """The decoding loop; yields (prompt index, token, its logprob or None, whether that prompt's
     answer is done) for every token, until every prompt's answer is done.
 
@@ -121,7 +124,8 @@ def _steps(model, step: DecodeStep | None, prompts: list[list[int]], params: Sam
     CPU, so without refilling a batch's slowest answer kept the loop running nearly empty. Caches
     that cannot drop rows keep them (their tokens ignored) and take no new ones until the batch
     is done. The prompts' common prefix (a chat template's system prompt) is computed once and its
-    KV cache copied into every new row."""
+    KV cache copied into every new row. ``generators``: one per prompt, so an answer's sample does
+    not depend on which other prompts decode beside it (None: the global RNG)."""
     extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     cache_arg = cache_argument(model)
     device = next(model.parameters()).device
@@ -132,9 +136,12 @@ def _steps(model, step: DecodeStep | None, prompts: list[list[int]], params: Sam
     rows: _Rows | None = None
     refill_at = max(1, int(batch_size * REFILL_FRACTION))
 
-    def pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    spare = torch.Generator()  # rows kept after finishing (prompt -1) draw here; their tokens are ignored
+
+    def pick(logits: torch.Tensor, which: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = logits.float()
-        tokens = (sample_tokens(logits, params.temperature, params.top_p, generator) if params.temperature > 0
+        rngs = None if generators is None else [generators[i] if i >= 0 else spare for i in which]
+        tokens = (sample_tokens(logits, params.temperature, params.top_p, rngs) if params.temperature > 0
                   else logits.argmax(-1))
         if not params.logprobs:
             return tokens, None
@@ -171,7 +178,7 @@ def _steps(model, step: DecodeStep | None, prompts: list[list[int]], params: Sam
                             position_ids=rows.position[:, None], use_cache=True, **{cache_arg: rows.cache}, **extra)
                 rows.cache, logits = returned_cache(out), out.logits[:, -1]
             rows.position = rows.position + 1
-            rows.token, logprobs = pick(logits)
+            rows.token, logprobs = pick(logits, rows.prompt.tolist())
             done, events = record(rows, logprobs)
         yield from events
         if bool(done.any()):
@@ -179,19 +186,24 @@ def _steps(model, step: DecodeStep | None, prompts: list[list[int]], params: Sam
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """One token per row from softmax(logits / T), (B, V) -> (B,), by inverting the CDF with one
     uniform number per row (``torch.multinomial`` draws an exponential for every vocabulary entry,
     far slower over a large vocabulary: bench/README.md). ``right=True`` picks the first token
     whose cumulative mass exceeds u, so zero-probability tokens never come. ``top_p`` < 1: only
-    the smallest set of most likely tokens whose probability reaches it (nucleus sampling)."""
+    the smallest set of most likely tokens whose probability reaches it (nucleus sampling).
+    ``generator``: one for the batch, or a list with one per row."""
     probs = torch.softmax(logits / temperature, dim=-1)
     order = None
     if top_p < 1:
         probs, order = probs.sort(dim=-1, descending=True)
         probs = probs * (probs.cumsum(-1) - probs < top_p)  # the mass before a kept token is short of top_p
     cdf = probs.cumsum(-1)
-    u = torch.rand(len(cdf), 1, device=cdf.device, generator=generator) * cdf[:, -1:]  # fp32 sums miss 1 by ~1e-6
+    if isinstance(generator, list):
+        u = torch.cat([torch.rand(1, 1, generator=g) for g in generator]).to(cdf.device)
+    else:
+        u = torch.rand(len(cdf), 1, device=cdf.device, generator=generator)
+    u = u * cdf[:, -1:]  # fp32 sums miss 1 by ~1e-6
     tokens = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)
     return (tokens if order is None else order.gather(1, tokens)).squeeze(1)
 
@@ -221,7 +233,7 @@ def _prefill(model, prompts: list[list[int]], which: list[int], prefix, pad_id: 
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids[:, shared:], attention_mask=mask, position_ids=positions[:, shared:],
                 use_cache=True, **{cache_arg: cache}, **extra)
-    token, logprobs = pick(out.logits[:, -1])
+    token, logprobs = pick(out.logits[:, -1], which)
     return _Rows(returned_cache(out), mask, token, positions[:, -1] + 1, torch.tensor(which, device=device)), logprobs
 
 

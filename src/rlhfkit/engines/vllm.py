@@ -44,12 +44,11 @@ class VLLMEngine:
                             enforce_eager=True, logprobs_mode="processed_logprobs", enable_prefix_caching=False)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, on_finished=None,
-                 generator: torch.Generator | None = None) -> list[Output]:
-        seed = None if generator is None else int(torch.randint(2**31, (1,), generator=generator))
+                 seeds: list[int] | None = None) -> list[Output]:
         sampling = [self.vllm.SamplingParams(
             max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p, top_k=-1,
             stop_token_ids=list(params.stop), logprobs=0 if params.logprobs else None, detokenize=False,
-            skip_special_tokens=False, seed=None if seed is None else seed + i) for i in range(len(prompts))]
+            skip_special_tokens=False, seed=None if seeds is None else seeds[i]) for i in range(len(prompts))]
         results = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
         outputs = []
         for result in results:
@@ -66,7 +65,8 @@ class VLLMEngine:
 
     def stream(self, prompt: list[int], params: SamplingParams,
                generator: torch.Generator | None = None) -> Iterator[int]:
-        yield from self.generate([prompt], params, generator=generator)[0].token_ids
+        seeds = None if generator is None else [int(torch.randint(2**62, (1,), generator=generator))]
+        yield from self.generate([prompt], params, seeds=seeds)[0].token_ids
 
     def close(self) -> None:
         """Stop the engine and free its memory (weights, KV cache)."""

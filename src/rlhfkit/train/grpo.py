@@ -26,23 +26,24 @@ from rlhfkit.config import (
     OptimConfig,
     RolloutConfig,
     RunConfig,
+    exact_div,
     require_positive,
 )
 from rlhfkit.data.sources import gold_prompts, load_prompts, world_of
 from rlhfkit.data.tokenize import prompt_ids
-from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.errors import ConfigError
 from rlhfkit.eval.policy import (
     PolicyEvaluator,
     frozen_reference,
     remember_reference_answers,
 )
 from rlhfkit.eval.scorers import reward_function
-from rlhfkit.generation import Sampler
+from rlhfkit.generation import Sampler, request_seeds
 from rlhfkit.logprobs import logprobs as response_logprobs
 from rlhfkit.losses import aggregate_loss, policy_gradient_loss
 from rlhfkit.models import apply_lora, load_model, load_tokenizer, save_model
 from rlhfkit.records import join, select
-from rlhfkit.train.loop import begin_stage, stage, start_training
+from rlhfkit.train.loop import begin_stage, stage, start_training, sync_gradients
 
 
 @dataclass
@@ -104,9 +105,9 @@ class GRPOConfig:
 @stage
 def train(cfg: GRPOConfig) -> Path:
     acc, out = begin_stage(cfg)
-    if acc.num_processes > 1:
-        raise RlhfkitError("rlhfkit grpo runs in one process for now; launch it without accelerate/torchrun")
     algo, say = cfg.algo, acc.print
+    # Each process samples and scores its share of the step's prompts, whole groups each.
+    exact_div(algo.prompts_per_step, acc.num_processes, "algo.prompts_per_step / processes")
 
     # The policy; a frozen reference only when the KL term needs one (LoRA: adapters disabled).
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
@@ -120,10 +121,11 @@ def train(cfg: GRPOConfig) -> Path:
     world = world_of(cfg.prompts, cfg.world_seed)  # None for a prompts file: no gold judge
     prompts = load_prompts(cfg.prompts, cfg.world_prompts, "train", cfg.world_seed, say)
     encoded = [prompt_ids(tokenizer, p.messages) for p in prompts]
-    gold = gold_prompts(cfg.prompts, cfg.eval.gold_prompts, cfg.world_seed)
+    gold = gold_prompts(cfg.prompts, cfg.eval.gold_prompts, cfg.world_seed) if acc.is_main_process else []
 
-    run = start_training(acc, out, policy, cfg.optim, cfg.run, BatchConfig(micro_batch_size=algo.prompts_per_step),
-                         len(prompts), "grpo")
+    run = start_training(acc, out, policy, cfg.optim, cfg.run,
+                         BatchConfig(micro_batch_size=algo.prompts_per_step // acc.num_processes), len(prompts), "grpo")
+    policy = run.raw_model
     keeps_reference = reference is not None or cfg.model.lora
     evaluator = PolicyEvaluator(policy, (lambda: frozen_reference(policy, reference)) if keeps_reference else None,
                                 tokenizer, world, gold, algo.max_new_tokens, cfg.eval.batch_size,
@@ -131,7 +133,7 @@ def train(cfg: GRPOConfig) -> Path:
     if not keeps_reference and gold:  # the SFT answers, for the final win rate
         remember_reference_answers(evaluator, out / "data" / "reference_answers.json", resuming=run.start_step > 0)
 
-    def evaluate(step: int) -> dict[str, float]:
+    def evaluate(step: int) -> dict[str, float]:  # the main process's (the others have no prompts)
         return evaluator(step, final=step == cfg.run.steps)
 
     if run.start_step == 0 and cfg.eval.at_start:
@@ -141,32 +143,41 @@ def train(cfg: GRPOConfig) -> Path:
     group, metrics = algo.group_size, {}
     for step in range(run.start_step, cfg.run.steps):
         t0 = time.perf_counter()
-        # 1-2. P prompts, G samples each (a per-step seed: resuming replays the same samples).
-        indices, _ = run.step_batches(step)
-        batch_prompts = [prompts[i] for i in indices for _ in range(group)]
+        # 1-2. P prompts, G samples each (a per-step seed: resuming replays the same samples; one
+        # seed per response, so a process samples what one process would for its share).
+        _, (mine,) = run.step_batches(step)
+        batch_prompts = [prompts[i] for i in mine for _ in range(group)]
+        seeds = request_seeds(cfg.run.seed * 1_000_003 + step, algo.prompts_per_step * group)
         with acc.autocast():
             gens = sampler.generate([p.messages for p in batch_prompts], algo.max_new_tokens, algo.temperature,
-                                    len(batch_prompts), generator_seed=cfg.run.seed * 1_000_003 + step)
-        seqs = join([encoded[i] for i in indices for _ in range(group)], [g.token_ids for g in gens], tokenizer.pad_token_id)
+                                    len(batch_prompts), seeds[run.my_slice(len(seeds))])
+        seqs = join([encoded[i] for i in mine for _ in range(group)], [g.token_ids for g in gens], tokenizer.pad_token_id)
         mask = seqs.response_mask.float()
 
         # 3-4. Rewards and group advantages, one per response.
         rewards = torch.tensor(score_fn(batch_prompts, [g.text for g in gens]), dtype=torch.float32).view(-1, group)
         advantages = group_advantages(rewards, algo.baseline).view(-1)
-        equal = equal_reward_groups(rewards)
+        all_rewards = run.gather(rewards)
+        equal = equal_reward_groups(all_rewards)
         if equal.all():
             run.bar.print(f"step {step + 1}: every group's rewards are equal, so every advantage is 0 and this "
                           "step teaches nothing (raise the temperature or group size, or check the reward)")
 
-        # 5. One update over the whole batch, in micro-batches.
+        # 5. One update over the whole batch, in micro-batches (as many on every process: DDP and
+        # FSDP meet in each; a process short of rows runs an empty one, its loss 0).
         active = torch.arange(len(gens)) if algo.kl_coef > 0 else torch.nonzero(advantages != 0).flatten()
-        n_tokens, n_sequences = int(mask.sum()), len(gens)
-        kl_sum, non_finite = 0.0, 0
-        for start in range(0, len(active), algo.micro_batch_size):
-            rows = active[start : start + algo.micro_batch_size]
+        micro = list(active.split(algo.micro_batch_size))
+        n_micro = int(run.max(torch.tensor(len(micro))))
+        micro += [active[:0]] * (n_micro - len(micro))
+        n_tokens = int(run.sum(mask.sum()))
+        n_sequences = algo.prompts_per_step * group
+        kl_sum, non_finite = torch.zeros(()), torch.zeros(())
+        for m, rows in enumerate(micro):
+            empty = len(rows) == 0
+            rows = rows if not empty else torch.zeros(1, dtype=torch.long)
             sub = select(seqs, rows)  # cut to the micro-batch's own widths
             sub_mask = mask[rows, : sub.response_mask.shape[1]]
-            with acc.autocast():
+            with sync_gradients(acc, run.model, last=m == n_micro - 1), acc.autocast():
                 logprobs = response_logprobs(run.model, sub, algo.temperature)
                 ref_logprobs = None
                 if algo.kl_coef > 0:
@@ -174,28 +185,33 @@ def train(cfg: GRPOConfig) -> Path:
                         ref_logprobs = response_logprobs(ref, sub, algo.temperature)
                 per_token, stats = policy_gradient_loss(logprobs, advantages[rows], sub_mask, ref_logprobs, algo.kl_coef)
                 loss = aggregate_loss(per_token, sub_mask, algo.loss_aggregation, n_tokens, n_sequences)
-            if torch.isfinite(loss):
-                acc.backward(loss)
-            else:  # a NaN/inf reward or logprob would poison the weights: leave this share out, say so
-                non_finite += 1
-            kl_sum += float(stats.get("kl", 0.0)) * float(sub_mask.sum())
+                finite = bool(torch.isfinite(loss))
+                if empty or not finite:  # a NaN/inf reward or logprob would poison the weights: left out, said below
+                    non_finite += 0 if empty else 1
+                    loss = logprobs.sum() * 0.0
+                # DDP averages over processes, and each process's loss is its share of the sum
+                acc.backward(loss * acc.num_processes)
+            if not empty:
+                kl_sum += float(stats.get("kl", 0.0)) * float(sub_mask.sum())
         done = step + 1
+        kl_sum, non_finite = run.sum(kl_sum), int(run.sum(non_finite))
         grad_norm, skipped = run.update(done, None)  # non-finite micro-batches were left out above
         sampler.load_weights(policy)  # vLLM samples the next step from the updated weights
         if non_finite:
             run.bar.print(f"step {done}: non-finite loss in {non_finite} micro-batch(es), left out of the update "
-                          f"(rewards this step: {rewards.flatten().tolist()[:8]}...)")
+                          f"(rewards this step: {all_rewards.flatten().tolist()[:8]}...)")
 
         # 6. Log.
-        metrics = {"grpo/reward": float(rewards.mean()), "grpo/reward_std": float(rewards.std(-1).mean()),
-                   "grpo/equal_reward_groups": float(equal.float().mean()), "grpo/kl": kl_sum / max(n_tokens, 1),
+        finished = run.sum(torch.tensor(float(sum(g.finished for g in gens))))
+        metrics = {"grpo/reward": float(all_rewards.mean()), "grpo/reward_std": float(all_rewards.std(-1).mean()),
+                   "grpo/equal_reward_groups": float(equal.float().mean()), "grpo/kl": float(kl_sum) / max(n_tokens, 1),
                    "grpo/response_tokens": n_tokens / n_sequences,
-                   "grpo/eos_fraction": sum(g.finished for g in gens) / n_sequences,
+                   "grpo/eos_fraction": float(finished) / n_sequences,
                    "grpo/grad_norm": grad_norm, "grpo/skipped": float(skipped),
                    "grpo/seconds_per_step": time.perf_counter() - t0}
         if world is not None and cfg.reward != "gold":  # the true quality of what it sampled
-            gold = world.judge_many(batch_prompts, [g.text for g in gens])
-            metrics["grpo/gold_score"] = sum(s.score for s in gold) / len(gold)
+            judged = world.judge_many(batch_prompts, [g.text for g in gens])
+            metrics["grpo/gold_score"] = float(run.sum(torch.tensor(sum(s.score for s in judged)))) / n_sequences
         run.bar.update(done, f"reward {metrics['grpo/reward']:.3f}  equal {metrics['grpo/equal_reward_groups']:.2f}")
         due = run.end_step(done, metrics)
         if due.eval:

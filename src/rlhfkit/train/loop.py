@@ -317,6 +317,30 @@ class TrainingRun:
         indices = self.order.batch(step, self.global_batch)
         return indices, micro_batches(indices, self.batch, self.acc.process_index, self.acc.num_processes)
 
+    def my_slice(self, n: int) -> slice:
+        """This process's contiguous share of ``n`` items (a step's prompts or responses); ``n``
+        divides evenly (checked where the stage starts)."""
+        share = n // self.acc.num_processes
+        return slice(self.acc.process_index * share, (self.acc.process_index + 1) * share)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the processes (itself in one), on the CPU."""
+        if self.acc.num_processes == 1:
+            return x
+        return self.acc.reduce(x.to(self.acc.device), reduction="sum").cpu()
+
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        """The largest ``x`` over the processes (itself in one), on the CPU."""
+        if self.acc.num_processes == 1:
+            return x
+        return self.acc.reduce(x.to(self.acc.device), reduction="max").cpu()
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every process's ``x`` (equal shapes), concatenated along dim 0 in process order, on the CPU."""
+        if self.acc.num_processes == 1:
+            return x
+        return self.acc.gather(x.to(self.acc.device)).cpu()
+
     def update(self, done: int, loss: float | None, loss_has_scale: bool = True) -> tuple[float, bool]:
         """One optimizer update (``optimizer_step``); returns (grad norm, skipped). Stops the run
         with ``TrainingDiverged`` when the guard sees it has diverged. ``loss``: the update's loss

@@ -23,8 +23,10 @@ from rlhfkit.advantages import (
     gae,
     kl_penalised_rewards,
     masked_mean,
+    masked_sum,
     masked_var,
     masked_whiten,
+    same,
 )
 from rlhfkit.config import (
     BatchConfig,
@@ -39,10 +41,10 @@ from rlhfkit.config import (
 from rlhfkit.data.formats import read_demonstrations
 from rlhfkit.data.sources import gold_prompts, load_prompts, world_of
 from rlhfkit.data.tokenize import Example, prompt_ids, tokenize_demonstrations
-from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.errors import ConfigError
 from rlhfkit.eval.policy import PolicyEvaluator
 from rlhfkit.eval.scorers import reward_function
-from rlhfkit.generation import Sampler
+from rlhfkit.generation import Sampler, request_seeds
 from rlhfkit.logprobs import demonstration_nll, logprobs, token_values
 from rlhfkit.losses import ppo_policy_loss, ppo_value_loss
 from rlhfkit.models import (
@@ -53,7 +55,7 @@ from rlhfkit.models import (
     save_model,
 )
 from rlhfkit.records import PPOStats, Scored, Sequences, join
-from rlhfkit.train.loop import DataOrder, begin_stage, stage, start_training
+from rlhfkit.train.loop import DataOrder, begin_stage, stage, start_training, sync_gradients
 from rlhfkit.value import save_value_model, value_model
 
 
@@ -65,6 +67,9 @@ class PPOAlgoConfig:
     """Prompts sampled per PPO iteration (one response each)."""
     minibatch_size: int = 8
     """Rollouts per PPO update; prompts_per_step must be a multiple of it."""
+    grad_accum: int = 1
+    """Micro-batches each process splits its share of a minibatch into (memory, not maths: the
+    update is the same)."""
     epochs: int = 4
     """PPO epochs over each iteration's rollouts."""
     temperature: float = 1.0
@@ -126,8 +131,8 @@ class PPOConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self) -> None:
-        require_positive(self, "algo.prompts_per_step", "algo.minibatch_size", "algo.epochs", "algo.max_new_tokens",
-                         "run.steps", "run.save_every")
+        require_positive(self, "algo.prompts_per_step", "algo.minibatch_size", "algo.grad_accum", "algo.epochs",
+                         "algo.max_new_tokens", "run.steps", "run.save_every")
         exact_div(self.algo.prompts_per_step, self.algo.minibatch_size, "algo.prompts_per_step / algo.minibatch_size")
         if not 0 <= self.algo.ema_decay < 1:
             raise ConfigError(f"algo.ema_decay must be in [0, 1), got {self.algo.ema_decay}")
@@ -140,23 +145,22 @@ class PPOConfig:
 
 
 class PolicyAndValue(torch.nn.Module):
-    """The two trained models under one optimizer and one checkpoint."""
+    """The two trained models under one optimizer and one checkpoint, and the forward every
+    update runs: logprobs (at the sampling temperature), entropy and values, (b, R) each. Called
+    through its DDP / FSDP wrapper, so gradients are synchronised across processes."""
 
-    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module):
+    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module, temperature: float):
         super().__init__()
-        self.policy, self.value = policy, value
+        self.policy, self.value, self.temperature = policy, value, temperature
+
+    def forward(self, sub: Sequences) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (*logprobs(self.policy, sub, self.temperature, with_entropy=True), token_values(self.value, sub))
 
 
 def value_source(cfg: PPOConfig) -> str:
     """Where the critic starts: ``--value-model``, else the reward model (N+ detail 11), else, for
     gold or function rewards, the policy's own backbone."""
     return cfg.value_model or (cfg.reward if Path(cfg.reward).is_dir() else cfg.model.name)
-
-
-def ptx_batch_loss(policy, examples: list[Example], pad_id: int) -> torch.Tensor:
-    """Mean NLL of the demonstrations' response tokens."""
-    nll, n = demonstration_nll(policy, examples, pad_id)
-    return nll / max(n, 1)
 
 
 class FirstForwardKept:
@@ -173,22 +177,40 @@ class FirstForwardKept:
         return kept if kept is not None else self.forward(sub)
 
 
-def rollout_forwards(forward, reference, seqs: Sequences, minibatches: list[torch.Tensor],
-                     ) -> tuple[tuple[torch.Tensor, ...], FirstForwardKept]:
-    """(logprobs, entropy, values, ref_logprobs), each (B, R), computed minibatch by minibatch on
-    the first epoch's rows at the whole batch's widths: the very inputs the first updates see (in
-    bf16 another batch layout moves logprobs by ~1e-3, and the first ratio would not be 1)."""
-    first = forward(seqs[minibatches[0]])
+def rollout_forwards(first: tuple[torch.Tensor, ...], forward, reference, seqs: Sequences,
+                     micro_batches: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """(logprobs, entropy, values, ref_logprobs), each (B, R), computed micro-batch by micro-batch
+    on the first epoch's rows at the whole batch's widths: the very inputs the first updates see
+    (in bf16 another batch layout moves logprobs by ~1e-3, and the first ratio would not be 1).
+    ``first``: the first micro-batch's forward, already run with its graph (kept for the first
+    update); the rest run through ``forward`` without one."""
     outputs: list[torch.Tensor] = []
     with torch.no_grad():
-        for index, rows in enumerate(minibatches):
+        for index, rows in enumerate(micro_batches):
             sub = seqs[rows]
             parts = (*(t.detach() for t in (first if index == 0 else forward(sub))), reference(sub))
             if not outputs:
                 outputs = [part.new_zeros((len(seqs),) + part.shape[1:]) for part in parts]
             for whole, part in zip(outputs, parts):
                 whole[rows] = part
-    return tuple(outputs), FirstForwardKept(forward, first)
+    return tuple(outputs)
+
+
+def epoch_micro_batches(generator: torch.Generator, rows: int, minibatch_size: int, shards: int,
+                        mine: range) -> list[list[torch.Tensor]]:
+    """One epoch's shuffle: for each update, this process's micro-batches (local row indices).
+
+    The step's rollouts are cut into ``shards`` equal blocks (processes x grad_accum, in process
+    order; a process holds its own blocks only) and each block is shuffled on its own: update u
+    takes the u-th slice of every block's permutation, shard k being micro-batch k of that
+    update. The permutations depend on the shard count alone, so 2 processes x 1 micro-batch see
+    what 1 process x 2 micro-batches sees; with one shard this is a plain shuffle of the batch.
+    ``mine``: the shards this process holds."""
+    block, per_update = rows // shards, minibatch_size // shards
+    perms = [torch.randperm(block, generator=generator) for _ in range(shards)]
+    updates = rows // minibatch_size
+    return [[(k - mine.start) * block + perms[k][u * per_update : (u + 1) * per_update] for k in mine]
+            for u in range(updates)]
 
 
 class EMA:
@@ -234,10 +256,10 @@ def ptx_examples(cfg: PPOConfig, tokenizer) -> list[Example]:
     return tokenize_demonstrations(tokenizer, demos, PTX_MAX_LEN)[0]
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, total=same) -> float:
     """1 - Var(returns - values) / Var(returns): how much of the return the critic explains."""
-    var_returns = masked_var(returns, mask)
-    return float(1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8))
+    var_returns = masked_var(returns, mask, total=total)
+    return float(1.0 - masked_var(returns - values, mask, total=total) / var_returns.clamp(min=1e-8))
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -246,9 +268,12 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 @stage
 def train(cfg: PPOConfig) -> Path:
     acc, out = begin_stage(cfg)
-    if acc.num_processes > 1:
-        raise RlhfkitError("rlhfkit ppo runs in one process for now; launch it without accelerate/torchrun")
     algo, say = cfg.algo, acc.print
+    # Every process rolls out, scores and trains on its own blocks of each step's prompts: the
+    # batch is cut into shards (processes x grad_accum), each minibatch taking rows of every shard.
+    shards = acc.num_processes * algo.grad_accum
+    exact_div(algo.minibatch_size, shards, "algo.minibatch_size / (processes x algo.grad_accum)")
+    local = algo.prompts_per_step // acc.num_processes
 
     # Models: the policy (trained), the frozen reference (the same SFT weights), the value model.
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
@@ -257,36 +282,34 @@ def train(cfg: PPOConfig) -> Path:
         policy, reference = apply_lora(policy, cfg.model), None
     else:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    models = PolicyAndValue(policy, value_model(value_source(cfg), cfg.model, tokenizer, cfg.run.seed))
+    models = PolicyAndValue(policy, value_model(value_source(cfg), cfg.model, tokenizer, cfg.run.seed),
+                            algo.temperature)
     score_fn = reward_function(cfg.reward, cfg.world_seed, cfg.model.precision)
     world = world_of(cfg.prompts, cfg.world_seed)  # None for a prompts file: no gold judge
     ptx = ptx_examples(cfg, tokenizer) if algo.ptx_coef > 0 else []
     prompts = load_prompts(cfg.prompts, cfg.world_prompts, "train", cfg.world_seed, say)
     encoded = [prompt_ids(tokenizer, p.messages) for p in prompts]
-    gold = gold_prompts(cfg.prompts, cfg.eval.gold_prompts, cfg.world_seed)
+    gold = gold_prompts(cfg.prompts, cfg.eval.gold_prompts, cfg.world_seed) if acc.is_main_process else []
 
     updates_per_step = algo.epochs * (algo.prompts_per_step // algo.minibatch_size)
-    run = start_training(acc, out, models, cfg.optim, cfg.run, BatchConfig(micro_batch_size=algo.prompts_per_step),
+    run = start_training(acc, out, models, cfg.optim, cfg.run, BatchConfig(micro_batch_size=local),
                          len(prompts), "ppo", schedule_steps=cfg.run.steps * updates_per_step)
     kl_ctl = KLController(run.state.get("kl_coef", algo.kl_coef), algo.kl_target or None, algo.kl_horizon)
     ema = EMA(policy, algo.ema_decay, run.state.get("tensors")) if algo.ema_decay else None
     ptx_order = DataOrder(len(ptx), cfg.run.seed + 1)
     pad_id = tokenizer.pad_token_id
+    mine = range(acc.process_index * algo.grad_accum, (acc.process_index + 1) * algo.grad_accum)  # my shards
 
     sampler = Sampler(policy, tokenizer, cfg.rollout, cfg.model.precision, cfg.run.seed)
     evaluator = PolicyEvaluator(policy, lambda: frozen_reference(policy, reference), tokenizer, world, gold,
                                 algo.max_new_tokens, cfg.eval.batch_size, cfg.model.precision, algo.temperature,
                                 run.bar.print)
 
-    def evaluate(step: int) -> dict[str, float]:
+    def evaluate(step: int) -> dict[str, float]:  # the main process's (the others have no prompts)
         return evaluator(step, final=step == cfg.run.steps)
 
     if run.start_step == 0 and cfg.eval.at_start:
         run.log.log(0, evaluate(0))
-
-    def policy_and_value(sub: Sequences) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The forward every update runs: logprobs, entropy and values, (b, R) each."""
-        return (*logprobs(policy, sub, algo.temperature, with_entropy=True), token_values(models.value, sub))
 
     def reference_logprobs(sub: Sequences) -> torch.Tensor:
         with frozen_reference(policy, reference) as ref:
@@ -294,38 +317,52 @@ def train(cfg: PPOConfig) -> Path:
 
     def forward_gap(kept: tuple[torch.Tensor, ...], sub: Sequences) -> float:
         """Largest |logprob or value| difference between the kept forward and a fresh no-grad one of
-        the same minibatch: 0 unless forwards are not deterministic (dropout left on, a
+        the same micro-batch: 0 unless forwards are not deterministic (dropout left on, a
         non-deterministic kernel), which would make the rollout's logprobs noise."""
-        again = policy_and_value(sub)
+        again = models(sub)
         gap = max(float((a - b.detach()).abs().max()) for a, b in zip(again[::2], kept[::2]))
         if gap > 1e-3:
             run.bar.print(f"warning: the same forward gave logprobs/values {gap:.2e} apart: "
                           "PPO's ratios will not start at 1 (dropout on? a non-deterministic kernel?)")
         return gap
 
+    def first_train_forward(sub: Sequences) -> tuple[torch.Tensor, ...]:
+        # the first update's first micro-batch; DDP decides at the forward whether its backward syncs
+        with sync_gradients(acc, run.model, last=algo.grad_accum == 1):
+            return run.model(sub)
+
+    # What each update reduces over processes: its loss share, the diagnostics' token-weighted
+    # sums (divided by the minibatch's tokens), PPO-ptx's share, and a count of non-finite losses.
+    STATS = ("loss", "pg_loss", "vf_loss", "vf_clipfrac", "clipfrac", "approx_kl", "ratio", "ptx_loss", "non_finite")
     metrics: dict[str, float] = {}
     metrics_first: dict[str, float] = {}  # logged at a run's first step only
     for step in range(run.start_step, cfg.run.steps):
         t0 = time.perf_counter()
-        # 1-2. Prompts and rollouts (a per-step seed: resuming replays the same samples).
-        indices, _ = run.step_batches(step)
+        # 1-2. Prompts and rollouts (a per-step seed: resuming replays the same samples; a seed per
+        # prompt, so each process samples what one process would for its share).
+        _, (indices,) = run.step_batches(step)
         batch_prompts = [prompts[i] for i in indices]
+        seeds = request_seeds(cfg.run.seed * 1_000_003 + step, algo.prompts_per_step)
         gens = sampler.generate([p.messages for p in batch_prompts], algo.max_new_tokens, algo.temperature,
-                                algo.prompts_per_step, generator_seed=cfg.run.seed * 1_000_003 + step)
+                                local, seeds[run.my_slice(len(seeds))])
         seqs = join([encoded[i] for i in indices], [g.token_ids for g in gens], pad_id)
         mask = seqs.response_mask.float()  # 1 up to and including the first EOS
         t_rollout = time.perf_counter()
 
         # 3. Logprobs (same temperature as sampling), reference logprobs and values, on the first
-        # PPO epoch's minibatches (every epoch's shuffle is drawn here); the first update reuses
-        # the first minibatch's forward (``rollout_forwards``).
+        # PPO epoch's micro-batches (every epoch's shuffle is drawn here); the first update reuses
+        # the first micro-batch's forward (``rollout_forwards``).
         shuffle = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
-        epochs = [torch.randperm(len(gens), generator=shuffle).split(algo.minibatch_size) for _ in range(algo.epochs)]
-        (old_logprobs, entropy, values, ref_logprobs), forward = rollout_forwards(
-            policy_and_value, reference_logprobs, seqs, epochs[0])
+        epochs = [epoch_micro_batches(shuffle, algo.prompts_per_step, algo.minibatch_size, shards, mine)
+                  for _ in range(algo.epochs)]
+        micro = [rows for update in epochs[0] for rows in update]
+        first = first_train_forward(seqs[micro[0]])
+        old_logprobs, entropy, values, ref_logprobs = rollout_forwards(first, models, reference_logprobs, seqs, micro)
+        forward = FirstForwardKept(run.model, first)
         if step == run.start_step:  # once a run: the graph-keeping forward must equal a no-grad one
             with torch.no_grad():
-                metrics_first = {"ppo/first_forward_gap": forward_gap(forward.kept, seqs[epochs[0][0]])}
+                gap = forward_gap(forward.kept, seqs[epochs[0][0][0]])
+            metrics_first = {"ppo/first_forward_gap": float(run.max(torch.tensor(gap)))}
 
         # 4. Scores at the EOS; the "EOS trick" replaces the score of responses that never ended.
         texts = [g.text for g in gens]
@@ -335,66 +372,84 @@ def train(cfg: PPOConfig) -> Path:
         if algo.missing_eos_penalty:
             scores[~finished] = algo.missing_eos_penalty
 
-        # 5. Per-token KL-penalised rewards, GAE (gamma, lambda), whitened advantages.
+        # 5. Per-token KL-penalised rewards, GAE (gamma, lambda), advantages whitened over the
+        # whole batch (every process's share).
         rewards, kl = kl_penalised_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value, algo.kl_estimator)
         if algo.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = masked_whiten(rewards, mask, shift_mean=False, total=run.sum)
         advantages, returns = gae(rewards, values, mask, algo.gamma, algo.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, total=run.sum)
         batch = Scored(seqs, mask, old_logprobs, values, advantages, returns)
         t_score = time.perf_counter()
 
-        # 6. PPO epochs over shuffled minibatches.
+        # 6. PPO epochs over shuffled minibatches, each a sum of every process's micro-batches
+        # (losses divided by the minibatch's tokens, all processes').
         # Optional PPO-ptx: an SFT loss on demonstrations in every update (InstructGPT eq. 2, gamma).
-        stats = PPOStats()
-        update = step * updates_per_step
-        for minibatches in epochs:
-            for rows in minibatches:
-                # The batch's full widths, not the minibatch's own (select() cuts them; GRPO does):
+        tokens = run.sum(torch.tensor([[float(mask[rows].sum()) for rows in update]
+                                       for epoch in epochs for update in epoch]).sum(-1))
+        update, stats, first_ratio = step * updates_per_step, PPOStats(), 1.0
+        for minibatch in (update for epoch in epochs for update in epoch):
+            n_tokens = tokens[update - step * updates_per_step].clamp(min=1)
+            ptx_batch = [ptx[i] for i in ptx_order.batch(update, algo.minibatch_size)] if ptx else []
+            ptx_tokens = max(sum(len(ex.response) for ex in ptx_batch), 1)
+            sums = torch.zeros(len(STATS))
+            for a, rows in enumerate(minibatch):
+                # The batch's full widths, not the micro-batch's own (select() cuts them; GRPO does):
                 # in bf16 another padding width moves padded logprobs, and the first ratio off 1.
                 mb = batch[rows]
-                new_logprobs, _, new_values = forward(mb.seqs)
-                ptx_loss = ptx_batch_loss(policy, [ptx[i] for i in ptx_order.batch(update, algo.minibatch_size)],
-                                          pad_id) if ptx else torch.zeros(())
-                update += 1
-                pg, pg_stats = ppo_policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.mask, algo.clip)
-                vf, vf_stats = ppo_value_loss(new_values, mb.values, mb.returns, mb.mask, algo.value_clip)
-                loss = masked_mean(pg, mb.mask) + algo.vf_coef * masked_mean(vf, mb.mask) + algo.ptx_coef * ptx_loss
-                if not stats.ratio:  # first minibatch: no update yet, so the ratio must be 1
-                    first_ratio = float(pg_stats["ratio"])
-                    if abs(first_ratio - 1) > 1e-3:
-                        run.bar.print(f"warning: step {step + 1}: ratio {first_ratio:.4f} != 1 before the first update: "
-                                      "the rollout's logprobs are not the policy's (rows mixed up? temperature?)")
-                finite = bool(torch.isfinite(loss))
-                if finite:
-                    loss.backward()
-                run.update(step + 1, float(loss.detach()), loss_has_scale=False)  # a non-finite loss: the update is skipped
-                if not finite:
-                    continue
-                stats.pg_loss.append(float(masked_mean(pg.detach(), mb.mask)))
-                stats.vf_loss.append(float(masked_mean(vf.detach(), mb.mask)))
-                stats.vf_clipfrac.append(float(vf_stats["value_clipfrac"]))
-                stats.ptx_loss.append(float(ptx_loss.detach()))
-                stats.clipfrac.append(float(pg_stats["clipfrac"]))
-                stats.approx_kl.append(float(pg_stats["approx_kl"]))
-                stats.ratio.append(float(pg_stats["ratio"]))
+                with sync_gradients(acc, run.model, last=a == len(minibatch) - 1):
+                    new_logprobs, _, new_values = forward(mb.seqs)
+                    pg, pg_stats = ppo_policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.mask, algo.clip)
+                    vf, vf_stats = ppo_value_loss(new_values, mb.values, mb.returns, mb.mask, algo.value_clip)
+                    ptx_loss = torch.zeros(())
+                    if ptx:  # this shard's slice of the update's demonstrations
+                        k, share = mine[a], algo.minibatch_size // shards
+                        ptx_loss = demonstration_nll(policy, ptx_batch[k * share : (k + 1) * share], pad_id)[0] / ptx_tokens
+                    pg_sum, vf_sum = masked_sum(pg, mb.mask), masked_sum(vf, mb.mask)
+                    loss = pg_sum / n_tokens + algo.vf_coef * vf_sum / n_tokens + algo.ptx_coef * ptx_loss
+                    finite = bool(torch.isfinite(loss))
+                    # DDP averages over processes, and each one's loss is its share of the sum
+                    acc.backward((loss if finite else new_logprobs.sum() * 0.0) * acc.num_processes)
+                n = float(mb.mask.sum())
+                sums += torch.tensor([float(loss.detach()), float(pg_sum.detach()), float(vf_sum.detach()),
+                                      n * float(vf_stats["value_clipfrac"]), n * float(pg_stats["clipfrac"]),
+                                      n * float(pg_stats["approx_kl"]), n * float(pg_stats["ratio"]),
+                                      float(ptx_loss.detach()), float(not finite)])
+            sums = run.sum(sums)
+            total = dict(zip(STATS, (sums / torch.cat([torch.ones(1), n_tokens.expand(6), torch.ones(2)])).tolist()))
+            if update == step * updates_per_step:  # no update yet, so the ratio must be 1
+                first_ratio = total["ratio"]
+                if abs(first_ratio - 1) > 1e-3:
+                    run.bar.print(f"warning: step {step + 1}: ratio {first_ratio:.4f} != 1 before the first update: "
+                                  "the rollout's logprobs are not the policy's (rows mixed up? temperature?)")
+            update += 1
+            if total["non_finite"]:  # on every process alike: the update is skipped
+                run.optimizer.zero_grad(set_to_none=True)
+                total["loss"] = float("nan")
+            run.update(step + 1, total["loss"], loss_has_scale=False)
+            if total["non_finite"]:
+                continue
+            for name in STATS[1:-1]:
+                getattr(stats, name).append(total[name])
 
         sampler.load_weights(policy)  # vLLM samples the next step from the updated weights
         t_train = time.perf_counter()
-        # 7. EMA, KL controller, metrics.
+        # 7. EMA, KL controller, metrics (over every process's rollouts).
         if ema is not None:
             ema.update(policy)
-        seq_kl = (kl * mask).sum(-1)
+        seq_kl = run.gather((kl * mask).sum(-1))
+        all_scores, all_raw = run.gather(scores), run.gather(raw_scores)
         if float(seq_kl.mean()) < 0:
             run.bar.print(f"warning: step {step + 1}: mean KL to the reference is negative ({float(seq_kl.mean()):.4f})")
-        kl_ctl.update(float(seq_kl.mean()), len(gens))
+        kl_ctl.update(float(seq_kl.mean()), len(seq_kl))
         done = step + 1
         metrics = {
-            "ppo/score": float(raw_scores.mean()), "ppo/kl": float(seq_kl.mean()), "ppo/kl_coef": kl_ctl.value,
-            "ppo/reward": float((scores - seq_kl * kl_ctl.value).mean()),
-            "ppo/entropy": float(masked_mean(entropy, mask)), "ppo/response_tokens": float(mask.sum(-1).mean()),
-            "ppo/eos_fraction": float(finished.float().mean()),
-            "ppo/explained_variance": explained_variance(values, returns, mask),
+            "ppo/score": float(all_raw.mean()), "ppo/kl": float(seq_kl.mean()), "ppo/kl_coef": kl_ctl.value,
+            "ppo/reward": float((all_scores - seq_kl * kl_ctl.value).mean()),
+            "ppo/entropy": float(masked_mean(entropy, mask, total=run.sum)),
+            "ppo/response_tokens": float(run.sum(mask.sum())) / algo.prompts_per_step,
+            "ppo/eos_fraction": float(run.gather(finished.float()).mean()),
+            "ppo/explained_variance": explained_variance(values, returns, mask, run.sum),
             "ppo/seconds_per_step": time.perf_counter() - t0, "ppo/seconds_rollout": t_rollout - t0,
             "ppo/seconds_score": t_score - t_rollout, "ppo/seconds_train": t_train - t_score,
             "ppo/ratio_first_minibatch": first_ratio,
@@ -402,7 +457,8 @@ def train(cfg: PPOConfig) -> Path:
         }
         metrics_first = {}
         if world is not None:
-            metrics["ppo/gold_score"] = sum(s.score for s in world.judge_many(batch_prompts, texts)) / len(texts)
+            judged = sum(s.score for s in world.judge_many(batch_prompts, texts))
+            metrics["ppo/gold_score"] = float(run.sum(torch.tensor(judged))) / algo.prompts_per_step
         run.bar.update(done, f"score {metrics['ppo/score']:.3f}  kl {metrics['ppo/kl']:.3f}")
         due = run.end_step(done, metrics)
         if due.eval:
