@@ -50,9 +50,18 @@ STAGES = {
     "ppo": (["ppo", "--recipe", "tiny", *RL, "--run.steps", "8", "--algo.prompts-per-step", "4",
              "--algo.minibatch-size", "2", "--algo.epochs", "2", "--optim.lr", "1e-3"],
             ["--algo.grad-accum", "2"], ["--algo.grad-accum", "1"]),
+    # Each process samples and scores half of a round's prompts; the round's DPO runs on both.
+    # Killed inside round 2: round 1 is skipped on resume, round 2 resumes from its checkpoint.
+    "online-dpo": (["online-dpo", "--recipe", "tiny", "--model.name", "tiny", "--model.precision", "fp32",
+                    "--reward", "test_processes:length_reward", "--online.prompts-per-iteration", "8",
+                    "--online.max-new-tokens", "10", "--online.iterations", "2", "--run.steps", "4",
+                    "--eval.gold-prompts", "0", "--eval.no-at-start", "--batch.micro-batch-size", "2"],
+                   ["--batch.grad-accum", "2"], ["--batch.grad-accum", "1"]),
 }
+KILL_IN = {"online-dpo": "iter_2/checkpoints"}  # where the checkpoint to kill after appears
 LOSSES = ("train/loss", "train/grad_norm", "dpo/loss", "dpo/grad_norm", "grpo/reward", "grpo/grad_norm",
-          "grpo/kl", "ppo/score", "ppo/kl", "ppo/pg_loss", "ppo/vf_loss", "ppo/explained_variance")
+          "grpo/kl", "ppo/score", "ppo/kl", "ppo/pg_loss", "ppo/vf_loss", "ppo/explained_variance",
+          "online/reward_mean", "online/pairs")
 WEIGHTS = ("model.safetensors", "value_model/model.safetensors")
 
 
@@ -92,7 +101,8 @@ def finish(process: subprocess.Popen) -> str:
 
 
 def steps(out: Path) -> list[dict[str, float]]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """The stage's per-step signals, and those of its rounds (online DPO's iter_*)."""
+    rows = [json.loads(line) for path in sorted(out.glob("**/metrics.jsonl")) for line in path.read_text().splitlines()]
     return [{k: r[k] for k in LOSSES if k in r} for r in rows if any(k in r for k in LOSSES)]
 
 
@@ -111,7 +121,7 @@ def test_two_processes_killed_and_resumed_match_one_process(stage, tmp_path):
     two = [*args, *two_flags, "--run.out", str(tmp_path / "two")]
     killed = start(two, processes=2)
     deadline = time.time() + 240
-    while not list((tmp_path / "two" / "checkpoints").glob("step-*")):
+    while not list((tmp_path / "two" / KILL_IN.get(stage, "checkpoints")).glob("step-*")):
         assert killed.poll() is None, killed.communicate()[0]
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.05)

@@ -46,6 +46,22 @@ def make_accelerator(precision: str) -> Accelerator:
     return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
 
 
+def my_slice(acc: Accelerator, n: int) -> slice:
+    """This process's contiguous share of ``n`` items (a step's prompts or responses); ``n``
+    divides evenly (checked where the stage starts)."""
+    share = n // acc.num_processes
+    return slice(acc.process_index * share, (acc.process_index + 1) * share)
+
+
+def gather_lists(acc: Accelerator, items: list) -> list:
+    """Every process's ``items`` (equal lengths), concatenated in process order."""
+    if acc.num_processes == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
+
+
 class StageComplete(Exception):
     """``begin_stage`` found ``run.out`` complete while resuming: the stage returns its folder."""
 
@@ -318,10 +334,7 @@ class TrainingRun:
         return indices, micro_batches(indices, self.batch, self.acc.process_index, self.acc.num_processes)
 
     def my_slice(self, n: int) -> slice:
-        """This process's contiguous share of ``n`` items (a step's prompts or responses); ``n``
-        divides evenly (checked where the stage starts)."""
-        share = n // self.acc.num_processes
-        return slice(self.acc.process_index * share, (self.acc.process_index + 1) * share)
+        return my_slice(self.acc, n)
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` summed over the processes (itself in one), on the CPU."""

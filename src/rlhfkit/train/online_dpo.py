@@ -26,20 +26,21 @@ from rlhfkit.config import (
     OptimConfig,
     PreferenceDataConfig,
     RunConfig,
+    exact_div,
     require_positive,
 )
 from rlhfkit.data.records import Comparison, Message, Prompt
 from rlhfkit.data.sources import gold_prompts, load_prompts, world_of
 from rlhfkit.data.world import World
-from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.errors import ConfigError
 from rlhfkit.eval.policy import PolicyEvaluator, remember_reference_answers
 from rlhfkit.eval.scorers import reward_function
-from rlhfkit.generation import generate
+from rlhfkit.generation import generate, request_seeds
 from rlhfkit.models import load_model, load_tokenizer
 from rlhfkit.runs import MetricsLog, mark_complete
 from rlhfkit.train import dpo
 from rlhfkit.train.dpo import DPOAlgoConfig, DPOConfig
-from rlhfkit.train.loop import begin_stage, stage
+from rlhfkit.train.loop import begin_stage, gather_lists, my_slice, stage
 
 
 @dataclass
@@ -114,17 +115,22 @@ def choose_pair(rewards: list[float], pairing: str, rng: random.Random) -> tuple
     return rng.choice([(i, j) for i in range(len(rewards)) for j in range(len(rewards)) if rewards[i] > rewards[j]])
 
 
-def sample_round(cfg: OnlineDPOConfig, model_name: str, prompts: list[Prompt], score, seed: int, say) -> list[dict]:
-    """N samples per prompt from ``model_name``, their rewards, and the chosen pair's indices."""
+def sample_round(cfg: OnlineDPOConfig, acc, model_name: str, prompts: list[Prompt], score, seed: int,
+                 say) -> list[dict]:
+    """N samples per prompt from ``model_name``, their rewards, and the chosen pair's indices.
+    Each process samples and scores its share of the prompts (one seed per answer); every process
+    gets all rows."""
     n = cfg.online.samples_per_prompt
     tokenizer = load_tokenizer(model_name, cfg.model.trust_remote_code)
     policy = load_model(dataclasses.replace(cfg.model, lora=False), tokenizer, seed=cfg.run.seed, path=model_name)
     say(f"sampling {n} responses for {len(prompts)} prompts from {model_name}")
-    gens = generate(policy, tokenizer, [p.messages for p in prompts for _ in range(n)], cfg.online.max_new_tokens,
+    mine = my_slice(acc, len(prompts))
+    asked = [p for p in prompts[mine] for _ in range(n)]
+    gens = generate(policy, tokenizer, [p.messages for p in asked], cfg.online.max_new_tokens,
                     temperature=cfg.online.temperature, batch_size=cfg.eval.batch_size, precision=cfg.model.precision,
-                    generator_seed=seed)
+                    seeds=request_seeds(seed, len(prompts) * n)[mine.start * n : mine.stop * n])
     texts = [g.text for g in gens]
-    rewards = score([p for p in prompts for _ in range(n)], texts)
+    texts, rewards = gather_lists(acc, texts), gather_lists(acc, list(score(asked, texts)))
     rng = random.Random(seed)
     rows = []
     for i, prompt in enumerate(prompts):
@@ -170,19 +176,19 @@ def messages(dicts: list[dict]) -> tuple[Message, ...]:
 @stage
 def train(cfg: OnlineDPOConfig) -> Path:
     acc, out = begin_stage(cfg)
-    if acc.num_processes > 1:
-        raise RlhfkitError("rlhfkit online-dpo runs in one process for now; launch it without accelerate/torchrun")
-    say = acc.print
+    exact_div(cfg.online.prompts_per_iteration, acc.num_processes, "online.prompts_per_iteration / processes")
+    say, main = acc.print, acc.is_main_process
     world = world_of(cfg.prompts, cfg.world_seed)  # None for a prompts file: no gold judge
     prompts = load_prompts(cfg.prompts, cfg.online.iterations * cfg.online.prompts_per_iteration, "train",
                            cfg.world_seed, say)
     score = reward_function(cfg.reward, cfg.world_seed, cfg.model.precision)
-    log = MetricsLog(out, acc.is_main_process)
-    gold = gold_prompts(cfg.prompts, cfg.eval.gold_prompts, cfg.world_seed)
+    log = MetricsLog(out, main)
+    gold = gold_prompts(cfg.prompts, cfg.eval.gold_prompts, cfg.world_seed) if main else []
 
     def judge(model_path: str, step: int, final: bool, snapshot: bool = False) -> dict[str, float]:
         """Held-out greedy gold score of a round's model (and at the end, win rates against the
-        starting model's answers, remembered in OUT/data before the first round)."""
+        starting model's answers, remembered in OUT/data before the first round); by the main
+        process (the others have no prompts)."""
         if not gold:
             return {}
         tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
@@ -203,7 +209,11 @@ def train(cfg: OnlineDPOConfig) -> Path:
         chunk = [prompts[j % len(prompts)] for j in range(first, first + cfg.online.prompts_per_iteration)]
         samples = folder / "data" / "samples.jsonl"
         if not samples.exists():
-            write_rows(sample_round(cfg, model_name, chunk, score, cfg.run.seed * 1000 + i, say), samples)
+            rows = sample_round(cfg, acc, model_name, chunk, score, cfg.run.seed * 1000 + i, say)
+            acc.wait_for_everyone()  # every process has seen that the file is missing
+            if main:
+                write_rows(rows, samples)
+        acc.wait_for_everyone()
         rows = read_rows(samples)
         summary = round_summary(rows, world)
         say(f"round {i}: " + ", ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in summary.items()))
@@ -218,22 +228,27 @@ def train(cfg: OnlineDPOConfig) -> Path:
             eval=dataclasses.replace(cfg.eval, gold_prompts=0, at_start=False),
         )
         dpo.train(round_cfg, comparisons=(as_comparisons(rows), []))
-        # A finished round is resumed from its model, never from its checkpoints, which hold the
-        # optimizer state too (about 3x the model per checkpoint): free the disk.
-        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
         step += cfg.run.steps
         model_name = str(folder)
         judged = folder / "judged.json"  # a rerun does not judge finished rounds again
-        if not judged.exists():
-            judged.write_text(json.dumps(judge(model_name, step, final=i == cfg.online.iterations)))
-        log.log(step, {"online/iteration": float(i), **summary, **json.loads(judged.read_text())})
+        if main:
+            # A finished round is resumed from its model, never from its checkpoints, which hold the
+            # optimizer state too (about 3x the model per checkpoint): free the disk.
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+            if not judged.exists():
+                judged.write_text(json.dumps(judge(model_name, step, final=i == cfg.online.iterations)))
+            log.log(step, {"online/iteration": float(i), **summary, **json.loads(judged.read_text())})
+        acc.wait_for_everyone()
 
     # The last round's model is the result.
-    for name in MODEL_FILES:
-        if (Path(model_name) / name).exists():
-            shutil.copy2(Path(model_name) / name, out / name)
+    if main:
+        for name in MODEL_FILES:
+            if (Path(model_name) / name).exists():
+                shutil.copy2(Path(model_name) / name, out / name)
     log.close()
-    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    mark_complete(out, {"stage": "online-dpo", "iterations": cfg.online.iterations, "steps": step,
-                        **{k: v for k, v in final.items() if k.startswith("eval/")}})
+    if main:
+        final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+        mark_complete(out, {"stage": "online-dpo", "iterations": cfg.online.iterations, "steps": step,
+                            **{k: v for k, v in final.items() if k.startswith("eval/")}})
+    acc.wait_for_everyone()
     return out
