@@ -43,12 +43,16 @@ STAGES = {
              "--eval.gold-prompts", "0", "--eval.no-at-start", "--batch.micro-batch-size", "4"],
             ["--batch.grad-accum", "2"], ["--batch.grad-accum", "1"]),
     # Each process samples half of each step's groups (one seed per answer) and the update sums both.
+    # With a KL term: a frozen reference on each process.
     "grpo": (["grpo", "--recipe", "tiny", *RL, "--run.steps", "8", "--algo.prompts-per-step", "4",
-              "--algo.group-size", "2", "--algo.micro-batch-size", "2", "--optim.lr", "1e-3"], [], []),
+              "--algo.group-size", "2", "--algo.micro-batch-size", "2", "--algo.kl-coef", "0.05",
+              "--optim.lr", "1e-3"], [], []),
     # Each process rolls out half of each step's prompts; advantages are whitened over both halves
-    # and each minibatch takes rows of both.
+    # and each minibatch takes rows of both. The state to restore also holds the adaptive KL
+    # coefficient, the EMA weights and PPO-ptx's data position.
     "ppo": (["ppo", "--recipe", "tiny", *RL, "--run.steps", "8", "--algo.prompts-per-step", "4",
-             "--algo.minibatch-size", "2", "--algo.epochs", "2", "--optim.lr", "1e-3"],
+             "--algo.minibatch-size", "2", "--algo.epochs", "2", "--optim.lr", "1e-3", "--algo.kl-target", "1.0",
+             "--algo.ema-decay", "0.8", "--algo.ptx-coef", "0.1"],
             ["--algo.grad-accum", "2"], ["--algo.grad-accum", "1"]),
     # Each process samples and scores half of a round's prompts; the round's DPO runs on both.
     # Killed inside round 2: round 1 is skipped on resume, round 2 resumes from its checkpoint.
@@ -60,9 +64,10 @@ STAGES = {
 }
 KILL_IN = {"online-dpo": "iter_2/checkpoints"}  # where the checkpoint to kill after appears
 LOSSES = ("train/loss", "train/grad_norm", "dpo/loss", "dpo/grad_norm", "grpo/reward", "grpo/grad_norm",
-          "grpo/kl", "ppo/score", "ppo/kl", "ppo/pg_loss", "ppo/vf_loss", "ppo/explained_variance",
+          "grpo/kl", "ppo/score", "ppo/kl", "ppo/kl_coef", "ppo/pg_loss", "ppo/vf_loss", "ppo/ptx_loss",
+          "ppo/explained_variance",
           "online/reward_mean", "online/pairs")
-WEIGHTS = ("model.safetensors", "value_model/model.safetensors")
+WEIGHTS = ("model.safetensors", "value_model/model.safetensors", "ema/model.safetensors")
 
 
 def free_port() -> int:
