@@ -32,10 +32,12 @@ STAGES = {
     "sft": (["sft", "--recipe", "tiny", "--run.steps", "6", "--eval.gold-prompts", "0", "--eval.no-at-start",
              "--data.world-examples", "200", "--batch.micro-batch-size", "4"],
             ["--batch.grad-accum", "2"], ["--batch.grad-accum", "1"]),
-    # The random tiny backbone on world candidates (no sampling), with held-out rankings: the main
-    # process writes the rankings cache the other reads, and evaluates alone.
-    "rm": (["rm", "--recipe", "tiny", "--model.name", "tiny", "--data.responses", "candidates", "--run.steps", "6",
-            "--data.world-prompts", "64", "--data.world-eval-prompts", "8", "--batch.micro-batch-size", "4"],
+    # The random tiny backbone, on rankings of its own samples and world candidates, with held-out
+    # rankings: each process samples its share, the main process writes the rankings, and
+    # evaluates alone.
+    "rm": (["rm", "--recipe", "tiny", "--model.name", "tiny", "--model.precision", "fp32", "--data.responses", "mixed",
+            "--data.max-new-tokens", "10", "--run.steps", "6", "--data.world-prompts", "32",
+            "--data.world-eval-prompts", "8", "--batch.micro-batch-size", "4"],
            ["--batch.grad-accum", "2"], ["--batch.grad-accum", "1"]),
     # Reference logprobs are computed once by the main process and read by the other.
     "dpo": (["dpo", "--recipe", "tiny", "--model.name", "tiny", "--data.responses", "candidates",
@@ -146,3 +148,33 @@ def test_two_processes_killed_and_resumed_match_one_process(stage, tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-3 * float(a[key].abs().max()), msg=key)
+
+
+def test_sampling_commands_on_two_processes_write_what_one_process_writes(tmp_path):
+    """best-of-N and eval split their prompts across 2 processes (one seed per answer) and the main
+    process writes the file: the same answers, rewards and verdicts as one process writes."""
+    sample = ["--model", "tiny", "--temperature", "1.0", "--max-new-tokens", "10", "--precision", "fp32",
+              "--batch-size", "4"]
+    for processes in (1, 2):
+        folder = tmp_path / str(processes)
+        finish(start(["bon", *sample, "--reward", "test_processes:length_reward", "--samples", "3", "--num-prompts", "7",
+                      "--out", str(folder / "bon.jsonl")], processes))
+        finish(start(["eval", *sample, "--against", "tiny", "--n-prompts", "7", "--seed", "1",
+                      "--out", str(folder / "eval.json")], processes))
+        assert sorted(p.name for p in folder.iterdir()) == ["bon.jsonl", "eval.json"]  # no partial files left
+    one, two = ([json.loads(line) for line in (tmp_path / d / "bon.jsonl").read_text().splitlines()] for d in "12")
+    assert len(one) == 7 and one == two
+    one, two = (json.loads((tmp_path / d / "eval.json").read_text()) for d in "12")
+    assert one["records"] == two["records"] and one["win_rate"] == two["win_rate"]
+
+
+def test_process_shares_cover_every_item_once(monkeypatch):
+    from rlhfkit import processes
+
+    for size in range(1, 5):
+        for n in range(10):
+            shares = []
+            for rank in range(size):
+                monkeypatch.setattr(processes, "rank_and_size", lambda: (rank, size))
+                shares += list(range(n))[processes.share(n)]
+            assert shares == list(range(n)), (size, n)

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rlhfkit import processes
+
 # Generations per chunk: small enough that an interruption loses little (SmolLM2 on 2 CPU cores:
 # about 2 minutes of sampling), large enough that batches keep refilling within a chunk.
 CHUNK = 128
@@ -49,15 +51,21 @@ class PartialFile:
     ``sizes``: the number of rows each chunk holds; a line counts only when it is whole (ends in
     a newline, parses) and holds its chunk's index and row count, so a line torn by ``kill -9`` is
     dropped on reading. With other settings than the file's, it starts again. ``path`` None keeps
-    nothing (a caller without a folder)."""
+    nothing (a caller without a folder). Under several processes only the main one writes; the
+    others read what it kept."""
 
     def __init__(self, path: Path | None, settings: dict, sizes: list[int], what: str):
         self.path, self.sizes, self.what = path, sizes, what
         self.settings = json.loads(json.dumps(settings))  # as read back: tuples become lists
         self.count = 0
+        self.writer = processes.is_main()
 
     def load(self) -> list[list]:
         """The rows of the chunks already finished (a prefix of all chunks); trims the file to them."""
+        with processes.main_first():  # the others read the file once the main process has repaired it
+            return self._load()
+
+    def _load(self) -> list[list]:
         if self.path is None or not self.path.exists():
             return []
         data = self.path.read_bytes()
@@ -70,9 +78,10 @@ class PartialFile:
                 row = None
             if i == 0:
                 if not isinstance(row, dict) or row.get("settings") != self.settings:
-                    if row is not None:
+                    if row is not None and self.writer:
                         print(f"{self.what}: {self.path} was sampled with other settings; sampling again")
-                    self.path.unlink()
+                    if self.writer:
+                        self.path.unlink()
                     return []
             elif not (isinstance(row, dict) and row.get("chunk") == len(chunks) < len(self.sizes)
                       and isinstance(row.get("rows"), list) and len(row["rows"]) == self.sizes[len(chunks)]):
@@ -80,10 +89,10 @@ class PartialFile:
             else:
                 chunks.append(row["rows"])
             good += len(line)
-        if good < len(data):
+        if good < len(data) and self.writer:
             os.truncate(self.path, good)
         self.count = len(chunks)
-        if chunks:
+        if chunks and self.writer:
             print(f"{self.what}: resuming, {len(chunks)}/{len(self.sizes)} chunks already sampled ({self.path})")
         return chunks
 
@@ -91,7 +100,7 @@ class PartialFile:
         """Record the next chunk's rows, on disk (fsync) before returning."""
         if len(rows) != self.sizes[self.count]:
             raise ValueError(f"chunk {self.count}: {len(rows)} rows, expected {self.sizes[self.count]}")
-        if self.path is not None:
+        if self.path is not None and self.writer:
             started = self.path.exists() and self.path.stat().st_size > 0
             lines = "" if started else json.dumps({"settings": self.settings}) + "\n"
             lines += json.dumps({"chunk": self.count, "rows": rows}) + "\n"
@@ -104,5 +113,5 @@ class PartialFile:
 
     def remove(self) -> None:
         """Once the final files are written, the partial state is no longer needed."""
-        if self.path is not None:
+        if self.path is not None and self.writer:
             self.path.unlink(missing_ok=True)

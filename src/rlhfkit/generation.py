@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhfkit import processes
 from rlhfkit.data.records import Messages
 from rlhfkit.data.tokenize import end_of_turn_id, prompt_ids
 from rlhfkit.engines import Output, SamplingParams
@@ -48,6 +49,7 @@ def generate(
     progress: str = "",
     logprobs: bool = False,
     seeds: list[int] | None = None,
+    spread: bool = False,
 ) -> list[Generation]:
     """One response per prompt, in the caller's order. ``temperature`` 0 means greedy decoding.
     At most ``batch_size`` prompts decode together; as answers finish, waiting prompts take their
@@ -56,13 +58,21 @@ def generate(
     Prompts are taken shortest first, so rows that decode together pad little. Each answer is
     sampled from its own RNG, ``request_seeds(generator_seed, ...)`` (or ``seeds``, one per
     prompt): an answer depends on its seed, not on the batch or process that generates it, and
-    the training RNG stream is left alone (exact resume depends on that)."""
+    the training RNG stream is left alone (exact resume depends on that).
+
+    ``spread``: under several processes (torchrun, accelerate launch) each generates its share of
+    the prompts and every process gets every answer."""
+    if seeds is None and generator_seed is not None:
+        seeds = request_seeds(generator_seed, len(prompts))
+    if spread and processes.distributed():
+        mine = processes.share(len(prompts))
+        return processes.gather(generate(model, tokenizer, prompts[mine], max_new_tokens, temperature, batch_size,
+                                         precision, progress=progress if processes.is_main() else "",
+                                         logprobs=logprobs, seeds=None if seeds is None else seeds[mine]))
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     engine = BuiltinEngine(model, tokenizer.pad_token_id, precision, batch_size)
     params = SamplingParams(max_new_tokens, temperature, stop_ids(tokenizer), logprobs=logprobs)
-    if seeds is None and generator_seed is not None:
-        seeds = request_seeds(generator_seed, len(prompts))
     with progress_bar(progress, len(prompts)) as advance:
         outputs = engine.generate([encoded[i] for i in order], params, on_finished=advance,
                                   seeds=None if seeds is None else [seeds[i] for i in order])

@@ -12,6 +12,7 @@ from pathlib import Path
 from rlhfkit.chunks import CHUNK, PartialFile, chunk_ranges, chunk_seed, partial_path
 from rlhfkit.config import ModelConfig, PreferenceDataConfig
 from rlhfkit.data.preferences import read_cached_rankings, read_rankings_file, write_rankings
+from rlhfkit import processes
 from rlhfkit.data.records import Ranking, split_by_prompt
 from rlhfkit.data.sources import is_world
 from rlhfkit.data.world import Labeler, World
@@ -28,14 +29,17 @@ def load_rankings(data: PreferenceDataConfig, model_cfg: ModelConfig, seed: int,
         cache = {split: out / "data" / f"{split}_rankings.jsonl" for split in ("train", "eval")}
         if not all(p.exists() for p in cache.values()):
             # Both finals are written only once both splits are sampled: their existence means done.
+            # Under several processes each samples its share; the main process writes.
             train = sample_world_rankings(data, model_cfg, "train", data.world_prompts, seed,
                                           partial_path(cache["train"]), chunk)
             held = sample_world_rankings(data, model_cfg, "eval", data.world_eval_prompts, seed,
                                          partial_path(cache["eval"]), chunk)
-            for split, rankings in (("train", train), ("eval", held)):
-                write_rankings(rankings, cache[split])
-            for path in cache.values():
-                partial_path(path).unlink(missing_ok=True)
+            if processes.is_main():
+                for split, rankings in (("train", train), ("eval", held)):
+                    write_rankings(rankings, cache[split])
+                for path in cache.values():
+                    partial_path(path).unlink(missing_ok=True)
+        processes.wait_for_everyone()
         return read_cached_rankings(cache["train"]), read_cached_rankings(cache["eval"])
     train = read_rankings_file(data.train, data)
     if data.eval:
@@ -75,13 +79,14 @@ def sample_world_rankings(data: PreferenceDataConfig, model_cfg: ModelConfig, sp
         if log.count < len(ranges):
             tokenizer = load_tokenizer(policy_name, model_cfg.trust_remote_code)
             policy = load_model(model_cfg, tokenizer, seed=seed, path=policy_name)
-            print(f"sampling {n_policy} completions for {n} {split} prompts from {policy_name}")
+            if processes.is_main():
+                print(f"sampling {n_policy} completions for {n} {split} prompts from {policy_name}")
         for c in range(log.count, len(ranges)):
             chunk_prompts = prompts[ranges[c].start : ranges[c].stop]
             flat = generate(policy, tokenizer, [p.messages for p in chunk_prompts for _ in range(n_policy)],
                             data.max_new_tokens, temperature=data.temperature, batch_size=32,
                             precision=model_cfg.precision, generator_seed=chunk_seed(seed, f"labels:{split}", c),
-                            progress=f"sampling ({split}), chunk {c + 1}/{len(ranges)}")
+                            progress=f"sampling ({split}), chunk {c + 1}/{len(ranges)}", spread=True)
             rows = [[g.text for g in flat[i * n_policy : (i + 1) * n_policy]] for i in range(len(chunk_prompts))]
             log.append(rows)
             sampled += rows

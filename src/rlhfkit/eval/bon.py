@@ -14,8 +14,11 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
+import tyro
+
+from rlhfkit import processes
 from rlhfkit.chunks import (
     CHUNK,
     PartialFile,
@@ -42,7 +45,8 @@ class BestOfNConfig:
     """The policy that samples (a model folder or built-in name)."""
     reward: str = "gold"
     """Picks the best: a reward-model folder, `gold` (the world's gold judge), or `module:function`."""
-    n: int = 4
+    # `--samples` too: torchrun and accelerate launch take `--n` for an abbreviation of their own flags
+    n: Annotated[int, tyro.conf.arg(aliases=("--samples",))] = 4
     """Samples per prompt."""
     prompts: str = "world"
     """`world` (held-out world prompts, judged by the gold judge too) or a file of prompt records."""
@@ -101,7 +105,9 @@ def best_of_n(cfg: BestOfNConfig, chunk: int = CHUNK) -> dict[str, float]:
                                                                 "precision", "seed")}}
     log = PartialFile(partial_path(out), settings, [len(r) * cfg.n for r in ranges], "bon")
     texts = [text for rows in log.load() for text in rows]
-    print(f"sampling {cfg.n} responses for each of {len(prompts)} prompts from {cfg.model}, scoring them with {cfg.reward}")
+    if processes.is_main():
+        print(f"sampling {cfg.n} responses for each of {len(prompts)} prompts from {cfg.model}, "
+              f"scoring them with {cfg.reward}")
     if log.count < len(ranges):
         tokenizer = load_tokenizer(cfg.model)
         policy = load_model(ModelConfig(name=cfg.model, precision=cfg.precision), tokenizer, seed=cfg.seed)
@@ -110,9 +116,11 @@ def best_of_n(cfg: BestOfNConfig, chunk: int = CHUNK) -> dict[str, float]:
         gens = generate(policy, tokenizer, [p.messages for p in part], cfg.max_new_tokens,
                         temperature=cfg.temperature, batch_size=cfg.batch_size, precision=cfg.precision,
                         generator_seed=chunk_seed(cfg.seed, "bon", c),
-                        progress=f"sampling, chunk {c + 1}/{len(ranges)}" if len(ranges) > 1 else "")
+                        progress=f"sampling, chunk {c + 1}/{len(ranges)}" if len(ranges) > 1 else "", spread=True)
         log.append([g.text for g in gens])
         texts += [g.text for g in gens]
+    if not processes.is_main():  # the others sampled their shares; the main process scores and writes
+        return {}
     # 2. Score every sample; keep each prompt's best.
     rewards = score(flat_prompts, texts)
     if any(not math.isfinite(r) for r in rewards):

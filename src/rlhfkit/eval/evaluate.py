@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from rlhfkit import processes
 from rlhfkit.chunks import (
     CHUNK,
     PartialFile,
@@ -204,7 +205,9 @@ def answer(name: str, prompts: list[Prompt], cfg: EvalConfig, device: str, log: 
 
     tokenizer = load_tokenizer(name)
     model = load_model(ModelConfig(name=name, precision=cfg.precision), tokenizer, seed=cfg.seed).to(device)
-    print(f"answering {len(prompts)} prompts with {name} ({'greedy' if cfg.temperature == 0 else f'temperature {cfg.temperature}'})")
+    if processes.is_main():
+        print(f"answering {len(prompts)} prompts with {name} "
+              f"({'greedy' if cfg.temperature == 0 else f'temperature {cfg.temperature}'})")
     rows: list[dict] = []
     for c, r in enumerate(ranges):
         if first + c < len(done):
@@ -213,7 +216,7 @@ def answer(name: str, prompts: list[Prompt], cfg: EvalConfig, device: str, log: 
         gens = generate(model, tokenizer, [prompts[i].messages for i in r], cfg.max_new_tokens,
                         temperature=cfg.temperature, batch_size=cfg.batch_size, precision=cfg.precision,
                         generator_seed=chunk_seed(cfg.seed, "eval", c),
-                        progress=f"{name}, chunk {c + 1}/{len(ranges)}" if len(ranges) > 1 else "")
+                        progress=f"{name}, chunk {c + 1}/{len(ranges)}" if len(ranges) > 1 else "", spread=True)
         new = [{"text": g.text, "token_ids": g.token_ids, "finished": g.finished} for g in gens]
         log.append(new)
         rows += new
@@ -300,7 +303,7 @@ def evaluate(cfg: EvalConfig, chunk: int = CHUNK) -> dict:
 
     cfg.check()
     cfg.precision = resolve(cfg.precision, cfg.model, flag="--precision")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = processes.device()
     world = world_of(cfg.prompts, cfg.world_seed)  # None for a prompts file: no gold judge
 
     # 1. Prompts (and reference answers, when the source has them).
@@ -323,6 +326,8 @@ def evaluate(cfg: EvalConfig, chunk: int = CHUNK) -> dict:
         theirs = Side(REFERENCE, references)
     else:
         theirs = answer(cfg.against, prompts, cfg, device, log, done, len(ranges), ranges)
+    if not processes.is_main():  # the others answered their shares; the main process judges and writes
+        return {}
 
     # 3-4. Judge both orders; win rate, interval, length control (lengths in the model's tokens).
     rm = None

@@ -245,8 +245,8 @@ def train(cfg: RMConfig) -> Path:
     say = acc.print
 
     # 1-2. Rankings -> groups of token ids (every completion of a prompt stays together).
-    with acc.main_process_first():  # the others read the main process's cache of sampled rankings
-        train_rankings, eval_rankings = load_rankings(cfg.data, cfg.model, cfg.run.seed, out)
+    # Sampled rankings: every process samples its share; the main process writes the cache
+    train_rankings, eval_rankings = load_rankings(cfg.data, cfg.model, cfg.run.seed, out)
     encoder = backbone_is_encoder(cfg.model.name, cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code, chat=not encoder)
     truncation = TruncationReport()

@@ -1,0 +1,73 @@
+"""The processes a command runs on: one, or several started by ``torchrun`` / ``accelerate
+launch``. Sampling commands (labels, best-of-N, evaluation) split their prompts across them and
+gather the answers; the main process writes the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+
+def distributed() -> bool:
+    """Launched as one of several processes (torchrun / accelerate launch set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _state():
+    import torch
+    from accelerate import PartialState
+
+    # cpu= as the training stages pass it (train/loop.py), so the process group is the same one.
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def rank_and_size() -> tuple[int, int]:
+    if not distributed():
+        return 0, 1
+    state = _state()
+    return state.process_index, state.num_processes
+
+
+def is_main() -> bool:
+    return rank_and_size()[0] == 0
+
+
+def device():
+    """Where this process computes: its own GPU under several processes, else the GPU or the CPU."""
+    import torch
+
+    if distributed():
+        return _state().device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def share(n: int) -> slice:
+    """This process's contiguous share of ``n`` items (the first processes take one more when
+    ``n`` does not divide evenly)."""
+    rank, size = rank_and_size()
+    return slice(n * rank // size, n * (rank + 1) // size)
+
+
+def gather(items: list) -> list:
+    """Every process's ``items`` (any lengths), concatenated in process order; itself in one."""
+    if not distributed():
+        return items
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
+
+
+def wait_for_everyone() -> None:
+    if distributed():
+        _state().wait_for_everyone()
+
+
+@contextlib.contextmanager
+def main_first():
+    """The main process runs the block first (it may repair or remove files); the others after."""
+    if not distributed():
+        yield
+        return
+    with _state().main_process_first():
+        yield
