@@ -178,3 +178,37 @@ def test_process_shares_cover_every_item_once(monkeypatch):
                 monkeypatch.setattr(processes, "rank_and_size", lambda: (rank, size))
                 shares += list(range(n))[processes.share(n)]
             assert shares == list(range(n)), (size, n)
+
+
+FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_state_dict_type: FULL_STATE_DICT
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+use_cpu: true
+machine_rank: 0
+main_training_function: main
+rdzv_backend: static
+same_network: true
+"""
+
+
+def test_an_fsdp_launch_that_accelerate_turns_into_ddp_is_refused(tmp_path):
+    """accelerate 1.15 sets up plain DDP on CPU for an FSDP config, silently: the stage must stop
+    and say so (once), before it writes anything."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(FSDP_CONFIG)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                               "--main_process_port", str(free_port()), "-m", "rlhfkit.cli", "sft", "--recipe", "tiny",
+                               "--run.steps", "2", "--eval.gold-prompts", "0", "--eval.no-at-start",
+                               "--data.world-examples", "40", "--run.out", str(tmp_path / "out")],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert launched.returncode != 0
+    said = [line for line in launched.stderr.splitlines() if line.startswith("rlhfkit sft: error:")]
+    assert len(said) == 1 and "asks for FSDP, but accelerate set up MULTI_CPU" in said[0], launched.stderr
+    assert not (tmp_path / "out").exists()

@@ -7,6 +7,7 @@ Thin on purpose: every command is a dataclass config (its fields are the flags, 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
             announce_data(cfg, argv[1:])
         resolve_function(COMMANDS[name][1])(cfg)
     except RlhfkitError as e:
-        print(f"rlhfkit {name}: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch: said once
+            print(f"rlhfkit {name}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         hint = {"run": "; rerun the same command to continue"}.get(name, "")

@@ -43,7 +43,38 @@ def make_accelerator(precision: str) -> Accelerator:
         raise ValueError(f"precision {precision!r}: resolve `auto` with rlhfkit.precision.resolve first")
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+    acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+    refuse_unsupported_sharding(acc)
+    return acc
+
+
+def refuse_unsupported_sharding(acc: Accelerator) -> None:
+    """A launch that asked accelerate for FSDP or DeepSpeed stops here with what it got instead.
+
+    On CPU accelerate silently sets up DDP for an FSDP config (it enables FSDP only on GPU-like
+    devices) and DeepSpeed as one process per rank (accelerate 1.15): the run would train
+    unsharded, or as unrelated copies. And the training loop does not drive sharded engines yet
+    (their optimizer must be prepared with the model, their weights gathered to save), so a run
+    that got FSDP or DeepSpeed stops too rather than train wrong."""
+    import os
+
+    from accelerate.utils import DistributedType
+
+    asked = [name for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+             if os.environ.get(env, "false").lower() in ("true", "1", "yes")]
+    if not asked:
+        return
+    got = acc.distributed_type
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if got not in (DistributedType.FSDP, DistributedType.DEEPSPEED) or acc.num_processes != world:
+        raise RlhfkitError(
+            f"the accelerate config asks for {asked[0]}, but accelerate set up {got.value} with "
+            f"{acc.num_processes} of {world} processes (on CPU it enables neither FSDP nor DeepSpeed): "
+            "nothing would be sharded. Launch with a DDP config (or torchrun) here; sharding needs GPUs")
+    raise RlhfkitError(
+        f"accelerate set up {asked[0]}, which rlhfkit's training loop does not drive yet (the optimizer "
+        "must be prepared with the sharded model and the weights gathered to save): launch with a DDP config "
+        "or torchrun (README, Scale)")
 
 
 def my_slice(acc: Accelerator, n: int) -> slice:
@@ -335,6 +366,11 @@ class TrainingRun:
 
     def my_slice(self, n: int) -> slice:
         return my_slice(self.acc, n)
+
+    def my_shards(self, per_process: int) -> range:
+        """The shards of a step's batch this process holds, when the batch is cut into
+        ``per_process`` shards per process (process order)."""
+        return range(self.acc.process_index * per_process, (self.acc.process_index + 1) * per_process)
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` summed over the processes (itself in one), on the CPU."""

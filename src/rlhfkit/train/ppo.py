@@ -298,7 +298,7 @@ def train(cfg: PPOConfig) -> Path:
     ema = EMA(policy, algo.ema_decay, run.state.get("tensors")) if algo.ema_decay else None
     ptx_order = DataOrder(len(ptx), cfg.run.seed + 1)
     pad_id = tokenizer.pad_token_id
-    mine = range(acc.process_index * algo.grad_accum, (acc.process_index + 1) * algo.grad_accum)  # my shards
+    mine = run.my_shards(algo.grad_accum)
 
     sampler = Sampler(policy, tokenizer, cfg.rollout, cfg.model.precision, cfg.run.seed)
     evaluator = PolicyEvaluator(policy, lambda: frozen_reference(policy, reference), tokenizer, world, gold,
