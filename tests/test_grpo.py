@@ -93,3 +93,13 @@ def test_the_vllm_engine_without_vllm_fails_before_any_work_saying_how_to_instal
     monkeypatch.setattr("rlhfkit.config.vllm_installed", lambda: True)  # as if vLLM were installed
     with pytest.raises(ConfigError, match="model.lora"):
         parse("grpo", ["--recipe", "tiny", "--model.name", "tiny", "--model.lora", "--rollout.engine", "vllm"]).check()
+
+
+def test_importance_weights_are_one_when_the_sampler_is_the_trainer(tmp_path):
+    """With the built-in engine the sampler's logprobs are the trainer's, so every truncated
+    importance weight is 1: a token misaligned between the two would move it far from 1."""
+    out = grpo.train(parse("grpo", [*QUICK, "--reward", "gold", "--run.steps", "2", "--model.precision", "fp32",
+                                    "--algo.temperature", "0.8", "--rollout.importance-cap", "2",
+                                    "--run.out", str(tmp_path / "g")]))
+    weights = [r["grpo/importance_weight"] for r in rows(out) if "grpo/importance_weight" in r]
+    assert len(weights) == 2 and weights == pytest.approx([1.0, 1.0], abs=1e-4)

@@ -63,3 +63,23 @@ def test_center_penalty_ignores_padding():
     rewards = torch.tensor([[1.0, -3.0, 7.0]])
     valid = torch.tensor([[True, True, False]])
     assert center_penalty(rewards, valid).item() == 5.0
+
+
+def test_truncated_importance_weights_hand_computed():
+    from rlhfkit.losses import policy_gradient_loss, truncated_importance_weights
+
+    trainer = torch.tensor([[-1.0, -2.0, -0.1]])
+    sampler = torch.tensor([[-1.5, -1.0, -2.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    weights = truncated_importance_weights(trainer, sampler, mask, cap=2.0)
+    assert torch.allclose(weights, torch.tensor([[math.exp(0.5), math.exp(-1.0), 0.0]]))
+    capped = truncated_importance_weights(torch.tensor([[-0.1]]), torch.tensor([[-2.0]]), torch.ones(1, 1), cap=2.0)
+    assert float(capped) == 2.0  # exp(1.9) = 6.7, truncated
+    # They weight the policy-gradient term only: the KL term is not the sampler's business.
+    logprobs = torch.tensor([[-1.0, -2.0, -0.1]], requires_grad=True)
+    ref = torch.tensor([[-1.2, -1.9, -0.3]])
+    plain, _ = policy_gradient_loss(logprobs, torch.tensor([0.5]), mask, ref, kl_coef=0.1)
+    weighted, _ = policy_gradient_loss(logprobs, torch.tensor([0.5]), mask, ref, kl_coef=0.1, weights=weights)
+    kl = (torch.expm1(ref - logprobs) - (ref - logprobs)).detach()
+    assert torch.allclose(weighted, (-0.5 * weights + 0.1 * kl) * mask)
+    assert torch.allclose(plain, (-0.5 + 0.1 * kl) * mask)

@@ -10,7 +10,7 @@ from pathlib import Path
 from rlhfkit.metrics import METRICS, known
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "rlhfkit"
-NAMESPACES = ("train/", "eval/", "ppo/", "grpo/", "dpo/", "online/")
+NAMESPACES = ("train/", "eval/", "ppo/", "grpo/", "dpo/", "online/", "gpu/")
 
 
 def logged_keys(folder: Path) -> set[str]:

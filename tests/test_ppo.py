@@ -226,3 +226,11 @@ def test_a_finished_samples_reward_is_the_plain_rm_score_of_its_chat_template(ti
             assert reward == pytest.approx(plain(torch.tensor([ids])).logits[0, 0].item() - 0.25, rel=1e-5, abs=1e-6)
         own_tokens += ids == prompt_ids(tiny_tokenizer, prompt.messages) + gen.token_ids + newline
     assert finished > 0 and own_tokens > 0, (finished, own_tokens)
+
+
+def test_importance_weights_are_one_when_the_sampler_is_the_trainer(tiny_sft, tmp_path):
+    """The built-in engine samples with the trainer's own probabilities: PPO's truncated
+    importance weights (old logprobs over sampling logprobs) are all 1."""
+    rows = run_ppo(tiny_sft, tmp_path / "ppo", "--run.steps", "2", "--model.precision", "fp32",
+                   "--algo.temperature", "0.8", "--rollout.importance-cap", "2")
+    assert [r["ppo/importance_weight"] for r in rows] == pytest.approx([1.0, 1.0], abs=1e-4)

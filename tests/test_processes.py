@@ -39,9 +39,11 @@ STAGES = {
             "--data.max-new-tokens", "10", "--run.steps", "6", "--data.world-prompts", "32",
             "--data.world-eval-prompts", "8", "--batch.micro-batch-size", "4"],
            ["--batch.grad-accum", "2"], ["--batch.grad-accum", "1"]),
-    # Reference logprobs are computed once by the main process and read by the other.
-    "dpo": (["dpo", "--recipe", "tiny", "--model.name", "tiny", "--data.responses", "candidates",
-             "--data.world-prompts", "40", "--data.world-eval-prompts", "8", "--run.steps", "6",
+    # Pairs from the policy's own samples (each process samples its share); reference logprobs are
+    # computed once by the main process and read by the other.
+    "dpo": (["dpo", "--recipe", "tiny", "--model.name", "tiny", "--model.precision", "fp32", "--data.responses",
+             "policy", "--data.max-new-tokens", "10", "--data.world-prompts", "40", "--data.world-eval-prompts", "8",
+             "--run.steps", "6",
              "--eval.gold-prompts", "0", "--eval.no-at-start", "--batch.micro-batch-size", "4"],
             ["--batch.grad-accum", "2"], ["--batch.grad-accum", "1"]),
     # Each process samples half of each step's groups (one seed per answer) and the update sums both.

@@ -143,11 +143,18 @@ class RolloutConfig:
     policy's weights pushed into it after every update (`pip install 'rlhfkit[vllm]'`)."""
     vllm_memory: float = 0.3
     """vLLM's share of the GPU's memory (on CPU, of RAM) for its weights and KV cache."""
+    importance_cap: float = 0.0
+    """Truncated importance sampling: weight each token's policy-gradient term by
+    min(pi_trainer / pi_sampler, cap), correcting for the sampler's slightly different
+    probabilities (vLLM's kernels are not the trainer's); 0 = off. TRL's
+    `vllm_importance_sampling_correction` (cap 2)."""
 
     def check(self, lora: bool) -> None:
-        """Fail before any work: a bad share, vLLM not installed, or LoRA with vLLM."""
+        """Fail before any work: a bad share or cap, vLLM not installed, or LoRA with vLLM."""
         if not 0 < self.vllm_memory <= 1:
             raise ConfigError(f"rollout.vllm_memory must be in (0, 1], got {self.vllm_memory}")
+        if self.importance_cap < 0 or 0 < self.importance_cap < 1:
+            raise ConfigError(f"rollout.importance_cap must be 0 (off) or at least 1, got {self.importance_cap}")
         if self.engine != "vllm":
             return
         if not vllm_installed():

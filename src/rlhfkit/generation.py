@@ -88,6 +88,14 @@ def request_seeds(seed: int, n: int) -> list[int]:
     return [(seed * 1_000_003 + i) % 2**63 for i in range(n)]
 
 
+def sampling_logprobs(gens: list[Generation], width: int) -> torch.Tensor:
+    """The answers' sampling logprobs right-padded with 0 to ``width`` response columns, (B, width)."""
+    out = torch.zeros(len(gens), width)
+    for row, g in enumerate(gens):
+        out[row, : len(g.logprobs)] = torch.tensor(g.logprobs[:width])
+    return out
+
+
 def as_generation(output: Output, tokenizer: PreTrainedTokenizerBase) -> Generation:
     """An engine's output with its text: the tokens before the stop token, special tokens skipped."""
     shown = output.token_ids[:-1] if output.finished else output.token_ids

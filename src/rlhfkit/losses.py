@@ -204,7 +204,7 @@ def dpo_loss(
 
 def policy_gradient_loss(
     logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-    ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token on-policy loss with a sequence-level advantage, (B, T) -> (B, T), 0 on masked tokens.
 
@@ -212,10 +212,14 @@ def policy_gradient_loss(
     exactly 1 (one update per batch of samples, so PPO's clip never acts), while its gradient is
     A * grad logp_t: REINFORCE with the group baseline, as TRL's GRPO writes it. The optional KL
     term is the k3 estimator against the reference, added to the loss rather than the reward
-    (GRPO's choice). ``advantages`` (B,) is broadcast over each response's tokens.
+    (GRPO's choice). ``advantages`` (B,) is broadcast over each response's tokens. ``weights``
+    (B, T), optional: per-token weights of the policy-gradient term (truncated importance
+    sampling), not of the KL term.
     """
     ratio = torch.exp(logprobs - logprobs.detach())
     loss = -advantages.unsqueeze(-1) * ratio
+    if weights is not None:
+        loss = loss * weights
     stats: dict[str, torch.Tensor] = {}
     if ref_logprobs is not None and kl_coef:
         log_ratio = ref_logprobs - logprobs
@@ -224,6 +228,19 @@ def policy_gradient_loss(
         with torch.no_grad():
             stats["kl"] = (kl * mask).sum() / mask.sum().clamp(min=1)
     return loss * mask, stats
+
+
+def truncated_importance_weights(trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
+    """min(pi_trainer / pi_sampler, cap) per sampled token, (B, T), detached, 0 on masked tokens.
+
+    The rollout engine's probabilities differ slightly from the trainer's (other kernels, other
+    precision), so samples are off-policy by that much; truncated importance sampling reweights
+    each token's policy-gradient term by this ratio, capped so no token dominates (Yao et al.
+    2025, "Your efficient RL framework secretly brings you off-policy RL training"; TRL's
+    ``vllm_importance_sampling_correction``)."""
+    with torch.no_grad():
+        return torch.exp(trainer_logprobs - sampler_logprobs).clamp(max=cap) * mask
 
 
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, level: str, n_tokens: int, n_sequences: int) -> torch.Tensor:

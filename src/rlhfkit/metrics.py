@@ -4,7 +4,8 @@ The one list: stages write these keys, the report and the pipeline's summary rea
 ``tests/test_metrics.py`` fails when a run logs a key that is not here (or a reader asks for one
 that is not). Namespaces say where a number comes from: ``train/`` (SFT and reward-model
 updates), ``eval/`` (held-out evaluation), ``ppo/``, ``grpo/``, ``dpo/`` (one update or rollout
-batch of that algorithm) and ``online/`` (one round of online DPO). ``<x>`` stands for any name.
+batch of that algorithm), ``online/`` (one round of online DPO) and ``gpu/`` (the device).
+``<x>`` stands for any name.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ METRICS: dict[str, str] = {
     **{f"eval/vs_sft_{k}": v for k, v in _WIN_RATE.items()},
     **{f"eval/vs_sft_sampled_{k}": f"{v} (sampled answers)" for k, v in _WIN_RATE.items()},
     # PPO (InstructGPT; N+ details)
+    "ppo/importance_weight": "with rollout.importance_cap: mean truncated importance weight min(pi_trainer / pi_sampler, cap) over response tokens (1 when the sampler is the trainer)",
     "ppo/score": "mean reward-model score of the step's rollouts",
     "ppo/reward": "mean score minus the KL penalty (what PPO maximises)",
     "ppo/kl": "mean per-sequence KL estimate to the reference",
@@ -75,6 +77,7 @@ METRICS: dict[str, str] = {
     "ppo/seconds_score": "of which forwards, scoring and advantages",
     "ppo/seconds_train": "of which PPO updates",
     # GRPO / RLOO
+    "grpo/importance_weight": "with rollout.importance_cap: mean truncated importance weight over the updated responses' tokens",
     "grpo/reward": "mean reward of the step's samples",
     "grpo/reward_std": "mean within-group standard deviation of the reward",
     "grpo/equal_reward_groups": "share of groups whose samples all got the same reward (no signal)",
@@ -101,6 +104,8 @@ METRICS: dict[str, str] = {
     "online/pairs": "pairs the round made",
     "online/all_equal_fraction": "share of prompts whose samples all got the same reward (no pair)",
     "online/sample_gold": "mean gold score of the round's samples (the world only)",
+    # the machine
+    "gpu/max_memory_gib": "on CUDA: the most GPU memory PyTorch has held so far in this process (main process), GiB",
 }
 
 _PATTERNS = [re.compile(re.escape(key).replace(re.escape("<x>"), r"[A-Za-z0-9_]+") + "$")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhfkit import processes
 from rlhfkit.config import ModelConfig
 from rlhfkit.errors import ConfigError, RlhfkitError
 
@@ -296,7 +297,7 @@ def load_model(
     disable_dropout(model)
     if training:
         prefer_eager_attention_on_cpu(model)
-    return model
+    return model.to(processes.device())  # this process's GPU (or the CPU); copies of it stay there
 
 
 def prefer_eager_attention_on_cpu(model: torch.nn.Module) -> None:

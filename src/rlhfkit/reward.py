@@ -28,6 +28,7 @@ import torch
 from transformers import logging as transformers_logging
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from rlhfkit import processes
 from rlhfkit.data.records import Message, Messages, user
 from rlhfkit.data.tokenize import (CHARS_PER_TOKEN, Example, TruncationReport, fit, prompt_ids, response_ids,
                                    turn_suffix_ids)
@@ -167,7 +168,7 @@ class RewardModel:
             model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
         ensure_pad_token(tokenizer)
         model.config.pad_token_id = tokenizer.pad_token_id
-        return cls(model, tokenizer, max_len, precision)
+        return cls(model.to(processes.device()), tokenizer, max_len, precision)
 
     @torch.no_grad()
     def score(self, prompts: list[Messages | str], responses: list[str], batch_size: int = 16,

@@ -200,7 +200,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
         probs = probs * (probs.cumsum(-1) - probs < top_p)  # the mass before a kept token is short of top_p
     cdf = probs.cumsum(-1)
     if isinstance(generator, list):
-        u = torch.cat([torch.rand(1, 1, generator=g) for g in generator]).to(cdf.device)
+        u = torch.cat([torch.rand(1, 1, generator=g, device=g.device).to(cdf.device) for g in generator])
     else:
         u = torch.rand(len(cdf), 1, device=cdf.device, generator=generator)
     u = u * cdf[:, -1:]  # fp32 sums miss 1 by ~1e-6

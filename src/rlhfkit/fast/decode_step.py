@@ -136,6 +136,8 @@ class DecodeStep:
         if type(head) is not nn.Linear or head.bias is not None or not hasattr(backbone, "rotary_emb"):
             return None
         device = head.weight.device
+        if device.type != "cpu":  # measured and checked on CPU only; a GPU decodes through the model's forward
+            return None
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else head.weight.dtype
         pack = rows if packs_weights(device, dtype) else None
         linears = {}

@@ -135,7 +135,7 @@ def sequence_logprobs(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tens
     lengths (2B,). Rows 0..B-1 are the chosen responses, B..2B-1 the rejected ones."""
     seqs = join([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     logps = logprobs(model, seqs)  # (2B, R), 0 on padding
-    return logps.sum(-1), seqs.response_mask.sum(-1).float()
+    return logps.sum(-1), seqs.response_mask.sum(-1).float().to(logps.device)
 
 
 # --- 3. reference logprobs ----------------------------------------------------------------------
@@ -150,7 +150,7 @@ def reference_table(model, pairs: list[Pair], pad_id: int, batches: list[list[in
     for rows in batches:
         logps, _ = sequence_logprobs(model, [pairs[i] for i in rows], pad_id)
         new = table[rows, 0].isnan()
-        table[torch.tensor(rows)[new]] = torch.stack(logps.float().chunk(2), dim=1)[new]
+        table[torch.tensor(rows)[new]] = torch.stack(logps.float().chunk(2), dim=1).cpu()[new]
     if table.isnan().any():
         raise RuntimeError(f"reference batches left {int(table[:, 0].isnan().sum())} of {len(pairs)} pairs out")
     return table
@@ -230,8 +230,8 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
     # 1. Rankings (a file, or world prompts answered by the policy and ranked by simulated
     # labelers; cached in OUT/data) -> pairs -> token ids.
     if comparisons is None:
-        with acc.main_process_first():  # the others read the main process's cache of sampled rankings
-            train_rankings, eval_rankings = load_rankings(cfg.data, cfg.model, cfg.run.seed, out)
+        # sampled rankings: every process samples its share, the main process writes the cache
+        train_rankings, eval_rankings = load_rankings(cfg.data, cfg.model, cfg.run.seed, out)
         comparisons = to_comparisons(train_rankings, algo.pairs), to_comparisons(eval_rankings, algo.pairs)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     truncation = TruncationReport()
@@ -277,7 +277,7 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
         ref_chosen = ref_rejected = None
         if variant.needs_reference:
             if split in ref_tables:
-                ref = ref_tables[split][indices]
+                ref = ref_tables[split][indices].to(chosen.device)
                 ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
             else:
                 with torch.no_grad(), frozen_reference(run.raw_model, reference) as frozen:
@@ -323,7 +323,7 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
             for key, value in pair_metrics(loss, stats).items():
                 sums[key] = sums.get(key, torch.zeros(())) + value.cpu()
         done = step + 1
-        metrics = {f"dpo/{k}": float(acc.reduce(v, reduction="sum")) / global_batch for k, v in sums.items()}
+        metrics = {f"dpo/{k}": float(run.sum(v)) / global_batch for k, v in sums.items()}
         grad_norm, skipped = run.update(done, metrics["dpo/loss"])
         train_seconds += time.perf_counter() - t_step
         metrics.update({"dpo/grad_norm": grad_norm, "dpo/skipped": float(skipped), "dpo/lr": run.scheduler.get_last_lr()[0],

@@ -38,9 +38,9 @@ from rlhfkit.eval.policy import (
     remember_reference_answers,
 )
 from rlhfkit.eval.scorers import reward_function
-from rlhfkit.generation import Sampler, request_seeds
+from rlhfkit.generation import Sampler, request_seeds, sampling_logprobs
 from rlhfkit.logprobs import logprobs as response_logprobs
-from rlhfkit.losses import aggregate_loss, policy_gradient_loss
+from rlhfkit.losses import aggregate_loss, policy_gradient_loss, truncated_importance_weights
 from rlhfkit.models import apply_lora, load_model, load_tokenizer, save_model
 from rlhfkit.records import join, select
 from rlhfkit.train.loop import begin_stage, stage, start_training, sync_gradients
@@ -141,6 +141,7 @@ def train(cfg: GRPOConfig) -> Path:
     sampler = Sampler(policy, tokenizer, cfg.rollout, cfg.model.precision, cfg.run.seed)
 
     group, metrics = algo.group_size, {}
+    correct = cfg.rollout.importance_cap > 0  # truncated importance sampling (sampler != trainer)
     for step in range(run.start_step, cfg.run.steps):
         t0 = time.perf_counter()
         # 1-2. P prompts, G samples each (a per-step seed: resuming replays the same samples; one
@@ -150,13 +151,14 @@ def train(cfg: GRPOConfig) -> Path:
         seeds = request_seeds(cfg.run.seed * 1_000_003 + step, algo.prompts_per_step * group)
         with acc.autocast():
             gens = sampler.generate([p.messages for p in batch_prompts], algo.max_new_tokens, algo.temperature,
-                                    len(batch_prompts), seeds[run.my_slice(len(seeds))])
+                                    len(batch_prompts), seeds[run.my_slice(len(seeds))], logprobs=correct)
         seqs = join([encoded[i] for i in mine for _ in range(group)], [g.token_ids for g in gens], tokenizer.pad_token_id)
-        mask = seqs.response_mask.float()
+        mask = seqs.response_mask.float().to(acc.device)
+        sampled = sampling_logprobs(gens, mask.shape[1]).to(acc.device) if correct else None
 
         # 3-4. Rewards and group advantages, one per response.
         rewards = torch.tensor(score_fn(batch_prompts, [g.text for g in gens]), dtype=torch.float32).view(-1, group)
-        advantages = group_advantages(rewards, algo.baseline).view(-1)
+        advantages = group_advantages(rewards, algo.baseline).view(-1).to(acc.device)
         all_rewards = run.gather(rewards)
         equal = equal_reward_groups(all_rewards)
         if equal.all():
@@ -165,13 +167,14 @@ def train(cfg: GRPOConfig) -> Path:
 
         # 5. One update over the whole batch, in micro-batches (as many on every process: DDP and
         # FSDP meet in each; a process short of rows runs an empty one, its loss 0).
-        active = torch.arange(len(gens)) if algo.kl_coef > 0 else torch.nonzero(advantages != 0).flatten()
+        active = torch.arange(len(gens)) if algo.kl_coef > 0 else torch.nonzero(advantages.cpu() != 0).flatten()
         micro = list(active.split(algo.micro_batch_size))
         n_micro = int(run.max(torch.tensor(len(micro))))
         micro += [active[:0]] * (n_micro - len(micro))
         n_tokens = int(run.sum(mask.sum()))
+        active_tokens = run.sum(mask[active].sum())
         n_sequences = algo.prompts_per_step * group
-        kl_sum, non_finite = torch.zeros(()), torch.zeros(())
+        kl_sum, non_finite, weight_sum = torch.zeros(()), torch.zeros(()), torch.zeros(())
         for m, rows in enumerate(micro):
             empty = len(rows) == 0
             rows = rows if not empty else torch.zeros(1, dtype=torch.long)
@@ -183,7 +186,13 @@ def train(cfg: GRPOConfig) -> Path:
                 if algo.kl_coef > 0:
                     with torch.no_grad(), frozen_reference(policy, reference) as ref:
                         ref_logprobs = response_logprobs(ref, sub, algo.temperature)
-                per_token, stats = policy_gradient_loss(logprobs, advantages[rows], sub_mask, ref_logprobs, algo.kl_coef)
+                weights = None
+                if correct:  # the sampler's probabilities are not exactly the trainer's
+                    weights = truncated_importance_weights(logprobs.detach(), sampled[rows, : sub_mask.shape[1]],
+                                                           sub_mask, cfg.rollout.importance_cap)
+                    weight_sum += float(weights.sum()) if not empty else 0.0
+                per_token, stats = policy_gradient_loss(logprobs, advantages[rows], sub_mask, ref_logprobs, algo.kl_coef,
+                                                        weights)
                 loss = aggregate_loss(per_token, sub_mask, algo.loss_aggregation, n_tokens, n_sequences)
                 finite = bool(torch.isfinite(loss))
                 if empty or not finite:  # a NaN/inf reward or logprob would poison the weights: left out, said below
@@ -194,7 +203,7 @@ def train(cfg: GRPOConfig) -> Path:
             if not empty:
                 kl_sum += float(stats.get("kl", 0.0)) * float(sub_mask.sum())
         done = step + 1
-        kl_sum, non_finite = run.sum(kl_sum), int(run.sum(non_finite))
+        kl_sum, non_finite, weight_sum = run.sum(kl_sum), int(run.sum(non_finite)), run.sum(weight_sum)
         grad_norm, skipped = run.update(done, None)  # non-finite micro-batches were left out above
         sampler.load_weights(policy)  # vLLM samples the next step from the updated weights
         if non_finite:
@@ -209,6 +218,8 @@ def train(cfg: GRPOConfig) -> Path:
                    "grpo/eos_fraction": float(finished) / n_sequences,
                    "grpo/grad_norm": grad_norm, "grpo/skipped": float(skipped),
                    "grpo/seconds_per_step": time.perf_counter() - t0}
+        if correct:
+            metrics["grpo/importance_weight"] = float(weight_sum) / max(int(active_tokens), 1)
         if world is not None and cfg.reward != "gold":  # the true quality of what it sampled
             judged = world.judge_many(batch_prompts, [g.text for g in gens])
             metrics["grpo/gold_score"] = float(run.sum(torch.tensor(sum(s.score for s in judged)))) / n_sequences

@@ -427,6 +427,8 @@ class TrainingRun:
         checked for NaN/inf first when a checkpoint or the final save follows."""
         for timer in STEP_TIMERS:
             timer.step_end(done)
+        if torch.cuda.is_available():
+            metrics["gpu/max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         # Not at the last step: the stage saves its final model and complete.json right after, and
         # a finished stage is never resumed (a PPO checkpoint is ~3 GB, ~10 s of disk writes here).
         checkpoint = (done % self.run.save_every == 0 or self.save_is_due()) and done < self.run.steps
@@ -480,6 +482,7 @@ def start_training(acc: Accelerator, out: Path, model: torch.nn.Module, optim: O
     """Optimizer, schedule, exact resume, DDP wrapping, metrics and progress bar for one stage.
     ``schedule_steps``: optimizer steps in the whole run when a stage takes several per step
     (PPO); default ``run.steps``."""
+    model.to(acc.device)  # before the optimizer: a resumed optimizer state lands beside its weights
     optimizer = build_optimizer(model.parameters(), optim)
     scheduler = build_scheduler(optimizer, optim, schedule_steps or run.steps)
     state = resume_state(out, run, model, optimizer, scheduler, acc.print)

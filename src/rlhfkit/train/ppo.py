@@ -44,9 +44,9 @@ from rlhfkit.data.tokenize import Example, prompt_ids, tokenize_demonstrations
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.policy import PolicyEvaluator
 from rlhfkit.eval.scorers import reward_function
-from rlhfkit.generation import Sampler, request_seeds
+from rlhfkit.generation import Sampler, request_seeds, sampling_logprobs
 from rlhfkit.logprobs import demonstration_nll, logprobs, token_values
-from rlhfkit.losses import ppo_policy_loss, ppo_value_loss
+from rlhfkit.losses import ppo_policy_loss, ppo_value_loss, truncated_importance_weights
 from rlhfkit.models import (
     apply_lora,
     frozen_reference,
@@ -336,6 +336,7 @@ def train(cfg: PPOConfig) -> Path:
     STATS = ("loss", "pg_loss", "vf_loss", "vf_clipfrac", "clipfrac", "approx_kl", "ratio", "ptx_loss", "non_finite")
     metrics: dict[str, float] = {}
     metrics_first: dict[str, float] = {}  # logged at a run's first step only
+    correct = cfg.rollout.importance_cap > 0
     for step in range(run.start_step, cfg.run.steps):
         t0 = time.perf_counter()
         # 1-2. Prompts and rollouts (a per-step seed: resuming replays the same samples; a seed per
@@ -344,9 +345,9 @@ def train(cfg: PPOConfig) -> Path:
         batch_prompts = [prompts[i] for i in indices]
         seeds = request_seeds(cfg.run.seed * 1_000_003 + step, algo.prompts_per_step)
         gens = sampler.generate([p.messages for p in batch_prompts], algo.max_new_tokens, algo.temperature,
-                                local, seeds[run.my_slice(len(seeds))])
+                                local, seeds[run.my_slice(len(seeds))], logprobs=correct)
         seqs = join([encoded[i] for i in indices], [g.token_ids for g in gens], pad_id)
-        mask = seqs.response_mask.float()  # 1 up to and including the first EOS
+        mask = seqs.response_mask.float().to(acc.device)  # 1 up to and including the first EOS
         t_rollout = time.perf_counter()
 
         # 3. Logprobs (same temperature as sampling), reference logprobs and values, on the first
@@ -359,6 +360,11 @@ def train(cfg: PPOConfig) -> Path:
         first = first_train_forward(seqs[micro[0]])
         old_logprobs, entropy, values, ref_logprobs = rollout_forwards(first, models, reference_logprobs, seqs, micro)
         forward = FirstForwardKept(run.model, first)
+        # Truncated importance sampling: the sampler's probabilities are not exactly the trainer's.
+        weights = None
+        if correct:
+            sampled = sampling_logprobs(gens, mask.shape[1]).to(acc.device)
+            weights = truncated_importance_weights(old_logprobs, sampled, mask, cfg.rollout.importance_cap)
         if step == run.start_step:  # once a run: the graph-keeping forward must equal a no-grad one
             with torch.no_grad():
                 gap = forward_gap(forward.kept, seqs[epochs[0][0][0]])
@@ -366,8 +372,8 @@ def train(cfg: PPOConfig) -> Path:
 
         # 4. Scores at the EOS; the "EOS trick" replaces the score of responses that never ended.
         texts = [g.text for g in gens]
-        raw_scores = torch.tensor(score_fn(batch_prompts, texts), dtype=torch.float32)
-        finished = torch.tensor([g.finished for g in gens])
+        raw_scores = torch.tensor(score_fn(batch_prompts, texts), dtype=torch.float32, device=acc.device)
+        finished = torch.tensor([g.finished for g in gens], device=acc.device)
         scores = raw_scores.clone()
         if algo.missing_eos_penalty:
             scores[~finished] = algo.missing_eos_penalty
@@ -400,6 +406,8 @@ def train(cfg: PPOConfig) -> Path:
                 with sync_gradients(acc, run.model, last=a == len(minibatch) - 1):
                     new_logprobs, _, new_values = forward(mb.seqs)
                     pg, pg_stats = ppo_policy_loss(new_logprobs, mb.logprobs, mb.advantages, mb.mask, algo.clip)
+                    if weights is not None:
+                        pg = pg * weights[rows]
                     vf, vf_stats = ppo_value_loss(new_values, mb.values, mb.returns, mb.mask, algo.value_clip)
                     ptx_loss = torch.zeros(())
                     if ptx:  # this shard's slice of the update's demonstrations
@@ -456,6 +464,8 @@ def train(cfg: PPOConfig) -> Path:
             **{f"ppo/{k}": v for k, v in stats.means().items()}, **metrics_first,
         }
         metrics_first = {}
+        if weights is not None:
+            metrics["ppo/importance_weight"] = float(masked_mean(weights, mask, total=run.sum))
         if world is not None:
             judged = sum(s.score for s in world.judge_many(batch_prompts, texts))
             metrics["ppo/gold_score"] = float(run.sum(torch.tensor(judged))) / algo.prompts_per_step

@@ -297,7 +297,7 @@ def train(cfg: RMConfig) -> Path:
             for key in ("pairs", "correct", "best", "worst"):
                 sums[key] += stats[key].sum().cpu()
         done = step + 1
-        totals = {k: float(acc.reduce(v, reduction="sum")) for k, v in sums.items()}
+        totals = {k: float(run.sum(v)) for k, v in sums.items()}
         grad_norm, skipped = run.update(done, totals["loss"] / global_batch)
         train_seconds += time.perf_counter() - t_step
         metrics = {"train/loss": totals["loss"] / global_batch,

@@ -178,9 +178,9 @@ def train(cfg: SFTConfig) -> Path:
                 with acc.autocast():
                     nll, _ = demonstration_nll(run.model, [train_examples[i] for i in micro], pad_id)
                 acc.backward(nll / n_loss_tokens * world_size)
-            loss_sum += nll.detach()
+            loss_sum += nll.detach().cpu()
         done = step + 1
-        loss = float(acc.reduce(loss_sum, reduction="sum")) / n_loss_tokens
+        loss = float(run.sum(loss_sum)) / n_loss_tokens
         grad_norm, skipped = run.update(done, loss)
         train_seconds += time.perf_counter() - t_step  # throughput excludes evaluation and saving
         metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/skipped": float(skipped),
