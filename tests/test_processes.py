@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlhfkit.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +31,7 @@ RL = ["--model.name", "tiny", "--model.precision", "fp32", "--reward", "test_pro
 # Small runs, evaluation off, a checkpoint every 2 steps; (arguments, flags of the 1-process run,
 # flags of the 2-process run) with the same global batch.
 STAGES = {
-    "sft": (["sft", "--recipe", "tiny", "--run.steps", "6", "--eval.gold-prompts", "0", "--eval.no-at-start",
+    "sft": (["sft", "--recipe", "tiny", "--model.precision", "fp32", "--run.steps", "6", "--eval.gold-prompts", "0", "--eval.no-at-start",
              "--data.world-examples", "200", "--batch.micro-batch-size", "4"],
             ["--batch.grad-accum", "2"], ["--batch.grad-accum", "1"]),
     # The random tiny backbone, on rankings of its own samples and world candidates, with held-out
@@ -125,7 +127,7 @@ def test_two_processes_killed_and_resumed_match_one_process(stage, tmp_path):
     checkpoint of the other process) changes the steps after the kill far beyond these."""
     args, one_flags, two_flags = STAGES[stage]
     args = [*args, "--run.save-every", "2"]
-    finish(start([*args, *one_flags, "--run.out", str(tmp_path / "one")], processes=1))
+    main([*args, *one_flags, "--run.out", str(tmp_path / "one")])  # 1 process: this one
 
     two = [*args, *two_flags, "--run.out", str(tmp_path / "two")]
     killed = start(two, processes=2)
@@ -159,10 +161,12 @@ def test_sampling_commands_on_two_processes_write_what_one_process_writes(tmp_pa
               "--batch-size", "4"]
     for processes in (1, 2):
         folder = tmp_path / str(processes)
-        finish(start(["bon", *sample, "--reward", "test_processes:length_reward", "--samples", "3", "--num-prompts", "7",
-                      "--out", str(folder / "bon.jsonl")], processes))
-        finish(start(["eval", *sample, "--against", "tiny", "--n-prompts", "7", "--seed", "1",
-                      "--out", str(folder / "eval.json")], processes))
+        bon = ["bon", *sample, "--reward", "test_processes:length_reward", "--samples", "3", "--num-prompts", "7",
+               "--out", str(folder / "bon.jsonl")]
+        evaluate = ["eval", *sample, "--against", "tiny", "--n-prompts", "7", "--seed", "1",
+                    "--out", str(folder / "eval.json")]
+        for command in (bon, evaluate):
+            main(command) if processes == 1 else finish(start(command, processes))
         assert sorted(p.name for p in folder.iterdir()) == ["bon.jsonl", "eval.json"]  # no partial files left
     one, two = ([json.loads(line) for line in (tmp_path / d / "bon.jsonl").read_text().splitlines()] for d in "12")
     assert len(one) == 7 and one == two

@@ -15,17 +15,13 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Small and fast, saving every 4 steps; evaluation off so the runs are pure training.
-# Small and fast, saving every 4 steps; evaluation off so the runs are pure training. Every stage
+# Small and fast, saving every 4 steps; evaluation off so the run is pure training. Every stage
 # is also killed and resumed on 2 processes (tests/test_processes.py, to within float noise of
 # one process); here, in one process, the resumed weights must be bit for bit the uninterrupted
-# ones: SFT, the plainest state, and PPO, the richest.
+# ones, for the stage with the richest state: PPO from the random tiny model with the gold judge
+# as reward (policy, value model, optimizer, KL controller, EMA weights, PPO-ptx data position,
+# per-step sampling seeds).
 STAGES = {
-    "sft": ["sft", "--recipe", "tiny", "--run.steps", "24", "--run.save-every", "4", "--eval.gold-prompts", "0",
-            "--eval.no-at-start", "--data.world-examples", "400", "--batch.micro-batch-size", "8"],
-    # PPO from the random tiny model with the gold judge as reward: the state to restore is the
-    # policy, the value model, the optimizer, the KL controller, the EMA weights, the PPO-ptx data
-    # position and the per-step sampling seeds.
     "ppo": ["ppo", "--recipe", "tiny", "--model.name", "tiny", "--reward", "gold", "--algo.kl-target", "1.0",
             "--algo.ema-decay", "0.8", "--algo.ptx-coef", "0.1",
             "--run.steps", "16", "--run.save-every", "4", "--eval.gold-prompts", "0", "--eval.no-at-start",

@@ -121,3 +121,33 @@ def test_a_stages_sampler_follows_the_policy_through_pushes(tiny_tokenizer):
                                        rtol=2e-3)
     finally:
         sampler.engine.close()
+
+
+@needs_vllm
+def test_vllm_from_a_model_name_answers_greedily_as_the_builtin_decoder_does(tiny_tokenizer):
+    """generate_in_vllm (online DPO's rounds: vLLM started from a folder, closed after) on the
+    built-in tiny model, rebuilt from its seed: at temperature 0 its answers are the built-in
+    decoder's, in fp32."""
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.generation import generate, generate_in_vllm
+    from rlhfkit.models import load_model
+
+    messages = [user(q) for q in QUESTIONS]
+    theirs = generate_in_vllm("tiny", tiny_tokenizer, messages, 12, 0.0, "fp32", 0.1, model_seed=3)
+    ours = generate(load_model(ModelConfig(name="tiny"), tiny_tokenizer, seed=3), tiny_tokenizer, messages, 12)
+    assert [g.token_ids for g in theirs] == [g.token_ids for g in ours]
+
+
+@needs_vllm
+def test_online_dpo_samples_its_rounds_with_vllm(tmp_path):
+    from rlhfkit.cli import parse
+    from rlhfkit.train import online_dpo
+
+    out = online_dpo.train(parse("online-dpo", [
+        "--recipe", "tiny", "--model.name", "tiny", "--model.precision", "fp32", "--reward", "gold",
+        "--online.prompts-per-iteration", "16", "--online.max-new-tokens", "10", "--online.iterations", "2",
+        "--run.steps", "2", "--eval.gold-prompts", "0", "--eval.no-at-start", "--rollout.engine", "vllm",
+        "--rollout.vllm-memory", "0.1", "--run.out", str(tmp_path / "o")]))
+    assert (out / "complete.json").exists()
+    rows = [line for line in (out / "iter_2" / "data" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 16

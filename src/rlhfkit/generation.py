@@ -10,6 +10,7 @@ The engine below (``rlhfkit.engines``) is the built-in decoder.
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,36 @@ def request_seeds(seed: int, n: int) -> list[int]:
     return [(seed * 1_000_003 + i) % 2**63 for i in range(n)]
 
 
+def generate_in_vllm(model: str, tokenizer: PreTrainedTokenizerBase, prompts: list[Messages], max_new_tokens: int,
+                     temperature: float, precision: str, memory: float, seeds: list[int] | None = None,
+                     spread: bool = False, logprobs: bool = False, model_seed: int = 0) -> list[Generation]:
+    """``generate`` for a model saved in a folder (or a built-in name), sampled by vLLM, started
+    for this call and closed after: stages that sample a saved model once in a while (online
+    DPO's rounds) and leave the memory to training in between. ``spread`` as in ``generate``;
+    ``model_seed``: the built-in tiny model's initialisation."""
+    from rlhfkit.engines.vllm import VLLMEngine, require_vllm
+    from rlhfkit.models import TINY, load_model, resolve, save_model
+
+    if spread and processes.distributed():
+        mine = processes.share(len(prompts))
+        return processes.gather(generate_in_vllm(model, tokenizer, prompts[mine], max_new_tokens, temperature, precision,
+                                                 memory, None if seeds is None else seeds[mine], logprobs=logprobs,
+                                                 model_seed=model_seed))
+    require_vllm()
+    with contextlib.ExitStack() as stack:
+        folder = resolve(model)
+        if model == TINY:  # built on the fly: vLLM reads it from a temporary folder
+            from rlhfkit.config import ModelConfig
+
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="rlhfkit-vllm-"))
+            save_model(load_model(ModelConfig(name=TINY), tokenizer, seed=model_seed), tokenizer, Path(folder))
+        engine = VLLMEngine(folder, precision, memory)
+        stack.callback(engine.close)
+        params = SamplingParams(max_new_tokens, temperature, stop_ids(tokenizer), logprobs=logprobs)
+        outputs = engine.generate([prompt_ids(tokenizer, p) for p in prompts], params, seeds=seeds)
+    return [as_generation(output, tokenizer) for output in outputs]
+
+
 def sampling_logprobs(gens: list[Generation], width: int) -> torch.Tensor:
     """The answers' sampling logprobs right-padded with 0 to ``width`` response columns, (B, width)."""
     out = torch.zeros(len(gens), width)
@@ -113,8 +144,6 @@ class Sampler:
         self.model, self.tokenizer, self.precision = model, tokenizer, precision
         self.engine = None
         if rollout.engine == "vllm":
-            import tempfile
-
             from rlhfkit.engines.vllm import VLLMEngine, require_vllm
             from rlhfkit.models import save_model
 

@@ -25,6 +25,7 @@ from rlhfkit.config import (
     ModelConfig,
     OptimConfig,
     PreferenceDataConfig,
+    RolloutConfig,
     RunConfig,
     exact_div,
     require_positive,
@@ -35,7 +36,7 @@ from rlhfkit.data.world import World
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.policy import PolicyEvaluator, remember_reference_answers
 from rlhfkit.eval.scorers import reward_function
-from rlhfkit.generation import generate, request_seeds
+from rlhfkit.generation import generate, generate_in_vllm, request_seeds
 from rlhfkit.models import load_model, load_tokenizer
 from rlhfkit.runs import MetricsLog, mark_complete
 from rlhfkit.train import dpo
@@ -79,6 +80,8 @@ class OnlineDPOConfig:
     max_seq_len: int = 256
     """Prompt + response tokens in DPO training."""
     online: OnlineAlgoConfig = field(default_factory=OnlineAlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Which engine samples each round (vLLM reads the round's model folder)."""
     dpo: DPOAlgoConfig = field(default_factory=DPOAlgoConfig)
     """The DPO loss of each round (its reference is the round's starting model; `pairs` is unused)."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=5))
@@ -96,6 +99,7 @@ class OnlineDPOConfig:
             raise ConfigError(f"online.samples_per_prompt must be at least 2 to make a pair, got {self.online.samples_per_prompt}")
         if not 0.0 <= self.dpo.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {self.dpo.label_smoothing}")
+        self.rollout.check(lora=False)  # rounds sample from merged model folders, LoRA or not
 
 
 MODEL_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -122,13 +126,20 @@ def sample_round(cfg: OnlineDPOConfig, acc, model_name: str, prompts: list[Promp
     gets all rows."""
     n = cfg.online.samples_per_prompt
     tokenizer = load_tokenizer(model_name, cfg.model.trust_remote_code)
-    policy = load_model(dataclasses.replace(cfg.model, lora=False), tokenizer, seed=cfg.run.seed, path=model_name)
-    say(f"sampling {n} responses for {len(prompts)} prompts from {model_name}")
+    say(f"sampling {n} responses for {len(prompts)} prompts from {model_name}"
+        + (" with vLLM" if cfg.rollout.engine == "vllm" else ""))
     mine = my_slice(acc, len(prompts))
     asked = [p for p in prompts[mine] for _ in range(n)]
-    gens = generate(policy, tokenizer, [p.messages for p in asked], cfg.online.max_new_tokens,
-                    temperature=cfg.online.temperature, batch_size=cfg.eval.batch_size, precision=cfg.model.precision,
-                    seeds=request_seeds(seed, len(prompts) * n)[mine.start * n : mine.stop * n])
+    seeds = request_seeds(seed, len(prompts) * n)[mine.start * n : mine.stop * n]
+    if cfg.rollout.engine == "vllm":  # the round's model is a folder vLLM reads (nothing to push)
+        gens = generate_in_vllm(model_name, tokenizer, [p.messages for p in asked], cfg.online.max_new_tokens,
+                                cfg.online.temperature, cfg.model.precision, cfg.rollout.vllm_memory, seeds,
+                                model_seed=cfg.run.seed)
+    else:
+        policy = load_model(dataclasses.replace(cfg.model, lora=False), tokenizer, seed=cfg.run.seed, path=model_name)
+        gens = generate(policy, tokenizer, [p.messages for p in asked], cfg.online.max_new_tokens,
+                        temperature=cfg.online.temperature, batch_size=cfg.eval.batch_size,
+                        precision=cfg.model.precision, seeds=seeds)
     texts = [g.text for g in gens]
     texts, rewards = gather_lists(acc, texts), gather_lists(acc, list(score(asked, texts)))
     rng = random.Random(seed)
