@@ -125,15 +125,16 @@ def test_a_stages_sampler_follows_the_policy_through_pushes(tiny_tokenizer):
 
 @needs_vllm
 def test_vllm_from_a_model_name_answers_greedily_as_the_builtin_decoder_does(tiny_tokenizer):
-    """generate_in_vllm (online DPO's rounds: vLLM started from a folder, closed after) on the
-    built-in tiny model, rebuilt from its seed: at temperature 0 its answers are the built-in
-    decoder's, in fp32."""
+    """SavedModelSampler (bon, eval, online DPO's rounds: vLLM started from a folder, closed
+    after) on the built-in tiny model, rebuilt from its seed: at temperature 0 its answers are the
+    built-in decoder's, in fp32."""
     from rlhfkit.config import ModelConfig
-    from rlhfkit.generation import generate, generate_in_vllm
+    from rlhfkit.generation import SavedModelSampler, generate
     from rlhfkit.models import load_model
 
     messages = [user(q) for q in QUESTIONS]
-    theirs = generate_in_vllm("tiny", tiny_tokenizer, messages, 12, 0.0, "fp32", 0.1, model_seed=3)
+    with SavedModelSampler("tiny", tiny_tokenizer, "fp32", 0.1, model_seed=3) as sampler:
+        theirs = sampler.generate(messages, 12, 0.0)
     ours = generate(load_model(ModelConfig(name="tiny"), tiny_tokenizer, seed=3), tiny_tokenizer, messages, 12)
     assert [g.token_ids for g in theirs] == [g.token_ids for g in ours]
 
@@ -151,3 +152,25 @@ def test_online_dpo_samples_its_rounds_with_vllm(tmp_path):
     assert (out / "complete.json").exists()
     rows = [line for line in (out / "iter_2" / "data" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 16
+
+
+@needs_vllm
+def test_bon_and_eval_sample_with_vllm_what_the_builtin_decoder_samples_greedily(tmp_path):
+    """`rlhfkit bon` and `rlhfkit eval` with --rollout.engine vllm: greedy answers (and so the
+    file they write) equal the built-in decoder's in fp32."""
+    import json
+
+    from rlhfkit.cli import main
+
+    common = ["--model", "tiny", "--max-new-tokens", "10", "--precision", "fp32"]
+    for engine in ("builtin", "vllm"):
+        flags = ["--rollout.engine", engine, "--rollout.vllm-memory", "0.1"]
+        main(["eval", *common, *flags, "--temperature", "0", "--against", "tiny", "--n-prompts", "6",
+              "--out", str(tmp_path / engine / "eval.json")])
+    one, two = (json.loads((tmp_path / e / "eval.json").read_text()) for e in ("builtin", "vllm"))
+    assert [r["model_response"] for r in one["records"]] == [r["model_response"] for r in two["records"]]
+    for engine in ("builtin", "vllm"):  # bon samples (T > 0): different RNGs, so only the shape is compared
+        main(["bon", *common, "--rollout.engine", engine, "--rollout.vllm-memory", "0.1", "--samples", "2",
+              "--num-prompts", "5", "--reward", "gold", "--out", str(tmp_path / engine / "bon.jsonl")])
+        rows = (tmp_path / engine / "bon.jsonl").read_text().splitlines()
+        assert len(rows) == 5 and all(len(json.loads(r)["samples"]) == 2 for r in rows)

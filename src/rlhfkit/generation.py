@@ -89,34 +89,44 @@ def request_seeds(seed: int, n: int) -> list[int]:
     return [(seed * 1_000_003 + i) % 2**63 for i in range(n)]
 
 
-def generate_in_vllm(model: str, tokenizer: PreTrainedTokenizerBase, prompts: list[Messages], max_new_tokens: int,
-                     temperature: float, precision: str, memory: float, seeds: list[int] | None = None,
-                     spread: bool = False, logprobs: bool = False, model_seed: int = 0) -> list[Generation]:
-    """``generate`` for a model saved in a folder (or a built-in name), sampled by vLLM, started
-    for this call and closed after: stages that sample a saved model once in a while (online
-    DPO's rounds) and leave the memory to training in between. ``spread`` as in ``generate``;
-    ``model_seed``: the built-in tiny model's initialisation."""
-    from rlhfkit.engines.vllm import VLLMEngine, require_vllm
-    from rlhfkit.models import TINY, load_model, resolve, save_model
+class SavedModelSampler:
+    """vLLM started from a saved model (a folder or a built-in name) for a block of sampling and
+    closed after (use it with ``with``): commands that sample a model they do not train (best-of-N,
+    eval) and online DPO's rounds, which leave the memory to training in between. Under several
+    processes each starts its own. ``model_seed``: the built-in tiny model's initialisation."""
 
-    if spread and processes.distributed():
-        mine = processes.share(len(prompts))
-        return processes.gather(generate_in_vllm(model, tokenizer, prompts[mine], max_new_tokens, temperature, precision,
-                                                 memory, None if seeds is None else seeds[mine], logprobs=logprobs,
-                                                 model_seed=model_seed))
-    require_vllm()
-    with contextlib.ExitStack() as stack:
+    def __init__(self, model: str, tokenizer: PreTrainedTokenizerBase, precision: str, memory: float,
+                 model_seed: int = 0):
+        from rlhfkit.engines.vllm import VLLMEngine, require_vllm
+        from rlhfkit.models import TINY, load_model, resolve, save_model
+
+        require_vllm()
+        self.tokenizer = tokenizer
         folder = resolve(model)
-        if model == TINY:  # built on the fly: vLLM reads it from a temporary folder
-            from rlhfkit.config import ModelConfig
+        with contextlib.ExitStack() as stack:
+            if model == TINY:  # built on the fly: vLLM reads it from a temporary folder
+                from rlhfkit.config import ModelConfig
 
-            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="rlhfkit-vllm-"))
-            save_model(load_model(ModelConfig(name=TINY), tokenizer, seed=model_seed), tokenizer, Path(folder))
-        engine = VLLMEngine(folder, precision, memory)
-        stack.callback(engine.close)
-        params = SamplingParams(max_new_tokens, temperature, stop_ids(tokenizer), logprobs=logprobs)
-        outputs = engine.generate([prompt_ids(tokenizer, p) for p in prompts], params, seeds=seeds)
-    return [as_generation(output, tokenizer) for output in outputs]
+                folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="rlhfkit-vllm-"))
+                save_model(load_model(ModelConfig(name=TINY), tokenizer, seed=model_seed), tokenizer, Path(folder))
+            self.engine = VLLMEngine(folder, precision, memory)
+
+    def generate(self, prompts: list[Messages], max_new_tokens: int, temperature: float,
+                 seeds: list[int] | None = None, spread: bool = False, logprobs: bool = False) -> list[Generation]:
+        """As ``generate``: one answer per prompt, each from its seed; ``spread`` across processes."""
+        if spread and processes.distributed():
+            mine = processes.share(len(prompts))
+            return processes.gather(self.generate(prompts[mine], max_new_tokens, temperature,
+                                                  None if seeds is None else seeds[mine], logprobs=logprobs))
+        params = SamplingParams(max_new_tokens, temperature, stop_ids(self.tokenizer), logprobs=logprobs)
+        outputs = self.engine.generate([prompt_ids(self.tokenizer, p) for p in prompts], params, seeds=seeds)
+        return [as_generation(output, self.tokenizer) for output in outputs]
+
+    def __enter__(self) -> SavedModelSampler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.engine.close()
 
 
 def sampling_logprobs(gens: list[Generation], width: int) -> torch.Tensor:

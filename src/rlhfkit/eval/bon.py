@@ -10,9 +10,10 @@ judged in both orders.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,13 +28,13 @@ from rlhfkit.chunks import (
     fingerprint,
     partial_path,
 )
-from rlhfkit.config import ModelConfig, require_positive
+from rlhfkit.config import ModelConfig, RolloutConfig, require_positive
 from rlhfkit.data.records import Prompt, messages_to_dicts
 from rlhfkit.data.sources import load_prompts, world_of
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.eval.scorers import reward_function
 from rlhfkit.eval.winrate import WinRate, gold_pair_judge, win_rate
-from rlhfkit.generation import generate
+from rlhfkit.generation import SavedModelSampler, generate, request_seeds
 from rlhfkit.models import load_model, load_tokenizer
 
 
@@ -67,9 +68,12 @@ class BestOfNConfig:
     """`auto` (default): bf16 autocast where it measures clearly faster for this model on this machine, else fp32 (measured once, cached). `bf16`: forward passes under bf16 autocast, weights stay fp32. `fp32`."""
     seed: int = 0
     """Sampling seed."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Which engine samples (vLLM: started from the model folder, closed after)."""
 
     def check(self) -> None:
         require_positive(self, "n", "num_prompts", "max_new_tokens", "batch_size")
+        self.rollout.check(lora=False)
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive to sample {self.n} different responses, got {self.temperature}")
 
@@ -100,7 +104,7 @@ def best_of_n(cfg: BestOfNConfig, chunk: int = CHUNK) -> dict[str, float]:
     # chunks of whole prompts, each generated with its own seed and recorded as it finishes.
     flat_prompts: list[Prompt] = [p for p in prompts for _ in range(cfg.n)]
     ranges = chunk_ranges(len(prompts), max(1, chunk // cfg.n))
-    settings = {"model": cfg.model, "prompts": fingerprint([messages_to_dicts(p.messages) for p in prompts]),
+    settings = {"model": cfg.model, "engine": cfg.rollout.engine, "prompts": fingerprint([messages_to_dicts(p.messages) for p in prompts]),
                 "chunk": chunk, **{k: getattr(cfg, k) for k in ("n", "temperature", "max_new_tokens", "batch_size",
                                                                 "precision", "seed")}}
     log = PartialFile(partial_path(out), settings, [len(r) * cfg.n for r in ranges], "bon")
@@ -108,17 +112,25 @@ def best_of_n(cfg: BestOfNConfig, chunk: int = CHUNK) -> dict[str, float]:
     if processes.is_main():
         print(f"sampling {cfg.n} responses for each of {len(prompts)} prompts from {cfg.model}, "
               f"scoring them with {cfg.reward}")
-    if log.count < len(ranges):
-        tokenizer = load_tokenizer(cfg.model)
-        policy = load_model(ModelConfig(name=cfg.model, precision=cfg.precision), tokenizer, seed=cfg.seed)
-    for c in range(log.count, len(ranges)):
-        part = flat_prompts[ranges[c].start * cfg.n : ranges[c].stop * cfg.n]
-        gens = generate(policy, tokenizer, [p.messages for p in part], cfg.max_new_tokens,
-                        temperature=cfg.temperature, batch_size=cfg.batch_size, precision=cfg.precision,
-                        generator_seed=chunk_seed(cfg.seed, "bon", c),
-                        progress=f"sampling, chunk {c + 1}/{len(ranges)}" if len(ranges) > 1 else "", spread=True)
-        log.append([g.text for g in gens])
-        texts += [g.text for g in gens]
+    with contextlib.ExitStack() as stack:
+        if log.count < len(ranges):
+            tokenizer = load_tokenizer(cfg.model)
+            if cfg.rollout.engine == "vllm":
+                vllm = stack.enter_context(SavedModelSampler(cfg.model, tokenizer, cfg.precision,
+                                                             cfg.rollout.vllm_memory, model_seed=cfg.seed))
+            else:
+                policy = load_model(ModelConfig(name=cfg.model, precision=cfg.precision), tokenizer, seed=cfg.seed)
+        for c in range(log.count, len(ranges)):
+            part = [p.messages for p in flat_prompts[ranges[c].start * cfg.n : ranges[c].stop * cfg.n]]
+            seeds = request_seeds(chunk_seed(cfg.seed, "bon", c), len(part))
+            if cfg.rollout.engine == "vllm":
+                gens = vllm.generate(part, cfg.max_new_tokens, cfg.temperature, seeds, spread=True)
+            else:
+                gens = generate(policy, tokenizer, part, cfg.max_new_tokens, temperature=cfg.temperature,
+                                batch_size=cfg.batch_size, precision=cfg.precision, seeds=seeds, spread=True,
+                                progress=f"sampling, chunk {c + 1}/{len(ranges)}" if len(ranges) > 1 else "")
+            log.append([g.text for g in gens])
+            texts += [g.text for g in gens]
     if not processes.is_main():  # the others sampled their shares; the main process scores and writes
         return {}
     # 2. Score every sample; keep each prompt's best.

@@ -9,6 +9,7 @@ held-out comparisons, 6. a table, and a JSON file with every prompt's responses 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from rlhfkit.chunks import (
     fingerprint,
     partial_path,
 )
-from rlhfkit.config import ModelConfig, require_positive
+from rlhfkit.config import ModelConfig, RolloutConfig, require_positive
 from rlhfkit.data.records import Messages, Prompt, messages_to_dicts
 from rlhfkit.data.sources import is_world, world_of
 from rlhfkit.errors import ConfigError, DataError, RlhfkitError
@@ -34,7 +35,7 @@ from rlhfkit.eval.winrate import PairJudge, WinRate, gold_pair_judge, win_rate
 from rlhfkit.logprobs import logprobs as response_logprobs
 from rlhfkit.logprobs import running_in
 from rlhfkit.records import join
-from rlhfkit.generation import Generation, generate
+from rlhfkit.generation import Generation, SavedModelSampler, generate, request_seeds
 
 REFERENCE = "reference"
 REFERENCE_FIELDS = ("completion", "response", "chosen")  # where a prompts file keeps its reference answer
@@ -93,9 +94,12 @@ class EvalConfig:
     """Sampling seed."""
     out: str = "eval.json"
     """Output JSON: the summary and every prompt's responses and verdicts."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Which engine answers (vLLM: started from each model's folder, closed after)."""
 
     def check(self) -> None:
         require_positive(self, "n_prompts", "max_new_tokens", "batch_size", "llm.concurrency")
+        self.rollout.check(lora=False)
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.judge == "gold" and not is_world(self.prompts):
@@ -209,17 +213,25 @@ def answer(name: str, prompts: list[Prompt], cfg: EvalConfig, device: str, log: 
         print(f"answering {len(prompts)} prompts with {name} "
               f"({'greedy' if cfg.temperature == 0 else f'temperature {cfg.temperature}'})")
     rows: list[dict] = []
-    for c, r in enumerate(ranges):
-        if first + c < len(done):
-            rows += done[first + c]
-            continue
-        gens = generate(model, tokenizer, [prompts[i].messages for i in r], cfg.max_new_tokens,
-                        temperature=cfg.temperature, batch_size=cfg.batch_size, precision=cfg.precision,
-                        generator_seed=chunk_seed(cfg.seed, "eval", c),
-                        progress=f"{name}, chunk {c + 1}/{len(ranges)}" if len(ranges) > 1 else "", spread=True)
-        new = [{"text": g.text, "token_ids": g.token_ids, "finished": g.finished} for g in gens]
-        log.append(new)
-        rows += new
+    with contextlib.ExitStack() as stack:
+        vllm = None
+        if cfg.rollout.engine == "vllm" and first + len(ranges) > len(done):  # answers are left to sample
+            vllm = stack.enter_context(SavedModelSampler(name, tokenizer, cfg.precision, cfg.rollout.vllm_memory,
+                                                         model_seed=cfg.seed))
+        for c, r in enumerate(ranges):
+            if first + c < len(done):
+                rows += done[first + c]
+                continue
+            part, seeds = [prompts[i].messages for i in r], request_seeds(chunk_seed(cfg.seed, "eval", c), len(r))
+            if vllm is not None:
+                gens = vllm.generate(part, cfg.max_new_tokens, cfg.temperature, seeds, spread=True)
+            else:
+                gens = generate(model, tokenizer, part, cfg.max_new_tokens, temperature=cfg.temperature,
+                                batch_size=cfg.batch_size, precision=cfg.precision, seeds=seeds, spread=True,
+                                progress=f"{name}, chunk {c + 1}/{len(ranges)}" if len(ranges) > 1 else "")
+            new = [{"text": g.text, "token_ids": g.token_ids, "finished": g.finished} for g in gens]
+            log.append(new)
+            rows += new
     gens = [Generation(row["text"], row["token_ids"], row["finished"]) for row in rows]
     return Side(name, [g.text for g in gens], gens, model, tokenizer)
 
@@ -315,7 +327,7 @@ def evaluate(cfg: EvalConfig, chunk: int = CHUNK) -> dict:
     # 2. Both sides' responses, in chunks recorded beside --out as they finish (an interrupted
     # run, or one stopped to wait for human verdicts, answers only what is left).
     ranges = chunk_ranges(len(prompts), chunk)
-    settings = {"model": cfg.model, "against": cfg.against, "chunk": chunk,
+    settings = {"model": cfg.model, "against": cfg.against, "chunk": chunk, "engine": cfg.rollout.engine,
                 "prompts": fingerprint([messages_to_dicts(p.messages) for p in prompts]),
                 **{k: getattr(cfg, k) for k in ("temperature", "max_new_tokens", "batch_size", "precision", "seed")}}
     n_sides = 1 if cfg.against == REFERENCE else 2

@@ -36,7 +36,7 @@ from rlhfkit.data.world import World
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.policy import PolicyEvaluator, remember_reference_answers
 from rlhfkit.eval.scorers import reward_function
-from rlhfkit.generation import generate, generate_in_vllm, request_seeds
+from rlhfkit.generation import SavedModelSampler, generate, request_seeds
 from rlhfkit.models import load_model, load_tokenizer
 from rlhfkit.runs import MetricsLog, mark_complete
 from rlhfkit.train import dpo
@@ -132,9 +132,10 @@ def sample_round(cfg: OnlineDPOConfig, acc, model_name: str, prompts: list[Promp
     asked = [p for p in prompts[mine] for _ in range(n)]
     seeds = request_seeds(seed, len(prompts) * n)[mine.start * n : mine.stop * n]
     if cfg.rollout.engine == "vllm":  # the round's model is a folder vLLM reads (nothing to push)
-        gens = generate_in_vllm(model_name, tokenizer, [p.messages for p in asked], cfg.online.max_new_tokens,
-                                cfg.online.temperature, cfg.model.precision, cfg.rollout.vllm_memory, seeds,
-                                model_seed=cfg.run.seed)
+        with SavedModelSampler(model_name, tokenizer, cfg.model.precision, cfg.rollout.vllm_memory,
+                               model_seed=cfg.run.seed) as sampler:
+            gens = sampler.generate([p.messages for p in asked], cfg.online.max_new_tokens, cfg.online.temperature,
+                                    seeds)
     else:
         policy = load_model(dataclasses.replace(cfg.model, lora=False), tokenizer, seed=cfg.run.seed, path=model_name)
         gens = generate(policy, tokenizer, [p.messages for p in asked], cfg.online.max_new_tokens,
