@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from rlhfkit import processes
 from rlhfkit.config import from_dict, load_recipe_section, require_finite
 from rlhfkit.errors import ConfigError, RlhfkitError
 
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         if COMMANDS[name][2] is not None:
             announce_data(cfg, argv[1:])
         resolve_function(COMMANDS[name][1])(cfg)
+        processes.close()
     except RlhfkitError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch: said once
             print(f"rlhfkit {name}: error: {e}", file=sys.stderr)

@@ -71,3 +71,12 @@ def main_first():
         return
     with _state().main_process_first():
         yield
+
+
+def close() -> None:
+    """Leave the process group cleanly at the end of a command (a process that exits while gloo's
+    threads still run can abort: "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if distributed() and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
