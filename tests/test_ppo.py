@@ -234,3 +234,15 @@ def test_importance_weights_are_one_when_the_sampler_is_the_trainer(tiny_sft, tm
     rows = run_ppo(tiny_sft, tmp_path / "ppo", "--run.steps", "2", "--model.precision", "fp32",
                    "--algo.temperature", "0.8", "--rollout.importance-cap", "2")
     assert [r["ppo/importance_weight"] for r in rows] == pytest.approx([1.0, 1.0], abs=1e-4)
+
+
+def test_ptx_loss_is_the_same_however_the_minibatch_is_split(tiny_sft, tmp_path):
+    """PPO-ptx's demonstrations are split across a minibatch's shards (processes x grad_accum),
+    each shard's NLL divided by the whole batch's tokens: with the weights held still (lr 0) the
+    logged PPO-ptx loss cannot depend on the split."""
+    losses = []
+    for accum in ("1", "2"):
+        rows = run_ppo(tiny_sft, tmp_path / accum, "--run.steps", "1", "--optim.lr", "0", "--algo.ptx-coef", "0.5",
+                       "--algo.grad-accum", accum)
+        losses.append(rows[0]["ppo/ptx_loss"])
+    assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-5)
