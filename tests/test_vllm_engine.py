@@ -174,3 +174,18 @@ def test_bon_and_eval_sample_with_vllm_what_the_builtin_decoder_samples_greedily
               "--num-prompts", "5", "--reward", "gold", "--out", str(tmp_path / engine / "bon.jsonl")])
         rows = (tmp_path / engine / "bon.jsonl").read_text().splitlines()
         assert len(rows) == 5 and all(len(json.loads(r)["samples"]) == 2 for r in rows)
+
+
+@needs_vllm
+def test_the_reward_models_rankings_sample_with_vllm(tmp_path):
+    """`rlhfkit rm` on rankings of the policy's own samples, sampled by vLLM (--data.rollout.engine)."""
+    from rlhfkit.cli import parse
+    from rlhfkit.data.preferences import read_cached_rankings
+    from rlhfkit.train import rm
+
+    out = rm.train(parse("rm", ["--recipe", "tiny", "--model.name", "tiny", "--model.precision", "fp32",
+                                "--data.responses", "mixed", "--data.max-new-tokens", "10", "--data.world-prompts", "16",
+                                "--data.world-eval-prompts", "4", "--data.rollout.engine", "vllm",
+                                "--data.rollout.vllm-memory", "0.1", "--run.steps", "2", "--run.out", str(tmp_path / "rm")]))
+    rankings = read_cached_rankings(out / "data" / "train_rankings.jsonl")
+    assert len(rankings) == 16 and (out / "complete.json").exists()

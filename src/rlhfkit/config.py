@@ -209,6 +209,8 @@ class PreferenceDataConfig:
     """Sampling temperature for policy completions."""
     max_new_tokens: int = 48
     """Length limit for policy completions."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Which engine samples the policy completions (vLLM: started from the policy's folder, closed after)."""
     labeler_temperature: float = 0.05
     """Simulated labelers' noise (0.05: 92% agreement between labelers; 0.23: InstructGPT's ~73%)."""
 

@@ -96,6 +96,7 @@ class DPOConfig:
     def check(self) -> None:
         require_positive(self, "batch.micro_batch_size", "batch.grad_accum", "run.steps", "run.save_every",
                          "data.max_seq_len", "algo.beta")
+        self.data.rollout.check(lora=False)  # the engine that samples the rankings' completions
         if not 0.0 <= self.algo.label_smoothing < 0.5:
             raise ConfigError(f"algo.label_smoothing must be in [0, 0.5), got {self.algo.label_smoothing}")
         if self.data.k < 2:

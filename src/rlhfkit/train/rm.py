@@ -71,6 +71,7 @@ class RMConfig:
 
     def check(self) -> None:
         require_positive(self, "batch.micro_batch_size", "batch.grad_accum", "run.steps", "run.save_every", "data.max_seq_len")
+        self.data.rollout.check(lora=False)  # the engine that samples the rankings' completions
         if self.data.k < 2:
             raise ConfigError(f"data.k must be at least 2 to rank, got {self.data.k}")
         if not 0.0 <= self.data.eval_fraction < 1.0:
