@@ -30,8 +30,9 @@ QUICK = ["--recipe", "tiny", "--model.name", "tiny", "--eval.gold-prompts", "0",
 
 def test_equal_rewards_teach_nothing_and_are_reported(tmp_path, capsys):
     """A constant reward gives every group zero advantage: the stage says so, and (no KL term)
-    the weights do not move."""
-    out = grpo.train(parse("grpo", [*QUICK, "--reward", "test_grpo:constant_reward", "--run.steps", "2",
+    the weights do not move and no gradient is made (3 steps: three all-zero gradients in a row
+    would read as a saturated model to the divergence guard)."""
+    out = grpo.train(parse("grpo", [*QUICK, "--reward", "test_grpo:constant_reward", "--run.steps", "3",
                                     "--run.out", str(tmp_path / "grpo")]))
     assert all(r["grpo/equal_reward_groups"] == 1.0 for r in rows(out) if "grpo/reward" in r)
     assert "every group's rewards are equal" in capsys.readouterr().out

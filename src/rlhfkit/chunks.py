@@ -63,7 +63,9 @@ class PartialFile:
     def load(self) -> list[list]:
         """The rows of the chunks already finished (a prefix of all chunks); trims the file to them."""
         with processes.main_first():  # the others read the file once the main process has repaired it
-            return self._load()
+            chunks = self._load()
+        processes.wait_for_everyone()  # and before it goes on to remove the file
+        return chunks
 
     def _load(self) -> list[list]:
         if self.path is None or not self.path.exists():

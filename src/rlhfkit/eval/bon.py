@@ -132,7 +132,7 @@ def best_of_n(cfg: BestOfNConfig, chunk: int = CHUNK) -> dict[str, float]:
             log.append([g.text for g in gens])
             texts += [g.text for g in gens]
     if not processes.is_main():  # the others sampled their shares; the main process scores and writes
-        processes.wait_for_everyone()
+        processes.close()  # leave now, not wait on the main process's scoring (past the group's timeout)
         return {}
     # 2. Score every sample; keep each prompt's best.
     rewards = score(flat_prompts, texts)
@@ -167,5 +167,4 @@ def best_of_n(cfg: BestOfNConfig, chunk: int = CHUNK) -> dict[str, float]:
                         **result.metrics("bon/vs_plain_")})
         print(f"gold score: best-of-{cfg.n} {metrics['bon/gold_best']:.4f} vs plain sampling {metrics['bon/gold_plain']:.4f}; "
               f"gold win rate vs plain sampling: {result}")
-    processes.wait_for_everyone()  # the others wait for the file before they exit
     return metrics

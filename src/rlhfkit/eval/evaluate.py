@@ -339,7 +339,7 @@ def evaluate(cfg: EvalConfig, chunk: int = CHUNK) -> dict:
     else:
         theirs = answer(cfg.against, prompts, cfg, device, log, done, len(ranges), ranges)
     if not processes.is_main():  # the others answered their shares; the main process judges and writes
-        processes.wait_for_everyone()
+        processes.close()  # leave now, not wait on the main process's judging (past the group's timeout)
         return {}
 
     # 3-4. Judge both orders; win rate, interval, length control (lengths in the model's tokens).
@@ -388,7 +388,6 @@ def evaluate(cfg: EvalConfig, chunk: int = CHUNK) -> dict:
     write_json(Path(cfg.out), report)
     log.remove()
     print(f"wrote {cfg.out}")
-    processes.wait_for_everyone()  # the others wait for the file before they exit
     return report
 
 

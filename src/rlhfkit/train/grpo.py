@@ -168,7 +168,7 @@ def train(cfg: GRPOConfig) -> Path:
         # 5. One update over the whole batch, in micro-batches (as many on every process: DDP and
         # FSDP meet in each; a process short of rows runs an empty one, its loss 0).
         active = torch.arange(len(gens)) if algo.kl_coef > 0 else torch.nonzero(advantages.cpu() != 0).flatten()
-        micro = list(active.split(algo.micro_batch_size))
+        micro = list(active.split(algo.micro_batch_size)) if len(active) else []
         n_micro = int(run.max(torch.tensor(len(micro))))
         micro += [active[:0]] * (n_micro - len(micro))
         n_tokens = int(run.sum(mask.sum()))
@@ -197,9 +197,9 @@ def train(cfg: GRPOConfig) -> Path:
                 finite = bool(torch.isfinite(loss))
                 if empty or not finite:  # a NaN/inf reward or logprob would poison the weights: left out, said below
                     non_finite += 0 if empty else 1
-                    loss = logprobs.sum() * 0.0
-                # DDP averages over processes, and each process's loss is its share of the sum
-                acc.backward(loss * acc.num_processes)
+                    loss = logprobs.sum() * 0.0 if acc.num_processes > 1 else None  # the others meet this backward
+                if loss is not None:  # DDP averages over processes; each process's loss is its share of the sum
+                    acc.backward(loss * acc.num_processes)
             if not empty:
                 kl_sum += float(stats.get("kl", 0.0)) * float(sub_mask.sum())
         done = step + 1

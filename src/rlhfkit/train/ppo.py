@@ -417,7 +417,8 @@ def train(cfg: PPOConfig) -> Path:
                     loss = pg_sum / n_tokens + algo.vf_coef * vf_sum / n_tokens + algo.ptx_coef * ptx_loss
                     finite = bool(torch.isfinite(loss))
                     # DDP averages over processes, and each one's loss is its share of the sum
-                    acc.backward((loss if finite else new_logprobs.sum() * 0.0) * acc.num_processes)
+                    # a non-finite loss backpropagates 0 through both models (DDP reduces every bucket)
+                    acc.backward((loss if finite else (new_logprobs.sum() + new_values.sum()) * 0.0) * acc.num_processes)
                 n = float(mb.mask.sum())
                 sums += torch.tensor([float(loss.detach()), float(pg_sum.detach()), float(vf_sum.detach()),
                                       n * float(vf_stats["value_clipfrac"]), n * float(pg_stats["clipfrac"]),
