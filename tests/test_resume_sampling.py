@@ -72,17 +72,18 @@ KILLED_CHILD = """
 import sys, time
 from pathlib import Path
 import torch
+import rlhfkit.generation as generation
 import rlhfkit.rankings as preferences
 from rlhfkit.config import ModelConfig, PreferenceDataConfig
 
 torch.set_num_threads(1)
-real = preferences.generate
+real = generation.generate
 
 def slow(*args, **kwargs):  # time for the parent to kill between (or inside) chunks
     time.sleep(0.3)
     return real(*args, **kwargs)
 
-preferences.generate = slow
+generation.generate = slow  # every chunk's sampling goes through it
 preferences.load_rankings(PreferenceDataConfig(**{labels}), ModelConfig(name="tiny", precision="fp32"), 0,
                           Path(sys.argv[1]), chunk=8)
 """
@@ -108,7 +109,7 @@ def test_labels_killed_mid_sampling_resume_to_the_same_rankings(tmp_path, monkey
     preferences.load_rankings(PreferenceDataConfig(**LABELS), TINY, 0, straight, chunk=8)
 
     capsys.readouterr()
-    calls = count_generate(monkeypatch, preferences)
+    calls = count_generate(monkeypatch, rollout)
     preferences.load_rankings(PreferenceDataConfig(**LABELS), TINY, 0, killed, chunk=8)
     assert f"labels (train): resuming, {sampled}/6 chunks already sampled" in capsys.readouterr().out
     assert len(calls) == 6 - sampled + 2  # the train chunks left, and both eval chunks
@@ -175,11 +176,11 @@ def test_rlhfkit_eval_resumes_to_the_same_report(tmp_path, monkeypatch, tiny_tok
     evaluate_cli.evaluate(parse("eval", args), chunk=3)
     straight = out.read_bytes()  # the report names --out: the resumed run writes to the same path
     out.unlink()
-    count_generate(monkeypatch, evaluate_cli, stop_after=4)
+    count_generate(monkeypatch, rollout, stop_after=4)
     with pytest.raises(Interrupted):  # inside the other model's answers
         evaluate_cli.evaluate(parse("eval", args), chunk=3)
     assert not out.exists() and chunks_in(tmp_path / "eval.partial.jsonl") == 4
-    calls = count_generate(monkeypatch, evaluate_cli)
+    calls = count_generate(monkeypatch, rollout)
     evaluate_cli.evaluate(parse("eval", args), chunk=3)
     assert len(calls) == 2 and out.read_bytes() == straight
     assert not (tmp_path / "eval.partial.jsonl").exists()
@@ -191,11 +192,11 @@ def test_best_of_n_resumes_to_the_same_file(tmp_path, monkeypatch):
                                            "--max-new-tokens", "8", "--precision", "fp32", "--out", str(out)]), chunk=8)
 
     straight = run(tmp_path / "straight.jsonl")
-    count_generate(monkeypatch, bon, stop_after=2)
+    count_generate(monkeypatch, rollout, stop_after=2)
     with pytest.raises(Interrupted):
         run(tmp_path / "bon.jsonl")
     assert chunks_in(tmp_path / "bon.partial.jsonl") == 2 and not (tmp_path / "bon.jsonl").exists()
-    calls = count_generate(monkeypatch, bon)
+    calls = count_generate(monkeypatch, rollout)
     assert run(tmp_path / "bon.jsonl") == straight
     assert len(calls) == 5 - 2
     assert (tmp_path / "bon.jsonl").read_bytes() == (tmp_path / "straight.jsonl").read_bytes()
@@ -211,19 +212,19 @@ def test_a_reward_model_stage_that_stops_mid_sampling_keeps_its_samples(tmp_path
     args = ["--recipe", "tiny", "--model.name", "tiny", "--model.precision", "fp32", "--data.responses", "policy",
             "--data.k", "2", "--data.world-prompts", "80", "--data.world-eval-prompts", "0", "--data.max-new-tokens", "4",
             "--run.steps", "2", "--run.save-every", "10", "--run.out", str(out)]
-    real = preferences.generate
+    real = rollout.generate
 
     def generate(*a, **kw):
         if (out / "data" / "train_rankings.partial.jsonl").exists():
             raise RlhfkitError("stopped after the first chunk")
         return real(*a, **kw)
 
-    monkeypatch.setattr(preferences, "generate", generate)
+    monkeypatch.setattr(rollout, "generate", generate)
     with pytest.raises(RlhfkitError, match="stopped after the first chunk"):
         train(parse("rm", args))
     assert chunks_in(out / "data" / "train_rankings.partial.jsonl") == 1  # 128 samples a chunk: 64 of 80 prompts
-    monkeypatch.setattr(preferences, "generate", real)
-    calls = count_generate(monkeypatch, preferences)
+    monkeypatch.setattr(rollout, "generate", real)
+    calls = count_generate(monkeypatch, rollout)
     capsys.readouterr()
     train(parse("rm", [*args, "--run.resume"]))
     assert "resuming, 1/2 chunks already sampled" in capsys.readouterr().out and len(calls) == 1

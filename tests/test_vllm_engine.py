@@ -133,7 +133,10 @@ def test_vllm_from_a_model_name_answers_greedily_as_the_builtin_decoder_does(tin
     from rlhfkit.models import load_model
 
     messages = [user(q) for q in QUESTIONS]
-    with SavedModelSampler("tiny", tiny_tokenizer, "fp32", 0.1, model_seed=3) as sampler:
+    from rlhfkit.config import RolloutConfig
+
+    with SavedModelSampler("tiny", tiny_tokenizer, ModelConfig(name="tiny", precision="fp32"),
+                           RolloutConfig(engine="vllm", vllm_memory=0.1), batch_size=8, seed=3) as sampler:
         theirs = sampler.generate(messages, 12, 0.0)
     ours = generate(load_model(ModelConfig(name="tiny"), tiny_tokenizer, seed=3), tiny_tokenizer, messages, 12)
     assert [g.token_ids for g in theirs] == [g.token_ids for g in ours]

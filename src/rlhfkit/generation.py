@@ -90,43 +90,59 @@ def request_seeds(seed: int, n: int) -> list[int]:
 
 
 class SavedModelSampler:
-    """vLLM started from a saved model (a folder or a built-in name) for a block of sampling and
-    closed after (use it with ``with``): commands that sample a model they do not train (best-of-N,
-    eval) and online DPO's rounds, which leave the memory to training in between. Under several
-    processes each starts its own. ``model_seed``: the built-in tiny model's initialisation."""
+    """A saved model (a folder or a built-in name) held for a block of sampling, through the
+    engine ``rollout.engine`` names: the built-in decoder on the model loaded here (or on
+    ``loaded``), or vLLM started from the folder and closed at the end of the ``with`` block.
+    Commands that sample a model they do not train (labels, best-of-N, eval) and online DPO's
+    rounds, which leave the memory to training in between. ``seed``: the built-in tiny model's
+    initialisation."""
 
-    def __init__(self, model: str, tokenizer: PreTrainedTokenizerBase, precision: str, memory: float,
-                 model_seed: int = 0):
-        from rlhfkit.engines.vllm import VLLMEngine, require_vllm
+    def __init__(self, name: str, tokenizer: PreTrainedTokenizerBase, model_cfg, rollout, batch_size: int,
+                 seed: int = 0, loaded: PreTrainedModel | None = None):
         from rlhfkit.models import TINY, load_model, resolve, save_model
 
-        require_vllm()
-        self.tokenizer = tokenizer
-        folder = resolve(model)
-        with contextlib.ExitStack() as stack:
-            if model == TINY:  # built on the fly: vLLM reads it from a temporary folder
-                from rlhfkit.config import ModelConfig
+        self.tokenizer, self.precision, self.batch_size = tokenizer, model_cfg.precision, batch_size
+        self.model, self.engine = loaded, None
+        if rollout.engine != "vllm":
+            if self.model is None:
+                self.model = load_model(model_cfg, tokenizer, seed=seed, path=name)
+            return
+        from rlhfkit.engines.vllm import VLLMEngine, require_vllm
 
+        require_vllm()
+        folder = resolve(name)
+        with contextlib.ExitStack() as stack:
+            if name == TINY:  # built on the fly: vLLM reads it from a temporary folder
                 folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="rlhfkit-vllm-"))
-                save_model(load_model(ModelConfig(name=TINY), tokenizer, seed=model_seed), tokenizer, Path(folder))
-            self.engine = VLLMEngine(folder, precision, memory)
+                save_model(load_model(model_cfg, tokenizer, seed=seed, path=TINY), tokenizer, Path(folder))
+            self.engine = VLLMEngine(folder, self.precision, rollout.vllm_memory)
 
     def generate(self, prompts: list[Messages], max_new_tokens: int, temperature: float,
-                 seeds: list[int] | None = None, spread: bool = False, logprobs: bool = False) -> list[Generation]:
+                 seeds: list[int] | None = None, spread: bool = False, progress: str = "") -> list[Generation]:
         """As ``generate``: one answer per prompt, each from its seed; ``spread`` across processes."""
+        if self.engine is None:
+            return generate(self.model, self.tokenizer, prompts, max_new_tokens, temperature, self.batch_size,
+                            self.precision, progress=progress, seeds=seeds, spread=spread)
         if spread and processes.distributed():
             mine = processes.share(len(prompts))
             return processes.gather(self.generate(prompts[mine], max_new_tokens, temperature,
-                                                  None if seeds is None else seeds[mine], logprobs=logprobs))
-        params = SamplingParams(max_new_tokens, temperature, stop_ids(self.tokenizer), logprobs=logprobs)
-        outputs = self.engine.generate([prompt_ids(self.tokenizer, p) for p in prompts], params, seeds=seeds)
-        return [as_generation(output, self.tokenizer) for output in outputs]
+                                                  None if seeds is None else seeds[mine]))
+        return engine_generate(self.engine, self.tokenizer, prompts, max_new_tokens, temperature, seeds)
 
     def __enter__(self) -> SavedModelSampler:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
+
+
+def engine_generate(engine, tokenizer: PreTrainedTokenizerBase, prompts: list[Messages], max_new_tokens: int,
+                    temperature: float, seeds: list[int] | None, logprobs: bool = False) -> list[Generation]:
+    """Chat prompts through an engine that takes token ids (vLLM), answers with their text."""
+    params = SamplingParams(max_new_tokens, temperature, stop_ids(tokenizer), logprobs=logprobs)
+    outputs = engine.generate([prompt_ids(tokenizer, p) for p in prompts], params, seeds=seeds)
+    return [as_generation(output, tokenizer) for output in outputs]
 
 
 def sampling_logprobs(gens: list[Generation], width: int) -> torch.Tensor:
@@ -169,10 +185,7 @@ class Sampler:
         if self.engine is None:
             return generate(self.model, self.tokenizer, prompts, max_new_tokens, temperature, batch_size,
                             self.precision, logprobs=logprobs, seeds=seeds)
-        params = SamplingParams(max_new_tokens, temperature, stop_ids(self.tokenizer), logprobs=logprobs)
-        encoded = [prompt_ids(self.tokenizer, p) for p in prompts]
-        outputs = self.engine.generate(encoded, params, seeds=seeds)
-        return [as_generation(output, self.tokenizer) for output in outputs]
+        return engine_generate(self.engine, self.tokenizer, prompts, max_new_tokens, temperature, seeds, logprobs)
 
     def load_weights(self, model: PreTrainedModel) -> None:
         if self.engine is not None:

@@ -17,8 +17,8 @@ from rlhfkit import processes
 from rlhfkit.data.records import Ranking, split_by_prompt
 from rlhfkit.data.sources import is_world
 from rlhfkit.data.world import Labeler, World
-from rlhfkit.models import load_model, load_tokenizer
-from rlhfkit.generation import SavedModelSampler, generate, request_seeds
+from rlhfkit.models import load_tokenizer
+from rlhfkit.generation import SavedModelSampler, request_seeds
 
 
 def load_rankings(data: PreferenceDataConfig, model_cfg: ModelConfig, seed: int, out: Path,
@@ -77,28 +77,20 @@ def sample_world_rankings(data: PreferenceDataConfig, model_cfg: ModelConfig, sp
                     "temperature": data.temperature, "precision": model_cfg.precision, "engine": data.rollout.engine}
         log = PartialFile(partial, settings, [len(r) for r in ranges], f"labels ({split})")
         sampled = [texts for rows in log.load() for texts in rows]
-        vllm = data.rollout.engine == "vllm"
         with contextlib.ExitStack() as stack:
             if log.count < len(ranges):
-                tokenizer = load_tokenizer(policy_name, model_cfg.trust_remote_code)
-                if vllm:
-                    sampler = stack.enter_context(SavedModelSampler(policy_name, tokenizer, model_cfg.precision,
-                                                                    data.rollout.vllm_memory, model_seed=seed))
-                else:
-                    policy = load_model(model_cfg, tokenizer, seed=seed, path=policy_name)
+                sampler = stack.enter_context(SavedModelSampler(
+                    policy_name, load_tokenizer(policy_name, model_cfg.trust_remote_code), model_cfg, data.rollout,
+                    batch_size=32, seed=seed))
                 if processes.is_main():
                     print(f"sampling {n_policy} completions for {n} {split} prompts from {policy_name}"
-                          + (" with vLLM" if vllm else ""))
+                          + (" with vLLM" if data.rollout.engine == "vllm" else ""))
             for c in range(log.count, len(ranges)):
                 chunk_prompts = prompts[ranges[c].start : ranges[c].stop]
                 asked = [p.messages for p in chunk_prompts for _ in range(n_policy)]
-                seeds = request_seeds(chunk_seed(seed, f"labels:{split}", c), len(asked))
-                if vllm:
-                    flat = sampler.generate(asked, data.max_new_tokens, data.temperature, seeds, spread=True)
-                else:
-                    flat = generate(policy, tokenizer, asked, data.max_new_tokens, temperature=data.temperature,
-                                    batch_size=32, precision=model_cfg.precision, seeds=seeds, spread=True,
-                                    progress=f"sampling ({split}), chunk {c + 1}/{len(ranges)}")
+                flat = sampler.generate(asked, data.max_new_tokens, data.temperature,
+                                        request_seeds(chunk_seed(seed, f"labels:{split}", c), len(asked)), spread=True,
+                                        progress=f"sampling ({split}), chunk {c + 1}/{len(ranges)}")
                 rows = [[g.text for g in flat[i * n_policy : (i + 1) * n_policy]] for i in range(len(chunk_prompts))]
                 log.append(rows)
                 sampled += rows

@@ -34,8 +34,8 @@ from rlhfkit.data.sources import load_prompts, world_of
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.eval.scorers import reward_function
 from rlhfkit.eval.winrate import WinRate, gold_pair_judge, win_rate
-from rlhfkit.generation import SavedModelSampler, generate, request_seeds
-from rlhfkit.models import load_model, load_tokenizer
+from rlhfkit.generation import SavedModelSampler, request_seeds
+from rlhfkit.models import load_tokenizer
 
 
 @dataclass
@@ -114,21 +114,14 @@ def best_of_n(cfg: BestOfNConfig, chunk: int = CHUNK) -> dict[str, float]:
               f"scoring them with {cfg.reward}")
     with contextlib.ExitStack() as stack:
         if log.count < len(ranges):
-            tokenizer = load_tokenizer(cfg.model)
-            if cfg.rollout.engine == "vllm":
-                vllm = stack.enter_context(SavedModelSampler(cfg.model, tokenizer, cfg.precision,
-                                                             cfg.rollout.vllm_memory, model_seed=cfg.seed))
-            else:
-                policy = load_model(ModelConfig(name=cfg.model, precision=cfg.precision), tokenizer, seed=cfg.seed)
+            sampler = stack.enter_context(SavedModelSampler(
+                cfg.model, load_tokenizer(cfg.model), ModelConfig(name=cfg.model, precision=cfg.precision),
+                cfg.rollout, cfg.batch_size, seed=cfg.seed))
         for c in range(log.count, len(ranges)):
             part = [p.messages for p in flat_prompts[ranges[c].start * cfg.n : ranges[c].stop * cfg.n]]
-            seeds = request_seeds(chunk_seed(cfg.seed, "bon", c), len(part))
-            if cfg.rollout.engine == "vllm":
-                gens = vllm.generate(part, cfg.max_new_tokens, cfg.temperature, seeds, spread=True)
-            else:
-                gens = generate(policy, tokenizer, part, cfg.max_new_tokens, temperature=cfg.temperature,
-                                batch_size=cfg.batch_size, precision=cfg.precision, seeds=seeds, spread=True,
-                                progress=f"sampling, chunk {c + 1}/{len(ranges)}" if len(ranges) > 1 else "")
+            gens = sampler.generate(part, cfg.max_new_tokens, cfg.temperature,
+                                    request_seeds(chunk_seed(cfg.seed, "bon", c), len(part)), spread=True,
+                                    progress=f"sampling, chunk {c + 1}/{len(ranges)}" if len(ranges) > 1 else "")
             log.append([g.text for g in gens])
             texts += [g.text for g in gens]
     if not processes.is_main():  # the others sampled their shares; the main process scores and writes

@@ -35,7 +35,7 @@ from rlhfkit.eval.winrate import PairJudge, WinRate, gold_pair_judge, win_rate
 from rlhfkit.logprobs import logprobs as response_logprobs
 from rlhfkit.logprobs import running_in
 from rlhfkit.records import join
-from rlhfkit.generation import Generation, SavedModelSampler, generate, request_seeds
+from rlhfkit.generation import Generation, SavedModelSampler, request_seeds
 
 REFERENCE = "reference"
 REFERENCE_FIELDS = ("completion", "response", "chosen")  # where a prompts file keeps its reference answer
@@ -208,27 +208,23 @@ def answer(name: str, prompts: list[Prompt], cfg: EvalConfig, device: str, log: 
     from rlhfkit.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(name)
-    model = load_model(ModelConfig(name=name, precision=cfg.precision), tokenizer, seed=cfg.seed).to(device)
+    model_cfg = ModelConfig(name=name, precision=cfg.precision)
+    model = load_model(model_cfg, tokenizer, seed=cfg.seed).to(device)
     if processes.is_main():
         print(f"answering {len(prompts)} prompts with {name} "
               f"({'greedy' if cfg.temperature == 0 else f'temperature {cfg.temperature}'})")
     rows: list[dict] = []
     with contextlib.ExitStack() as stack:
-        vllm = None
-        if cfg.rollout.engine == "vllm" and first + len(ranges) > len(done):  # answers are left to sample
-            vllm = stack.enter_context(SavedModelSampler(name, tokenizer, cfg.precision, cfg.rollout.vllm_memory,
-                                                         model_seed=cfg.seed))
+        if first + len(ranges) > len(done):  # answers are left to sample (the model itself stays, for KL)
+            sampler = stack.enter_context(SavedModelSampler(name, tokenizer, model_cfg, cfg.rollout, cfg.batch_size,
+                                                            seed=cfg.seed, loaded=model))
         for c, r in enumerate(ranges):
             if first + c < len(done):
                 rows += done[first + c]
                 continue
-            part, seeds = [prompts[i].messages for i in r], request_seeds(chunk_seed(cfg.seed, "eval", c), len(r))
-            if vllm is not None:
-                gens = vllm.generate(part, cfg.max_new_tokens, cfg.temperature, seeds, spread=True)
-            else:
-                gens = generate(model, tokenizer, part, cfg.max_new_tokens, temperature=cfg.temperature,
-                                batch_size=cfg.batch_size, precision=cfg.precision, seeds=seeds, spread=True,
-                                progress=f"{name}, chunk {c + 1}/{len(ranges)}" if len(ranges) > 1 else "")
+            gens = sampler.generate([prompts[i].messages for i in r], cfg.max_new_tokens, cfg.temperature,
+                                    request_seeds(chunk_seed(cfg.seed, "eval", c), len(r)), spread=True,
+                                    progress=f"{name}, chunk {c + 1}/{len(ranges)}" if len(ranges) > 1 else "")
             new = [{"text": g.text, "token_ids": g.token_ids, "finished": g.finished} for g in gens]
             log.append(new)
             rows += new

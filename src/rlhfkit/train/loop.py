@@ -16,6 +16,7 @@ from typing import Any, Callable, Protocol
 import torch
 from accelerate import Accelerator
 
+from rlhfkit import processes
 from rlhfkit.chunks import PARTIAL_SUFFIX
 from rlhfkit.config import BatchConfig, OptimConfig, RunConfig
 from rlhfkit.errors import RlhfkitError, TrainingDiverged
@@ -75,22 +76,6 @@ def refuse_unsupported_sharding(acc: Accelerator) -> None:
         f"accelerate set up {asked[0]}, which rlhfkit's training loop does not drive yet (the optimizer "
         "must be prepared with the sharded model and the weights gathered to save): launch with a DDP config "
         "or torchrun (README, Scale)")
-
-
-def my_slice(acc: Accelerator, n: int) -> slice:
-    """This process's contiguous share of ``n`` items (a step's prompts or responses); ``n``
-    divides evenly (checked where the stage starts)."""
-    share = n // acc.num_processes
-    return slice(acc.process_index * share, (acc.process_index + 1) * share)
-
-
-def gather_lists(acc: Accelerator, items: list) -> list:
-    """Every process's ``items`` (equal lengths), concatenated in process order."""
-    if acc.num_processes == 1:
-        return items
-    from accelerate.utils import gather_object
-
-    return gather_object(items)
 
 
 class StageComplete(Exception):
@@ -365,7 +350,8 @@ class TrainingRun:
         return indices, micro_batches(indices, self.batch, self.acc.process_index, self.acc.num_processes)
 
     def my_slice(self, n: int) -> slice:
-        return my_slice(self.acc, n)
+        """This process's share of ``n`` items (a step's prompts or responses)."""
+        return processes.share(n)
 
     def my_shards(self, per_process: int) -> range:
         """The shards of a step's batch this process holds, when the batch is cut into

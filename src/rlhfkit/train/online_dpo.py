@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from rlhfkit import processes
 from rlhfkit.config import (
     BatchConfig,
     EvalConfig,
@@ -36,12 +37,12 @@ from rlhfkit.data.world import World
 from rlhfkit.errors import ConfigError
 from rlhfkit.eval.policy import PolicyEvaluator, remember_reference_answers
 from rlhfkit.eval.scorers import reward_function
-from rlhfkit.generation import SavedModelSampler, generate, request_seeds
+from rlhfkit.generation import SavedModelSampler, request_seeds
 from rlhfkit.models import load_model, load_tokenizer
 from rlhfkit.runs import MetricsLog, mark_complete
 from rlhfkit.train import dpo
 from rlhfkit.train.dpo import DPOAlgoConfig, DPOConfig
-from rlhfkit.train.loop import begin_stage, gather_lists, my_slice, stage
+from rlhfkit.train.loop import begin_stage, stage
 
 
 @dataclass
@@ -119,7 +120,7 @@ def choose_pair(rewards: list[float], pairing: str, rng: random.Random) -> tuple
     return rng.choice([(i, j) for i in range(len(rewards)) for j in range(len(rewards)) if rewards[i] > rewards[j]])
 
 
-def sample_round(cfg: OnlineDPOConfig, acc, model_name: str, prompts: list[Prompt], score, seed: int,
+def sample_round(cfg: OnlineDPOConfig, model_name: str, prompts: list[Prompt], score, seed: int,
                  say) -> list[dict]:
     """N samples per prompt from ``model_name``, their rewards, and the chosen pair's indices.
     Each process samples and scores its share of the prompts (one seed per answer); every process
@@ -128,21 +129,15 @@ def sample_round(cfg: OnlineDPOConfig, acc, model_name: str, prompts: list[Promp
     tokenizer = load_tokenizer(model_name, cfg.model.trust_remote_code)
     say(f"sampling {n} responses for {len(prompts)} prompts from {model_name}"
         + (" with vLLM" if cfg.rollout.engine == "vllm" else ""))
-    mine = my_slice(acc, len(prompts))
+    mine = processes.share(len(prompts))
     asked = [p for p in prompts[mine] for _ in range(n)]
-    seeds = request_seeds(seed, len(prompts) * n)[mine.start * n : mine.stop * n]
-    if cfg.rollout.engine == "vllm":  # the round's model is a folder vLLM reads (nothing to push)
-        with SavedModelSampler(model_name, tokenizer, cfg.model.precision, cfg.rollout.vllm_memory,
-                               model_seed=cfg.run.seed) as sampler:
-            gens = sampler.generate([p.messages for p in asked], cfg.online.max_new_tokens, cfg.online.temperature,
-                                    seeds)
-    else:
-        policy = load_model(dataclasses.replace(cfg.model, lora=False), tokenizer, seed=cfg.run.seed, path=model_name)
-        gens = generate(policy, tokenizer, [p.messages for p in asked], cfg.online.max_new_tokens,
-                        temperature=cfg.online.temperature, batch_size=cfg.eval.batch_size,
-                        precision=cfg.model.precision, seeds=seeds)
+    # the round's model is a folder: vLLM reads it (nothing to push)
+    with SavedModelSampler(model_name, tokenizer, dataclasses.replace(cfg.model, lora=False), cfg.rollout,
+                           cfg.eval.batch_size, seed=cfg.run.seed) as sampler:
+        gens = sampler.generate([p.messages for p in asked], cfg.online.max_new_tokens, cfg.online.temperature,
+                                request_seeds(seed, len(prompts) * n)[mine.start * n : mine.stop * n])
     texts = [g.text for g in gens]
-    texts, rewards = gather_lists(acc, texts), gather_lists(acc, list(score(asked, texts)))
+    texts, rewards = processes.gather(texts), processes.gather(list(score(asked, texts)))
     rng = random.Random(seed)
     rows = []
     for i, prompt in enumerate(prompts):
@@ -221,7 +216,7 @@ def train(cfg: OnlineDPOConfig) -> Path:
         chunk = [prompts[j % len(prompts)] for j in range(first, first + cfg.online.prompts_per_iteration)]
         samples = folder / "data" / "samples.jsonl"
         if not samples.exists():
-            rows = sample_round(cfg, acc, model_name, chunk, score, cfg.run.seed * 1000 + i, say)
+            rows = sample_round(cfg, model_name, chunk, score, cfg.run.seed * 1000 + i, say)
             acc.wait_for_everyone()  # every process has seen that the file is missing
             if main:
                 write_rows(rows, samples)
