@@ -3,6 +3,7 @@ import torch
 
 from rlhfkit.config import BatchConfig, OptimConfig
 from rlhfkit.runs import flatten_optimizer_state, unflatten_optimizer_state
+from rlhfkit.train import sharding
 from rlhfkit.train.loop import DataOrder, build_optimizer, lr_factor, micro_batches
 
 
@@ -40,13 +41,16 @@ def test_optimizer_state_round_trips_through_flat_tensors():
     opt = build_optimizer(model.parameters(), OptimConfig(lr=0.1))
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    tensors, meta = flatten_optimizer_state(opt.state_dict())
+    weights, state = sharding.state_dicts(model, opt)
+    tensors, meta = flatten_optimizer_state(state)
     import json
 
     meta = json.loads(json.dumps(meta))  # what a checkpoint stores
     restored = unflatten_optimizer_state(tensors, meta)
-    opt2 = build_optimizer(torch.nn.Linear(3, 2).parameters(), OptimConfig(lr=0.1))
-    opt2.load_state_dict(restored)
+    model2 = torch.nn.Linear(3, 2)
+    opt2 = build_optimizer(model2.parameters(), OptimConfig(lr=0.1))
+    sharding.load_state_dicts(model2, opt2, weights, restored)
+    assert torch.equal(model2.weight, model.weight)
     for pid, state in opt.state_dict()["state"].items():
         for key, value in state.items():
             assert torch.equal(opt2.state_dict()["state"][pid][key], value)

@@ -1,6 +1,8 @@
 """N processes == 1 process, through a kill -9: each training stage on 2 gloo processes
 (torchrun), killed with SIGKILL after a checkpoint and resumed, gives the per-step losses, gradient
-norms and final weights of 1 uninterrupted process accumulating the same global batch."""
+norms and final weights of 1 uninterrupted process accumulating the same global batch. So do
+stages sharded by FSDP2 (launched as accelerate's shipped config file or its environment under
+torchrun), LoRA included."""
 
 import contextlib
 import json
@@ -68,6 +70,8 @@ STAGES = {
                     "--eval.gold-prompts", "0", "--eval.no-at-start", "--batch.micro-batch-size", "2"],
                    ["--batch.grad-accum", "2"], ["--batch.grad-accum", "1"]),
 }
+# PPO with LoRA: the reference is the policy with its adapters off, the critic has adapters too.
+STAGES["ppo-lora"] = ([*STAGES["ppo"][0], "--model.lora", "--model.lora-r", "4"], *STAGES["ppo"][1:])
 KILL_IN = {"online-dpo": "iter_2/checkpoints"}  # where the checkpoint to kill after appears
 LOSSES = ("train/loss", "train/grad_norm", "dpo/loss", "dpo/grad_norm", "grpo/reward", "grpo/grad_norm",
           "grpo/kl", "ppo/score", "ppo/kl", "ppo/kl_coef", "ppo/pg_loss", "ppo/vf_loss", "ppo/ptx_loss",
@@ -82,11 +86,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args: list[str], processes: int) -> subprocess.Popen:
+# How the 2 processes are launched: torchrun (DDP); torchrun with the environment accelerate's FSDP2
+# config sets; accelerate launch with the shipped FSDP2 config file.
+LAUNCHERS = {
+    "ddp": (["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "{port}"], {}),
+    "fsdp": (["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "{port}"],
+             {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}),
+    "accelerate-fsdp": (["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/fsdp2.yaml"),
+                         "--num_processes", "2", "--main_process_port", "{port}"], {}),
+}
+
+
+def start(args: list[str], processes: int, launch: str = "ddp") -> subprocess.Popen:
+    launcher, extra = LAUNCHERS[launch]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
-           "OMP_NUM_THREADS": "1"}
-    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port", str(free_port())]
-    return subprocess.Popen([sys.executable, *(launcher if processes > 1 else []), "-m", "rlhfkit.cli", *args],
+           "OMP_NUM_THREADS": "1", **extra}
+    launcher = [a.format(port=free_port()) for a in launcher] if processes > 1 else []
+    return subprocess.Popen([sys.executable, *launcher, "-m", "rlhfkit.cli", *args],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -117,20 +133,37 @@ def steps(out: Path) -> list[dict[str, float]]:
     return [{k: r[k] for k in LOSSES if k in r} for r in rows if any(k in r for k in LOSSES)]
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
-def test_two_processes_killed_and_resumed_match_one_process(stage, tmp_path):
+ONE_PROCESS: dict[str, Path] = {}  # stage -> its 1-process run, shared by the DDP and FSDP cases
+
+
+def one_process_run(stage: str, tmp_path_factory) -> Path:
+    if stage not in ONE_PROCESS:
+        args, one_flags, _ = STAGES[stage]
+        out = tmp_path_factory.mktemp(f"one-{stage}") / "one"
+        main([*args, "--run.save-every", "2", *one_flags, "--run.out", str(out)])  # 1 process: this one
+        ONE_PROCESS[stage] = out
+    return ONE_PROCESS[stage]
+
+
+CASES = [*((stage, "ddp") for stage in sorted(STAGES) if stage != "ppo-lora"),
+         ("sft", "accelerate-fsdp"), ("dpo", "fsdp"), ("grpo", "fsdp"), ("ppo-lora", "fsdp")]
+
+
+@pytest.mark.parametrize("stage,launch", CASES)
+def test_two_processes_killed_and_resumed_match_one_process(stage, launch, tmp_path, tmp_path_factory):
     """Tolerances: the only difference is the order of float additions in the all-reduce (and in
     the reduction of logged sums), which a few Adam steps amplify only slightly: 1e-4 relative on
     every step's losses and gradient norms, and on the weights 1e-4 relative plus an absolute 1e-3
     of the weights' largest magnitude (Adam steps elements with near-cancelling gradients by up to
     lr). A resume that lost or replayed any state (data position, optimizer, sampling seeds,
-    checkpoint of the other process) changes the steps after the kill far beyond these."""
-    args, one_flags, two_flags = STAGES[stage]
+    checkpoint of the other process) changes the steps after the kill far beyond these. FSDP
+    reduce-scatters where DDP all-reduces: the same sums, in another order."""
+    args, _, two_flags = STAGES[stage]
     args = [*args, "--run.save-every", "2"]
-    main([*args, *one_flags, "--run.out", str(tmp_path / "one")])  # 1 process: this one
+    one_dir = one_process_run(stage, tmp_path_factory)
 
     two = [*args, *two_flags, "--run.out", str(tmp_path / "two")]
-    killed = start(two, processes=2)
+    killed = start(two, 2, launch)
     deadline = time.time() + 240
     while not list((tmp_path / "two" / KILL_IN.get(stage, "checkpoints")).glob("step-*")):
         assert killed.poll() is None, killed.communicate()[0]
@@ -138,17 +171,19 @@ def test_two_processes_killed_and_resumed_match_one_process(stage, tmp_path):
         time.sleep(0.05)
     kill9_tree(killed)
     assert not (tmp_path / "two" / "complete.json").exists(), "the run finished before the kill"
-    assert "resumed from" in finish(start([*two, "--run.resume"], processes=2))
+    said = finish(start([*two, "--run.resume"], 2, launch))
+    assert "resumed from" in said
+    assert ("FSDP2: each of 2 processes holds 1/2" in said) == (launch != "ddp"), said
 
-    one, resumed = steps(tmp_path / "one"), steps(tmp_path / "two")
+    one, resumed = steps(one_dir), steps(tmp_path / "two")
     assert len(one) == len(resumed) and one[0], (one, resumed)
     for a, b in zip(one, resumed):
         assert a.keys() == b.keys()
         assert b == pytest.approx(a, rel=1e-4, abs=1e-6), (a, b)
     for weights in WEIGHTS:
-        if not (tmp_path / "one" / weights).exists():
+        if not (one_dir / weights).exists():
             continue
-        a, b = (load_file(tmp_path / d / weights) for d in ("one", "two"))
+        a, b = (load_file(d / weights) for d in (one_dir, tmp_path / "two"))
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-3 * float(a[key].abs().max()), msg=key)
@@ -184,37 +219,3 @@ def test_process_shares_cover_every_item_once(monkeypatch):
                 monkeypatch.setattr(processes, "rank_and_size", lambda: (rank, size))
                 shares += list(range(n))[processes.share(n)]
             assert shares == list(range(n)), (size, n)
-
-
-FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
-distributed_type: FSDP
-fsdp_config:
-  fsdp_version: 2
-  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
-  fsdp_state_dict_type: FULL_STATE_DICT
-mixed_precision: 'no'
-num_machines: 1
-num_processes: 2
-use_cpu: true
-machine_rank: 0
-main_training_function: main
-rdzv_backend: static
-same_network: true
-"""
-
-
-def test_an_fsdp_launch_that_accelerate_turns_into_ddp_is_refused(tmp_path):
-    """accelerate 1.15 sets up plain DDP on CPU for an FSDP config, silently: the stage must stop
-    and say so (once), before it writes anything."""
-    config = tmp_path / "fsdp.yaml"
-    config.write_text(FSDP_CONFIG)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                               "--main_process_port", str(free_port()), "-m", "rlhfkit.cli", "sft", "--recipe", "tiny",
-                               "--run.steps", "2", "--eval.gold-prompts", "0", "--eval.no-at-start",
-                               "--data.world-examples", "40", "--run.out", str(tmp_path / "out")],
-                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert launched.returncode != 0
-    said = [line for line in launched.stderr.splitlines() if line.startswith("rlhfkit sft: error:")]
-    assert len(said) == 1 and "asks for FSDP, but accelerate set up MULTI_CPU" in said[0], launched.stderr
-    assert not (tmp_path / "out").exists()

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit import processes
 from rlhfkit.data.records import Messages
+from rlhfkit.errors import RlhfkitError
 from rlhfkit.data.tokenize import end_of_turn_id, prompt_ids
 from rlhfkit.engines import Output, SamplingParams
 from rlhfkit.engines.builtin import BuiltinEngine
@@ -174,6 +175,11 @@ class Sampler:
             from rlhfkit.models import save_model
 
             require_vllm()  # before writing the folder: a missing install fails at once
+            from torch.distributed.tensor import DTensor
+
+            if any(isinstance(p, DTensor) for p in model.parameters()):
+                raise RlhfkitError("--rollout.engine vllm does not run with FSDP yet (its weights would have to be "
+                                   "gathered for every push): launch with a DDP config, or use --rollout.engine builtin")
             # vLLM starts from a model folder (read once, at start), then takes the pushes.
             with tempfile.TemporaryDirectory(prefix="rlhfkit-rollout-") as folder:
                 save_model(model, tokenizer, Path(folder))

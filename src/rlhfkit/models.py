@@ -419,9 +419,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_wrapped(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is a DDP / FSDP / DeepSpeed wrapper, not a transformers model: its own
-    forward must run (it syncs gradients), so packed forwards, which call the backbone, are off."""
-    return not hasattr(unwrap(model), "base_model_prefix")
+    """Whether ``model`` is a DDP / DeepSpeed wrapper, not a transformers model, or sharded by
+    FSDP: its own forward must run (it syncs gradients; FSDP gathers the root's weights, the
+    embeddings and LM head, in it), so packed forwards, which call the backbone, are off. (Under
+    FSDP the packing probe's forwards would also be collectives that one process may skip.)"""
+    from torch.distributed.fsdp import FSDPModule
+
+    return not hasattr(unwrap(model), "base_model_prefix") or any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def is_encoder(config) -> bool:

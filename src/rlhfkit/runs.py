@@ -93,44 +93,55 @@ def config_differences(old: dict, new: dict, old_home: Path, new_home: Path, ign
 
 
 def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into tensors (for safetensors) and JSON-able metadata."""
+    """Split an optimizer state dict keyed by parameter name (``train.sharding.state_dicts``)
+    into tensors ``name/key`` (for safetensors) and JSON-able metadata."""
     tensors, scalars = {}, {}
-    for pid, pstate in state["state"].items():
+    for name, pstate in state["state"].items():
         for key, value in pstate.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{pid}.{key}"] = value.contiguous()
+                tensors[f"{name}/{key}"] = value.contiguous()
             else:
-                scalars[f"{pid}.{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+                scalars[f"{name}/{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars, "keys": "names"}
 
 
 def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, key = name.split(".", 1)
-        state.setdefault(int(pid), {})[key] = value
+    state: dict[str, dict] = {}
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        name, key = flat.rsplit("/", 1)
+        state.setdefault(name, {})[key] = value
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint must hold to resume: all trainable ones (LoRA: just adapters)."""
-    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+def distinct_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` without the later names of a shared tensor (a tied LM head): safetensors
+    refuses to write two names of one storage; loading the first fills both."""
+    seen: set[tuple[int, int]] = set()
+    kept = {}
+    for name, t in tensors.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            kept[name] = t.contiguous()
+    return kept
 
 
 def save_checkpoint(
-    out: Path, step: int, model: torch.nn.Module, optimizer, scheduler, extra: dict, keep: int,
-    extra_tensors: dict[str, torch.Tensor] | None = None,
+    out: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict, scheduler, extra: dict,
+    keep: int, extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically (a temp folder renamed at the end), so a kill -9
-    mid-write leaves the previous checkpoint as the latest valid one."""
+    mid-write leaves the previous checkpoint as the latest valid one. ``weights``: the trainable
+    ones (LoRA: just adapters) and ``optimizer_state``, whole and keyed by name, so any number
+    of processes, sharded or not, can resume it."""
     root = out / "checkpoints"
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
+    save_file(distinct_storage(weights), tmp / "trainable.safetensors")
+    opt_tensors, opt_meta = flatten_optimizer_state(optimizer_state)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
     if extra_tensors:  # stage tensors beyond weights and optimizer (PPO's EMA weights)
@@ -144,18 +155,15 @@ def save_checkpoint(
     return final
 
 
-def resume_state(out: Path, run: RunConfig, model, optimizer, scheduler, say) -> dict:
-    """The saved state to continue from ({"step": 0} for a fresh start). A complete run never
-    gets here (``train.loop.begin_stage`` stops first)."""
+def checkpoint_to_resume(out: Path, run: RunConfig, say) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh start. A complete run never gets
+    here (``train.loop.begin_stage`` stops first)."""
     if not run.resume:
-        return {"step": 0}
+        return None
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         say(f"no checkpoint in {out}; starting from step 0")
-        return {"step": 0}
-    state = load_checkpoint(ckpt, model, optimizer, scheduler)
-    say(f"resumed from {ckpt} at step {state['step']}")
-    return state
+    return ckpt
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -163,20 +171,19 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(ckpt: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, schedule and RNG; return the saved state (``step`` etc.)."""
+def load_checkpoint(ckpt: Path, scheduler) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """Restore the schedule and RNG; return (the saved state: ``step`` etc., the trainable
+    weights, the optimizer state), for ``train.sharding.load_state_dicts``."""
     state = json.loads((ckpt / "state.json").read_text())
-    weights = load_file(ckpt / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(unflatten_optimizer_state(load_file(ckpt / "optimizer.safetensors"), state["optimizer"]))
+    if state["optimizer"].get("keys") != "names":
+        raise RlhfkitError(f"{ckpt} was written by an older rlhfkit (optimizer state by position, not by name): "
+                           "resume it with that version, or start over with --run.overwrite")
+    optimizer_state = unflatten_optimizer_state(load_file(ckpt / "optimizer.safetensors"), state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch"])
     if (ckpt / "extra.safetensors").exists():
         state["tensors"] = load_file(ckpt / "extra.safetensors")
-    return state
+    return state, load_file(ckpt / "trainable.safetensors"), optimizer_state
 
 
 # --- metrics ----------------------------------------------------------------------------------

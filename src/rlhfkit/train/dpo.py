@@ -267,10 +267,12 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
     if variant.needs_reference and algo.precompute_reference:
         splits = {"train": (train_pairs, first_epoch_batches(run, len(train_pairs))),
                   "eval": (eval_pairs, eval_batches(len(eval_pairs), cfg.eval.batch_size))}
-        ref_tables = precomputed_reference(acc, out, run.raw_model, cfg.model.lora, splits, pad_id,
-                                           resuming=run.start_step > 0)
-    if not keeps_reference and gold and acc.is_main_process:  # the SFT answers, for the final win rate
-        remember_reference_answers(evaluator, out / "data" / "reference_answers.json", resuming=run.start_step > 0)
+        with run.whole_weights():  # the main process computes them alone
+            ref_tables = precomputed_reference(acc, out, run.raw_model, cfg.model.lora, splits, pad_id,
+                                               resuming=run.start_step > 0)
+    with run.whole_weights():
+        if not keeps_reference and gold and acc.is_main_process:  # the SFT answers, for the final win rate
+            remember_reference_answers(evaluator, out / "data" / "reference_answers.json", resuming=run.start_step > 0)
 
     def batch_loss(model, pairs: list[Pair], indices: list[int], split: str):
         logps, lengths = sequence_logprobs(model, pairs, pad_id)
@@ -287,10 +289,9 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
         return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, *lengths.chunk(2), beta=algo.beta, variant=variant,
                         label_smoothing=algo.label_smoothing, simpo_gamma=algo.simpo_gamma)
 
+    @run.evaluation
     @torch.no_grad()
     def evaluate(step: int) -> dict[str, float]:
-        if not acc.is_main_process:
-            return {}
         run.raw_model.eval()
         sums: dict[str, float] = {}
         with acc.autocast():
@@ -340,4 +341,4 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
             run.checkpoint(done)
 
     # 5. Save the policy (LoRA merged, so the folder loads like any model), then the marker.
-    return run.finish(metrics, evaluate, save=lambda out: save_model(run.raw_model, tokenizer, out))
+    return run.finish(metrics, evaluate, save=lambda out, model: save_model(model, tokenizer, out))

@@ -130,10 +130,12 @@ def train(cfg: GRPOConfig) -> Path:
     evaluator = PolicyEvaluator(policy, (lambda: frozen_reference(policy, reference)) if keeps_reference else None,
                                 tokenizer, world, gold, algo.max_new_tokens, cfg.eval.batch_size,
                                 cfg.model.precision, algo.temperature, say=run.bar.print)
-    if not keeps_reference and gold:  # the SFT answers, for the final win rate
-        remember_reference_answers(evaluator, out / "data" / "reference_answers.json", resuming=run.start_step > 0)
+    with run.whole_weights():
+        if not keeps_reference and gold:  # the SFT answers, for the final win rate
+            remember_reference_answers(evaluator, out / "data" / "reference_answers.json", resuming=run.start_step > 0)
 
-    def evaluate(step: int) -> dict[str, float]:  # the main process's (the others have no prompts)
+    @run.evaluation
+    def evaluate(step: int) -> dict[str, float]:
         return evaluator(step, final=step == cfg.run.steps)
 
     if run.start_step == 0 and cfg.eval.at_start:
@@ -149,7 +151,7 @@ def train(cfg: GRPOConfig) -> Path:
         _, (mine,) = run.step_batches(step)
         batch_prompts = [prompts[i] for i in mine for _ in range(group)]
         seeds = request_seeds(cfg.run.seed * 1_000_003 + step, algo.prompts_per_step * group)
-        with acc.autocast():
+        with acc.autocast(), run.whole_weights():  # answers end at different lengths on each process
             gens = sampler.generate([p.messages for p in batch_prompts], algo.max_new_tokens, algo.temperature,
                                     len(batch_prompts), seeds[run.my_slice(len(seeds))], logprobs=correct)
         seqs = join([encoded[i] for i in mine for _ in range(group)], [g.token_ids for g in gens], tokenizer.pad_token_id)
@@ -232,4 +234,4 @@ def train(cfg: GRPOConfig) -> Path:
         if due.checkpoint:
             run.checkpoint(done)
 
-    return run.finish(metrics, evaluate, save=lambda out: save_model(policy, tokenizer, out))
+    return run.finish(metrics, evaluate, save=lambda out, model: save_model(model, tokenizer, out))

@@ -4,7 +4,6 @@ checkpoints with exact resume, metrics and the progress bar. No algorithm lives 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import shutil
@@ -23,8 +22,10 @@ from rlhfkit.errors import RlhfkitError, TrainingDiverged
 from rlhfkit.fast.memory import copy_file_mapped
 from rlhfkit.logprobs import set_precision
 from rlhfkit.progress import Progress
-from rlhfkit.runs import (COMPLETE, MetricsLog, check_out_dir, mark_complete, prepare_out_dir, resume_state,
-                          save_checkpoint)
+from rlhfkit.runs import (COMPLETE, MetricsLog, check_out_dir, checkpoint_to_resume, load_checkpoint, mark_complete,
+                          prepare_out_dir, save_checkpoint)
+from rlhfkit.train import sharding
+from rlhfkit.train.sharding import Sharding
 
 
 
@@ -45,37 +46,8 @@ def make_accelerator(precision: str) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
-    refuse_unsupported_sharding(acc)
+    Sharding.requested(acc.num_processes)  # DeepSpeed or FSDP1 stop here, before any data or model loads
     return acc
-
-
-def refuse_unsupported_sharding(acc: Accelerator) -> None:
-    """A launch that asked accelerate for FSDP or DeepSpeed stops here with what it got instead.
-
-    On CPU accelerate silently sets up DDP for an FSDP config (it enables FSDP only on GPU-like
-    devices) and DeepSpeed as one process per rank (accelerate 1.15): the run would train
-    unsharded, or as unrelated copies. And the training loop does not drive sharded engines yet
-    (their optimizer must be prepared with the model, their weights gathered to save), so a run
-    that got FSDP or DeepSpeed stops too rather than train wrong."""
-    import os
-
-    from accelerate.utils import DistributedType
-
-    asked = [name for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
-             if os.environ.get(env, "false").lower() in ("true", "1", "yes")]
-    if not asked:
-        return
-    got = acc.distributed_type
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if got not in (DistributedType.FSDP, DistributedType.DEEPSPEED) or acc.num_processes != world:
-        raise RlhfkitError(
-            f"the accelerate config asks for {asked[0]}, but accelerate set up {got.value} with "
-            f"{acc.num_processes} of {world} processes (on CPU it enables neither FSDP nor DeepSpeed): "
-            "nothing would be sharded. Launch with a DDP config (or torchrun) here; sharding needs GPUs")
-    raise RlhfkitError(
-        f"accelerate set up {asked[0]}, which rlhfkit's training loop does not drive yet (the optimizer "
-        "must be prepared with the sharded model and the weights gathered to save): launch with a DDP config "
-        "or torchrun (README, Scale)")
 
 
 class StageComplete(Exception):
@@ -191,7 +163,7 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> tuple[f
     if max_grad_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:  # no gradient at all (GRPO when every advantage is 0) is a norm of 0
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])) if params else torch.zeros(())
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
     skipped = not bool(torch.isfinite(norm))
     if not skipped:
         optimizer.step()
@@ -239,8 +211,8 @@ def non_finite_weights(model: torch.nn.Module) -> list[str]:
 
 
 def sync_gradients(acc: Accelerator, model, last: bool):
-    """DDP all-reduces gradients only on the last micro-batch of an accumulation."""
-    return contextlib.nullcontext() if last else acc.no_sync(model)
+    """DDP and FSDP reduce gradients only on the last micro-batch of an accumulation."""
+    return sharding.no_sync(acc, model, last)
 
 
 def is_due(done: int, every: int, total: int) -> bool:
@@ -325,8 +297,8 @@ class TrainingRun:
     run: RunConfig
     optim: OptimConfig
     batch: BatchConfig
-    model: torch.nn.Module  # prepared: DDP-wrapped under several processes
-    raw_model: torch.nn.Module  # the underlying model, for evaluation and saving
+    model: torch.nn.Module  # prepared: DDP-wrapped under several processes, or sharded by FSDP
+    raw_model: torch.nn.Module  # the underlying model (sharded under FSDP: see whole_weights)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     start_step: int
@@ -334,6 +306,8 @@ class TrainingRun:
     order: DataOrder
     log: MetricsLog
     bar: Progress
+    sharding: Sharding = field(default_factory=Sharding)
+    empty: torch.nn.Module | None = None  # FSDP: the model's skeleton, filled to save it (sharding.plain_copy)
     guard: DivergenceGuard = field(default_factory=DivergenceGuard)
     last_save: float = field(default_factory=time.monotonic)  # when the last checkpoint (or the start) was
 
@@ -375,6 +349,23 @@ class TrainingRun:
         if self.acc.num_processes == 1:
             return x
         return self.acc.gather(x.to(self.acc.device)).cpu()
+
+    def whole_weights(self):
+        """A block in which every process holds all of the model's weights (FSDP gathers them;
+        otherwise nothing to do): evaluation on the main process alone and generation to
+        different lengths run inside. Every process must enter it."""
+        return sharding.whole_weights(self.model, self.sharding.reshard_after_forward)
+
+    def evaluation(self, evaluate: Callable[[int], dict[str, float]]) -> Callable[[int], dict[str, float]]:
+        """Decorates a stage's ``evaluate(step)``, which the main process runs on the whole
+        weights while the others get {}. Every process calls the result."""
+
+        @functools.wraps(evaluate)
+        def on_every_process(step: int) -> dict[str, float]:
+            with self.whole_weights():
+                return evaluate(step) if self.acc.is_main_process else {}
+
+        return on_every_process
 
     def update(self, done: int, loss: float | None, loss_has_scale: bool = True) -> tuple[float, bool]:
         """One optimizer update (``optimizer_step``); returns (grad norm, skipped). Stops the run
@@ -425,9 +416,11 @@ class TrainingRun:
 
     def checkpoint(self, done: int, state: dict | None = None, tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Save ``checkpoints/step-N``: weights, optimizer, schedule, RNG, and the stage's own
-        ``state`` (JSON-able) and ``tensors``, which come back in ``self.state`` on resume."""
+        ``state`` (JSON-able) and ``tensors`` (whole), which come back in ``self.state`` on
+        resume. Every process must call it."""
+        weights, optimizer_state = sharding.state_dicts(self.raw_model, self.optimizer)
         if self.acc.is_main_process:
-            save_checkpoint(self.out, done, self.raw_model, self.optimizer, self.scheduler, state or {},
+            save_checkpoint(self.out, done, weights, optimizer_state, self.scheduler, state or {},
                             self.run.keep_checkpoints, tensors or {})
         self.acc.wait_for_everyone()
         self.last_save = time.monotonic()
@@ -445,14 +438,16 @@ class TrainingRun:
         return bool(due[0])
 
     def finish(self, metrics: dict[str, float], evaluate: Callable[[int], dict[str, float]],
-               save: Callable[[Path], None], **summary: Any) -> Path:
-        """The stage's end: ``save(out)`` writes its model folder (main process), then
-        complete.json, written last: a folder without it is an unfinished run. A run resumed from a
-        checkpoint at its last step (only the save was lost) evaluates once more first."""
+               save: Callable[[Path, torch.nn.Module], None], **summary: Any) -> Path:
+        """The stage's end: ``save(out, model)`` writes its model folder from the trained model,
+        whole (main process), then complete.json, written last: a folder without it is an
+        unfinished run. A run resumed from a checkpoint at its last step (only the save was lost)
+        evaluates once more first."""
         if self.start_step == self.run.steps:
             metrics = evaluate(self.run.steps)
+        model = sharding.plain_copy(self.raw_model, self.empty)
         if self.acc.is_main_process:
-            save(self.out)
+            save(self.out, model)
             mark_complete(self.out, {"stage": self.name, "steps": self.run.steps, **summary, **metrics})
         self.close()
         return self.out
@@ -469,15 +464,27 @@ def start_training(acc: Accelerator, out: Path, model: torch.nn.Module, optim: O
     ``schedule_steps``: optimizer steps in the whole run when a stage takes several per step
     (PPO); default ``run.steps``."""
     model.to(acc.device)  # before the optimizer: a resumed optimizer state lands beside its weights
+    split = Sharding.requested(acc.num_processes)
+    empty = None
+    if split.fsdp:  # the optimizer must hold the shards, so it is built after them
+        empty = sharding.skeleton(model)
+        sharding.shard(model, split)
+        acc.print(f"FSDP2: each of {acc.num_processes} processes holds 1/{acc.num_processes} of the weights, "
+                  f"gradients and optimizer state" + (" (in host memory)" if split.cpu_offload else ""))
     optimizer = build_optimizer(model.parameters(), optim)
     scheduler = build_scheduler(optimizer, optim, schedule_steps or run.steps)
-    state = resume_state(out, run, model, optimizer, scheduler, acc.print)
+    state = {"step": 0}
+    if (ckpt := checkpoint_to_resume(out, run, acc.print)) is not None:
+        state, weights, optimizer_state = load_checkpoint(ckpt, scheduler)
+        sharding.load_state_dicts(model, optimizer, weights, optimizer_state)
+        acc.print(f"resumed from {ckpt} at step {state['step']}")
     start = state["step"]
-    prepared = acc.prepare(model)
+    prepared = model if split.fsdp else acc.prepare(model)  # FSDP reduces gradients itself
     prepared.train()
     return TrainingRun(
         acc=acc, out=out, name=name, run=run, optim=optim, batch=batch, model=prepared, raw_model=acc.unwrap_model(prepared),
         optimizer=optimizer, scheduler=scheduler, start_step=start, state=state, order=DataOrder(n_examples, run.seed),
+        sharding=split, empty=empty,
         log=MetricsLog(out, acc.is_main_process, resume_step=start),
         bar=Progress(run.steps, start, name, acc.is_main_process),
     )

@@ -55,6 +55,7 @@ from rlhfkit.models import (
     save_model,
 )
 from rlhfkit.records import PPOStats, Scored, Sequences, join
+from rlhfkit.train import sharding
 from rlhfkit.train.loop import DataOrder, begin_stage, stage, start_training, sync_gradients
 from rlhfkit.value import save_value_model, value_model
 
@@ -153,8 +154,14 @@ class PolicyAndValue(torch.nn.Module):
         super().__init__()
         self.policy, self.value, self.temperature = policy, value, temperature
 
+    forward_methods = ("demonstration_nll",)  # forwards of the trained models besides forward (FSDP gathers for them)
+
     def forward(self, sub: Sequences) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (*logprobs(self.policy, sub, self.temperature, with_entropy=True), token_values(self.value, sub))
+
+    def demonstration_nll(self, examples: list[Example], pad_id: int) -> tuple[torch.Tensor, int]:
+        """PPO-ptx: the policy's summed NLL of demonstrations, and their token count."""
+        return demonstration_nll(self.policy, examples, pad_id)
 
 
 def value_source(cfg: PPOConfig) -> str:
@@ -221,8 +228,8 @@ class EMA:
         self.decay = decay
         self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         for key, value in (saved or {}).items():
-            if key.startswith("ema."):
-                self.shadow[key[4:]].copy_(value)
+            if key.startswith("ema."):  # whole: this process keeps its shard under FSDP
+                self.shadow[key[4:]] = sharding.like(self.shadow[key[4:]], value)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
@@ -231,14 +238,17 @@ class EMA:
                 self.shadow[name].lerp_(p.detach(), 1.0 - self.decay)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f"ema.{name}": t for name, t in self.shadow.items()}
+        """The averages, whole (gathered under FSDP: every process must call it)."""
+        return {f"ema.{name}": sharding.full_tensor(t) for name, t in self.shadow.items()}
 
-    def averaged_copy(self, model: torch.nn.Module) -> torch.nn.Module:
+    @staticmethod
+    def averaged_copy(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """A copy of the (whole) ``model`` holding the averages ``tensors``."""
         averaged = copy.deepcopy(model)
         params = dict(averaged.named_parameters())
         with torch.no_grad():
-            for name, t in self.shadow.items():
-                params[name].copy_(t)
+            for key, t in tensors.items():
+                params[key[4:]].copy_(t)
         return averaged
 
 
@@ -305,14 +315,16 @@ def train(cfg: PPOConfig) -> Path:
                                 algo.max_new_tokens, cfg.eval.batch_size, cfg.model.precision, algo.temperature,
                                 run.bar.print)
 
-    def evaluate(step: int) -> dict[str, float]:  # the main process's (the others have no prompts)
+    @run.evaluation
+    def evaluate(step: int) -> dict[str, float]:
         return evaluator(step, final=step == cfg.run.steps)
 
     if run.start_step == 0 and cfg.eval.at_start:
         run.log.log(0, evaluate(0))
 
     def reference_logprobs(sub: Sequences) -> torch.Tensor:
-        with frozen_reference(policy, reference) as ref:
+        # whole weights: under FSDP, LoRA's reference is the policy called outside the root's forward
+        with run.whole_weights(), frozen_reference(policy, reference) as ref:
             return logprobs(ref, sub, algo.temperature)
 
     def forward_gap(kept: tuple[torch.Tensor, ...], sub: Sequences) -> float:
@@ -344,8 +356,9 @@ def train(cfg: PPOConfig) -> Path:
         _, (indices,) = run.step_batches(step)
         batch_prompts = [prompts[i] for i in indices]
         seeds = request_seeds(cfg.run.seed * 1_000_003 + step, algo.prompts_per_step)
-        gens = sampler.generate([p.messages for p in batch_prompts], algo.max_new_tokens, algo.temperature,
-                                local, seeds[run.my_slice(len(seeds))], logprobs=correct)
+        with run.whole_weights():  # answers end at different lengths on each process
+            gens = sampler.generate([p.messages for p in batch_prompts], algo.max_new_tokens, algo.temperature,
+                                    local, seeds[run.my_slice(len(seeds))], logprobs=correct)
         seqs = join([encoded[i] for i in indices], [g.token_ids for g in gens], pad_id)
         mask = seqs.response_mask.float().to(acc.device)  # 1 up to and including the first EOS
         t_rollout = time.perf_counter()
@@ -412,7 +425,7 @@ def train(cfg: PPOConfig) -> Path:
                     ptx_loss = torch.zeros(())
                     if ptx:  # this shard's slice of the update's demonstrations
                         k, share = mine[a], algo.minibatch_size // shards
-                        ptx_loss = demonstration_nll(policy, ptx_batch[k * share : (k + 1) * share], pad_id)[0] / ptx_tokens
+                        ptx_loss = run.raw_model.demonstration_nll(ptx_batch[k * share : (k + 1) * share], pad_id)[0] / ptx_tokens
                     pg_sum, vf_sum = masked_sum(pg, mb.mask), masked_sum(vf, mb.mask)
                     loss = pg_sum / n_tokens + algo.vf_coef * vf_sum / n_tokens + algo.ptx_coef * ptx_loss
                     finite = bool(torch.isfinite(loss))
@@ -480,10 +493,12 @@ def train(cfg: PPOConfig) -> Path:
             run.checkpoint(done, state={"kl_coef": kl_ctl.value}, tensors=ema.tensors() if ema is not None else None)
 
     # Save the policy as a plain model folder and the value model beside it.
-    def save(out: Path) -> None:
-        save_model(policy, tokenizer, out)
-        save_value_model(models.value.merge_and_unload() if cfg.model.lora else models.value, out / "value_model")
-        if ema is not None:
-            save_model(ema.averaged_copy(policy), tokenizer, out / "ema")
+    averages = ema.tensors() if ema is not None else None  # on every process: FSDP gathers them
+
+    def save(out: Path, trained: PolicyAndValue) -> None:
+        save_model(trained.policy, tokenizer, out)
+        save_value_model(trained.value.merge_and_unload() if cfg.model.lora else trained.value, out / "value_model")
+        if averages is not None:
+            save_model(EMA.averaged_copy(trained.policy, averages), tokenizer, out / "ema")
 
     return run.finish(metrics, evaluate, save)

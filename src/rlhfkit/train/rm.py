@@ -266,8 +266,9 @@ def train(cfg: RMConfig) -> Path:
     run = start_training(acc, out, model, cfg.optim, cfg.run, cfg.batch, len(train_groups), "rm")
     pad_id = tokenizer.pad_token_id
 
+    @run.evaluation
     def held_out(step: int) -> dict[str, float]:
-        if not acc.is_main_process or not eval_groups:
+        if not eval_groups:
             return {}
         with acc.autocast():
             metrics = {f"eval/{k}": v for k, v in evaluate(run.raw_model, eval_groups, pad_id, cfg.eval_batch_size).items()}
@@ -316,10 +317,10 @@ def train(cfg: RMConfig) -> Path:
             run.checkpoint(done)
 
     # 5. Normalise on reference responses, then save a plain sequence-classification folder.
-    def save(out: Path) -> None:
+    def save(out: Path, model: torch.nn.Module) -> None:
         if cfg.model.lora:  # the adapter and the fully trained head, before merging in place
-            save_adapter(run.raw_model, out)
-        final = run.raw_model.merge_and_unload() if cfg.model.lora else run.raw_model
+            save_adapter(model, out)
+        final = model.merge_and_unload() if cfg.model.lora else model
         if cfg.normalize:
             with acc.autocast():
                 mean, std = reference_stats(final, tokenizer, cfg, train_rankings, encoder)

@@ -139,9 +139,8 @@ def train(cfg: SFTConfig) -> Path:
     run = start_training(acc, out, model, cfg.optim, cfg.run, cfg.batch, len(train_examples), "sft")
     pad_id = tokenizer.pad_token_id
 
+    @run.evaluation
     def evaluate(step: int) -> dict[str, float]:
-        if not acc.is_main_process:
-            return {}
         with acc.autocast():
             metrics = {"eval/loss": eval_loss(run.raw_model, eval_examples, pad_id, cfg.eval.batch_size)}
         if gold_prompts:
@@ -195,4 +194,4 @@ def train(cfg: SFTConfig) -> Path:
             run.checkpoint(done)
 
     # 5. The Hugging Face model folder, then the completion marker (written last).
-    return run.finish(metrics, evaluate, save=lambda out: save_model(run.raw_model, tokenizer, out))
+    return run.finish(metrics, evaluate, save=lambda out, model: save_model(model, tokenizer, out))

@@ -1,0 +1,48 @@
+"""What a launch asks for, read from the environment accelerate's config files set; sharded
+training itself is tested on 2 processes in tests/test_processes.py."""
+
+import pytest
+import torch
+
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.train.sharding import Sharding, skeleton
+
+
+@pytest.fixture
+def launch(monkeypatch):
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_VERSION", "FSDP_OFFLOAD_PARAMS",
+                 "FSDP_RESHARD_AFTER_FORWARD", "FSDP_ACTIVATION_CHECKPOINTING"):
+        monkeypatch.delenv(name, raising=False)
+    return lambda **env: [monkeypatch.setenv(k, v) for k, v in env.items()]
+
+
+def test_an_fsdp2_config_shards_with_its_settings(launch):
+    assert Sharding.requested(2) == Sharding()  # DDP (or one process): nothing asked
+    launch(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
+    assert Sharding.requested(2) == Sharding(fsdp=True, cpu_offload=False, reshard_after_forward=True)
+    assert Sharding.requested(1) == Sharding()  # one process: nothing to split
+    launch(FSDP_OFFLOAD_PARAMS="true", FSDP_RESHARD_AFTER_FORWARD="false")
+    assert Sharding.requested(2) == Sharding(fsdp=True, cpu_offload=True, reshard_after_forward=False)
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed, which rlhfkit's training loop does not drive yet"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1; rlhfkit shards with FSDP2 only"),
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP version 1"),  # accelerate's default version
+])
+def test_what_is_not_driven_stops_with_what_to_launch_instead(launch, env, said):
+    launch(**env)
+    with pytest.raises(RlhfkitError, match=said):
+        Sharding.requested(2)
+
+
+def test_a_skeleton_holds_no_weights_and_keeps_tied_ones_tied(tiny_tokenizer):
+    from rlhfkit.models import build_tiny_model
+
+    model = build_tiny_model(tiny_tokenizer)
+    empty = skeleton(model)
+    assert all(p.is_meta for p in empty.parameters())
+    assert empty.lm_head.weight is empty.model.embed_tokens.weight  # tied in the tiny model too
+    assert [n for n, _ in empty.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert all(not b.is_meta for b in empty.buffers())  # rotary frequencies are not in a state dict
+    assert model.lm_head.weight.device == torch.device("cpu")  # the original is untouched
