@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: on a CUDA machine, SFT -> RM -> PPO, DPO and GRPO on the tiny model and on
-# SmolLM2-135M-Instruct, on 1 GPU and on all of them (torchrun), with the built-in decoder and
+# SmolLM2-135M-Instruct, on 1 GPU and on all of them (torchrun; and sharded by FSDP2 through
+# accelerate launch with configs/accelerate/fsdp2*.yaml), with the built-in decoder and
 # (where vLLM is installed) with vLLM rollouts; one line per run: pass/fail, throughput, peak GPU
 # memory, wall time. Then the side-by-side benches against TRL on the same GPU.
 #
@@ -39,6 +40,9 @@ run() {
     mkdir -p "$OUT/$model"
     local launch=(python -m rlhfkit.cli)
     [ "$procs" -gt 1 ] && launch=(torchrun --nproc-per-node "$procs" -m rlhfkit.cli)
+    # SHARD=fsdp2 / fsdp2-offload: accelerate launch with the shipped config (FSDP2 sharding)
+    [ "$procs" -gt 1 ] && [ -n "${SHARD:-}" ] && launch=(accelerate launch --config_file "configs/accelerate/$SHARD.yaml" \
+        --num_processes "$procs" --main_process_port 29533 -m rlhfkit.cli)
     local start=$SECONDS
     timeout 1800 "${launch[@]}" "$@" --run.out "$out" --run.overwrite >"$log" 2>&1
     local rc=$? wall=$((SECONDS - start))
@@ -83,9 +87,21 @@ stages() {
     fi
 }
 
+# fsdp MODEL RECIPE PROCESSES STEPS...: the stages sharded by FSDP2, PPO with LoRA, SFT with offload.
+fsdp() {
+    local model=$1 recipe=$2 procs=$3 sft_steps=$4 rl_steps=$5
+    SHARD=fsdp2 stages "$model" "$recipe" "$procs" "-fsdp2-x$procs" "$sft_steps" "$rl_steps"
+    SHARD=fsdp2 run "$model" "ppo-lora-fsdp2-x$procs" "$procs" ppo --recipe "$recipe" \
+        --model.name "$OUT/$model/sft-fsdp2-x$procs" --reward "$OUT/$model/rm-fsdp2-x$procs" --model.lora \
+        --model.gradient-checkpointing --run.steps "$rl_steps" --eval.gold-prompts 32 --eval.no-at-start
+    SHARD=fsdp2-offload run "$model" "sft-fsdp2-offload-x$procs" "$procs" sft --recipe "$recipe" \
+        --run.steps "$sft_steps" --eval.gold-prompts 32 --eval.no-at-start
+}
+
 if [ "$DRY" = 1 ]; then
     stages tiny tiny 1 "" 2 2
     stages tiny tiny 2 "-x2" 2 2
+    fsdp tiny tiny 2 2 2
     echo "summary: $SUMMARY (CPU rehearsal)"
     exit 0
 fi
@@ -94,6 +110,7 @@ stages smollm2 smollm2 1 "" 20 4
 if [ "$NGPU" -gt 1 ]; then
     stages tiny tiny "$NGPU" "-x$NGPU" 40 8
     stages smollm2 smollm2 "$NGPU" "-x$NGPU" 20 4
+    fsdp smollm2 smollm2 "$NGPU" 20 4
 fi
 
 # The side-by-side benches against TRL, on the same GPU (each prints its own table and ratios).

@@ -70,8 +70,9 @@ STAGES = {
                     "--eval.gold-prompts", "0", "--eval.no-at-start", "--batch.micro-batch-size", "2"],
                    ["--batch.grad-accum", "2"], ["--batch.grad-accum", "1"]),
 }
-# PPO with LoRA: the reference is the policy with its adapters off, the critic has adapters too.
-STAGES["ppo-lora"] = ([*STAGES["ppo"][0], "--model.lora", "--model.lora-r", "4"], *STAGES["ppo"][1:])
+# PPO with LoRA (the reference is the policy with its adapters off, the critic has adapters too)
+# and gradient checkpointing.
+STAGES["ppo-lora"] = ([*STAGES["ppo"][0], "--model.lora", "--model.lora-r", "4", "--model.gradient-checkpointing", "--run.steps", "6"], *STAGES["ppo"][1:])
 KILL_IN = {"online-dpo": "iter_2/checkpoints"}  # where the checkpoint to kill after appears
 LOSSES = ("train/loss", "train/grad_norm", "dpo/loss", "dpo/grad_norm", "grpo/reward", "grpo/grad_norm",
           "grpo/kl", "ppo/score", "ppo/kl", "ppo/kl_coef", "ppo/pg_loss", "ppo/vf_loss", "ppo/ptx_loss",

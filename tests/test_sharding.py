@@ -1,6 +1,8 @@
 """What a launch asks for, read from the environment accelerate's config files set; sharded
 training itself is tested on 2 processes in tests/test_processes.py."""
 
+import os
+
 import pytest
 import torch
 
@@ -11,15 +13,17 @@ from rlhfkit.train.sharding import Sharding, skeleton
 @pytest.fixture
 def launch(monkeypatch):
     for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_VERSION", "FSDP_OFFLOAD_PARAMS",
-                 "FSDP_RESHARD_AFTER_FORWARD", "FSDP_ACTIVATION_CHECKPOINTING"):
+                 "FSDP_RESHARD_AFTER_FORWARD", "FSDP_ACTIVATION_CHECKPOINTING", "FSDP_CPU_RAM_EFFICIENT_LOADING"):
         monkeypatch.delenv(name, raising=False)
     return lambda **env: [monkeypatch.setenv(k, v) for k, v in env.items()]
 
 
 def test_an_fsdp2_config_shards_with_its_settings(launch):
     assert Sharding.requested(2) == Sharding()  # DDP (or one process): nothing asked
-    launch(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
+    launch(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_CPU_RAM_EFFICIENT_LOADING="true")
     assert Sharding.requested(2) == Sharding(fsdp=True, cpu_offload=False, reshard_after_forward=True)
+    # else transformers loads every model as meta tensors on all but the main process
+    assert os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"
     assert Sharding.requested(1) == Sharding()  # one process: nothing to split
     launch(FSDP_OFFLOAD_PARAMS="true", FSDP_RESHARD_AFTER_FORWARD="false")
     assert Sharding.requested(2) == Sharding(fsdp=True, cpu_offload=True, reshard_after_forward=False)
@@ -46,3 +50,28 @@ def test_a_skeleton_holds_no_weights_and_keeps_tied_ones_tied(tiny_tokenizer):
     assert [n for n, _ in empty.named_parameters()] == [n for n, _ in model.named_parameters()]
     assert all(not b.is_meta for b in empty.buffers())  # rotary frequencies are not in a state dict
     assert model.lm_head.weight.device == torch.device("cpu")  # the original is untouched
+
+
+def test_gradient_checkpointing_recomputes_to_the_same_gradients(tiny_tokenizer):
+    """Recomputing each block's activations in the backward changes memory, not numbers: the same
+    loss and gradients (fp32), for the policy and for LoRA on it."""
+    from rlhfkit.config import ModelConfig
+    from rlhfkit.models import apply_lora, build_tiny_model, enable_gradient_checkpointing
+
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    for lora in (False, True):
+        grads = []
+        for checkpointing in (False, True):
+            model = build_tiny_model(tiny_tokenizer, seed=0)
+            if lora:
+                model = apply_lora(model, ModelConfig(lora=True, lora_r=4))
+            if checkpointing:
+                enable_gradient_checkpointing(model)
+                assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+            model.train()
+            torch.manual_seed(1)  # the same dropout masks (LoRA's) with and without; the recompute replays them
+            model(input_ids=ids, labels=ids).loss.backward()
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        assert grads[0].keys() == grads[1].keys() and grads[0]
+        for name in grads[0]:
+            torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)

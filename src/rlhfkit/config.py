@@ -41,6 +41,8 @@ class ModelConfig:
     """Layers that get LoRA adapters: `all-linear` (every linear layer but the output head) or module names, e.g. `q_proj v_proj` (a name matches a module path's last parts)."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off unless you trust the source."""
+    gradient_checkpointing: bool = False
+    """Keep only each transformer block's input in the forward and recompute the rest in the backward: activation memory of one block instead of all, for about a third more compute."""
 
 
 @dataclass

@@ -412,6 +412,20 @@ def save_adapter(model: torch.nn.Module, folder: Path) -> None:
     model.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=embeddings)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Gradient checkpointing in every transformers model inside ``model`` (a policy and its
+    critic, a PEFT wrapper's base). Non-reentrant: it needs no input that requires grad (LoRA) and
+    works under DDP and FSDP (PyTorch's recommended form)."""
+    found = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing]
+    if not found:
+        raise RlhfkitError(f"model.gradient_checkpointing: {type(model).__name__} has no transformers model that supports it")
+    for m in found:
+        if hasattr(m, "activation_checkpointing_enable"):  # its name since transformers 5.x
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under a PEFT wrapper (its LoRA layers are injected in place, so
     calling it still runs the adapters, or not, as PEFT's context says)."""

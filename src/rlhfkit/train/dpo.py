@@ -258,7 +258,8 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
     reference = None
     if variant.needs_reference and not algo.precompute_reference and not cfg.model.lora:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    run = start_training(acc, out, policy, cfg.optim, cfg.run, cfg.batch, len(train_pairs), "dpo")
+    run = start_training(acc, out, policy, cfg.optim, cfg.run, cfg.batch, len(train_pairs), "dpo",
+                         gradient_checkpointing=cfg.model.gradient_checkpointing)
     keeps_reference = reference is not None or cfg.model.lora
     evaluator = PolicyEvaluator(run.raw_model, (lambda: frozen_reference(run.raw_model, reference)) if keeps_reference else None,
                                 tokenizer, world, gold, cfg.eval.max_new_tokens, cfg.eval.batch_size,

@@ -124,7 +124,8 @@ def train(cfg: GRPOConfig) -> Path:
     gold = gold_prompts(cfg.prompts, cfg.eval.gold_prompts, cfg.world_seed) if acc.is_main_process else []
 
     run = start_training(acc, out, policy, cfg.optim, cfg.run,
-                         BatchConfig(micro_batch_size=algo.prompts_per_step // acc.num_processes), len(prompts), "grpo")
+                         BatchConfig(micro_batch_size=algo.prompts_per_step // acc.num_processes), len(prompts), "grpo",
+                         gradient_checkpointing=cfg.model.gradient_checkpointing)
     policy = run.raw_model
     keeps_reference = reference is not None or cfg.model.lora
     evaluator = PolicyEvaluator(policy, (lambda: frozen_reference(policy, reference)) if keeps_reference else None,

@@ -21,6 +21,7 @@ from rlhfkit.config import BatchConfig, OptimConfig, RunConfig
 from rlhfkit.errors import RlhfkitError, TrainingDiverged
 from rlhfkit.fast.memory import copy_file_mapped
 from rlhfkit.logprobs import set_precision
+from rlhfkit.models import enable_gradient_checkpointing
 from rlhfkit.progress import Progress
 from rlhfkit.runs import (COMPLETE, MetricsLog, check_out_dir, checkpoint_to_resume, load_checkpoint, mark_complete,
                           prepare_out_dir, save_checkpoint)
@@ -459,12 +460,15 @@ class TrainingRun:
 
 
 def start_training(acc: Accelerator, out: Path, model: torch.nn.Module, optim: OptimConfig, run: RunConfig,
-                   batch: BatchConfig, n_examples: int, name: str, schedule_steps: int = 0) -> TrainingRun:
-    """Optimizer, schedule, exact resume, DDP wrapping, metrics and progress bar for one stage.
-    ``schedule_steps``: optimizer steps in the whole run when a stage takes several per step
-    (PPO); default ``run.steps``."""
+                   batch: BatchConfig, n_examples: int, name: str, schedule_steps: int = 0,
+                   gradient_checkpointing: bool = False) -> TrainingRun:
+    """Optimizer, schedule, exact resume, DDP wrapping or FSDP sharding, metrics and progress bar
+    for one stage. ``schedule_steps``: optimizer steps in the whole run when a stage takes several
+    per step (PPO); default ``run.steps``. ``gradient_checkpointing``: ``model.gradient_checkpointing``."""
     model.to(acc.device)  # before the optimizer: a resumed optimizer state lands beside its weights
     split = Sharding.requested(acc.num_processes)
+    if gradient_checkpointing or split.activation_checkpointing:
+        enable_gradient_checkpointing(model)
     empty = None
     if split.fsdp:  # the optimizer must hold the shards, so it is built after them
         empty = sharding.skeleton(model)

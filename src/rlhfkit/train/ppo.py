@@ -10,6 +10,7 @@ masked after the first EOS.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -303,7 +304,8 @@ def train(cfg: PPOConfig) -> Path:
 
     updates_per_step = algo.epochs * (algo.prompts_per_step // algo.minibatch_size)
     run = start_training(acc, out, models, cfg.optim, cfg.run, BatchConfig(micro_batch_size=local),
-                         len(prompts), "ppo", schedule_steps=cfg.run.steps * updates_per_step)
+                         len(prompts), "ppo", schedule_steps=cfg.run.steps * updates_per_step,
+                         gradient_checkpointing=cfg.model.gradient_checkpointing)
     kl_ctl = KLController(run.state.get("kl_coef", algo.kl_coef), algo.kl_target or None, algo.kl_horizon)
     ema = EMA(policy, algo.ema_decay, run.state.get("tensors")) if algo.ema_decay else None
     ptx_order = DataOrder(len(ptx), cfg.run.seed + 1)
@@ -323,8 +325,9 @@ def train(cfg: PPOConfig) -> Path:
         run.log.log(0, evaluate(0))
 
     def reference_logprobs(sub: Sequences) -> torch.Tensor:
-        # whole weights: under FSDP, LoRA's reference is the policy called outside the root's forward
-        with run.whole_weights(), frozen_reference(policy, reference) as ref:
+        # LoRA's reference is the policy, called outside the root's forward: under FSDP, gathered
+        with run.whole_weights() if reference is None else contextlib.nullcontext(), \
+                frozen_reference(policy, reference) as ref:
             return logprobs(ref, sub, algo.temperature)
 
     def forward_gap(kept: tuple[torch.Tensor, ...], sub: Sequences) -> float:

@@ -263,7 +263,8 @@ def train(cfg: RMConfig) -> Path:
     model = build_reward_model(cfg.model.name, tokenizer, cfg.run.seed, cfg.model.trust_remote_code)
     if cfg.model.lora:
         model = apply_lora(model, cfg.model, task_type="SEQ_CLS")
-    run = start_training(acc, out, model, cfg.optim, cfg.run, cfg.batch, len(train_groups), "rm")
+    run = start_training(acc, out, model, cfg.optim, cfg.run, cfg.batch, len(train_groups), "rm",
+                         gradient_checkpointing=cfg.model.gradient_checkpointing)
     pad_id = tokenizer.pad_token_id
 
     @run.evaluation

@@ -136,7 +136,8 @@ def train(cfg: SFTConfig) -> Path:
     say(f"model {cfg.model.name}: {total_params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable")
 
     # 3. Optimizer, schedule, exact resume from the last checkpoint, DDP.
-    run = start_training(acc, out, model, cfg.optim, cfg.run, cfg.batch, len(train_examples), "sft")
+    run = start_training(acc, out, model, cfg.optim, cfg.run, cfg.batch, len(train_examples), "sft",
+                         gradient_checkpointing=cfg.model.gradient_checkpointing)
     pad_id = tokenizer.pad_token_id
 
     @run.evaluation

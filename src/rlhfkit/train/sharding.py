@@ -37,11 +37,13 @@ def _flag(name: str, default: str = "false") -> bool:
 class Sharding:
     """What the launch asked for. ``fsdp``: shard with FSDP2; ``cpu_offload``: keep the shards
     (and their optimizer state) in host memory between uses; ``reshard_after_forward``: free
-    the gathered weights after each forward (ZeRO-3) or keep them until the backward (ZeRO-2)."""
+    the gathered weights after each forward (ZeRO-3) or keep them until the backward (ZeRO-2);
+    ``activation_checkpointing``: the config's name for ``model.gradient_checkpointing``."""
 
     fsdp: bool = False
     cpu_offload: bool = False
     reshard_after_forward: bool = True
+    activation_checkpointing: bool = False
 
     @staticmethod
     def requested(processes: int) -> "Sharding":
@@ -53,15 +55,21 @@ class Sharding:
                 "configs/accelerate/fsdp2.yaml (FSDP2, ZeRO-3's sharding) or a DDP config (README, Scale)")
         if not _flag("ACCELERATE_USE_FSDP"):
             return Sharding()
+        # accelerate's FSDP configs ask transformers to load weights on the main process only (meta
+        # tensors elsewhere) for accelerate's prepare to broadcast; rlhfkit loads every model (the
+        # frozen reference and reward model too) whole on each process, then shards the trained one.
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
         version = os.environ.get("FSDP_VERSION", "1")
         if version != "2":
             raise RlhfkitError(
                 f"the accelerate config asks for FSDP version {version}; rlhfkit shards with FSDP2 only: set "
                 "`fsdp_version: 2` in its fsdp_config (configs/accelerate/fsdp2.yaml)")
+        checkpointing = _flag("FSDP_ACTIVATION_CHECKPOINTING")
         if processes == 1:
-            return Sharding()
+            return Sharding(activation_checkpointing=checkpointing)
         return Sharding(fsdp=True, cpu_offload=_flag("FSDP_OFFLOAD_PARAMS"),
-                        reshard_after_forward=_flag("FSDP_RESHARD_AFTER_FORWARD", "true"))
+                        reshard_after_forward=_flag("FSDP_RESHARD_AFTER_FORWARD", "true"),
+                        activation_checkpointing=checkpointing)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -87,8 +95,10 @@ def shard(model: torch.nn.Module, sharding: Sharding) -> torch.nn.Module:
     blocks = block_classes(model)
     if not blocks:
         raise RlhfkitError(f"FSDP: {type(model).__name__} names no transformer block classes (`_no_split_modules`) to shard by")
+    # On a CPU the shards already live in host memory (and the offload policy needs an accelerator).
+    offload = sharding.cpu_offload and torch.accelerator.is_available()
     options = dict(reshard_after_forward=sharding.reshard_after_forward,
-                   offload_policy=CPUOffloadPolicy() if sharding.cpu_offload else OffloadPolicy())
+                   offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     for module in list(model.modules()):
         if type(module).__name__ in blocks:
             fully_shard(module, **options)
