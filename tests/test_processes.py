@@ -72,7 +72,7 @@ STAGES = {
 }
 # PPO with LoRA (the reference is the policy with its adapters off, the critic has adapters too)
 # and gradient checkpointing.
-STAGES["ppo-lora"] = ([*STAGES["ppo"][0], "--model.lora", "--model.lora-r", "4", "--model.gradient-checkpointing", "--run.steps", "6"], *STAGES["ppo"][1:])
+STAGES["ppo-lora"] = ([*STAGES["ppo"][0], "--model.lora", "--model.lora-r", "4", "--model.gradient-checkpointing", "--run.steps", "4"], *STAGES["ppo"][1:])
 KILL_IN = {"online-dpo": "iter_2/checkpoints"}  # where the checkpoint to kill after appears
 LOSSES = ("train/loss", "train/grad_norm", "dpo/loss", "dpo/grad_norm", "grpo/reward", "grpo/grad_norm",
           "grpo/kl", "ppo/score", "ppo/kl", "ppo/kl_coef", "ppo/pg_loss", "ppo/vf_loss", "ppo/ptx_loss",
@@ -220,3 +220,53 @@ def test_process_shares_cover_every_item_once(monkeypatch):
                 monkeypatch.setattr(processes, "rank_and_size", lambda: (rank, size))
                 shares += list(range(n))[processes.share(n)]
             assert shares == list(range(n)), (size, n)
+
+
+def test_the_main_process_can_go_on_alone(tmp_path):
+    """``continue_alone``: the others leave the process group; the main process then runs as one
+    process (its barriers return at once) instead of keeping them waiting."""
+    script = tmp_path / "alone.py"
+    script.write_text("""
+from rlhfkit import processes
+rank, size = processes.rank_and_size()
+assert processes.broadcast(f"from {rank}") == "from 0"
+alone = processes.continue_alone()
+assert alone == (rank == 0)
+if alone:
+    processes.wait_for_everyone()  # no one else to wait for
+    assert processes.rank_and_size() == (0, 1) and processes.share(5) == slice(0, 5)
+    print("main alone")
+""")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(free_port()), str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.count("main alone") == 1, done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_on_two_processes(tmp_path):
+    """`rlhfkit run tiny` under torchrun: every stage trains on both processes, the main one
+    evaluates and reports; a rerun finds every stage complete. (~2.5 min here: run by hand.)"""
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    command = ["-m", "rlhfkit.cli", "run", "tiny", "--runs-dir", str(tmp_path), "--name", "two"]
+    for attempt in (1, 2):
+        done = subprocess.run([sys.executable, *launcher, str(free_port()), *command], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout + done.stderr
+    run = tmp_path / "two"
+    assert all((run / stage / "complete.json").exists() for stage in ("sft", "labels", "rm", "ppo", "eval"))
+    assert (run / "report.html").exists() and json.loads((run / "eval" / "eval.json").read_text())["win_rates"]
+    assert done.stdout.count("already complete") == 5, done.stdout  # the rerun: printed once, by the main process
+
+
+@pytest.mark.parametrize("command", [["serve", "--model", "tiny"], ["sample", "--model", "tiny"], ["world", "export"]])
+def test_one_process_commands_refuse_several(command, monkeypatch, capsys):
+    """Servers and file tools have no share of work for other processes: under torchrun every
+    process would run the whole command (two servers on one port, the same file written twice)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as stopped:
+        main(command)
+    assert stopped.value.code == 2
+    assert "runs in one process: launch it without torchrun" in capsys.readouterr().err

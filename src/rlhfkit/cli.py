@@ -102,6 +102,12 @@ COMMANDS: dict[str, tuple[type | str, str, str | None, str]] = {
 }
 
 
+# Commands with no share of work for several processes: servers (one port, many users), chat, and
+# file tools. Under torchrun each process would run the whole command.
+ONE_PROCESS = {"rm score", "report", "chat", "sample", "serve", "label serve", "label add-labeller", "label export",
+               "world export"}
+
+
 def version() -> str:
     """The installed package's version (pyproject.toml's), so a bug report can name the code it ran."""
     from importlib.metadata import PackageNotFoundError
@@ -195,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers_logging.disable_progress_bar()
     try:
+        if name in ONE_PROCESS and processes.distributed():
+            raise RlhfkitError(f"`rlhfkit {name}` runs in one process: launch it without torchrun or accelerate launch "
+                               "(the training stages, `run`, `bon` and `eval` split their work across processes)")
         require_model(name, argv[1:])
         cfg = parse(name, argv[1:])
         if COMMANDS[name][2] is not None:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Literal
 import tyro
 import yaml
 
+from rlhfkit import processes
 from rlhfkit.config import from_dict, recipe_path, save_config, to_dict
 from rlhfkit.data.sources import WORLD, is_world
 from rlhfkit.errors import ConfigError, RlhfkitError
@@ -213,8 +214,9 @@ def train_stage(plan: Plan, name: str, cls: type, target: str, section: str, wir
         from rlhfkit.cli import resolve_function
 
         stage_cfg = configure(out)
-        if reads_labels:
+        if reads_labels and processes.is_main():
             copy_labels(plan, stage_cfg)
+        processes.wait_for_everyone()  # every process then sees the folder the same
         stage_cfg.run.resume = out.exists() and any(out.iterdir())
         stage_cfg.run.overwrite = False
         resolve_function(target)(stage_cfg)
@@ -260,10 +262,11 @@ def labels_stage(plan: Plan) -> Stage:
         from rlhfkit.precision import to_stderr
 
         stage_cfg = configure(out, to_stderr)
-        train, held = load_rankings(stage_cfg.data, stage_cfg.model, stage_cfg.run.seed, out)
-        save_config(settings(out), out / "config.yaml")
-        mark_complete(out, {"stage": "labels", "train_rankings": len(train), "eval_rankings": len(held),
-                            "k": stage_cfg.data.k, "responses": stage_cfg.data.responses, "labeler": "simulated"})
+        train, held = load_rankings(stage_cfg.data, stage_cfg.model, stage_cfg.run.seed, out)  # every process samples
+        if processes.is_main():
+            save_config(settings(out), out / "config.yaml")
+            mark_complete(out, {"stage": "labels", "train_rankings": len(train), "eval_rankings": len(held),
+                                "k": stage_cfg.data.k, "responses": stage_cfg.data.responses, "labeler": "simulated"})
 
     return Stage("labels", "labels", "labels", go, settings)
 
@@ -277,11 +280,13 @@ def human_labels_stage(plan: Plan) -> Callable[[Path], None]:
         from rlhfkit.label.store import Store
 
         db = plan.cfg.labels_db
-        if "://" in db or Path(db).expanduser().is_file():
+        if processes.is_main() and ("://" in db or Path(db).expanduser().is_file()):
             meta = export(Store(db), out)
             if meta["exported"]["rankings.jsonl"]:
                 mark_complete(out, {"stage": "labels", "labeler": "human", "db": db, **meta["exported"]})
-                return
+        processes.wait_for_everyone()
+        if (out / COMPLETE).exists():
+            return
         sft = plan.root / "sft"
         prompts = "world_data/prompts.jsonl" if plan.world else "PROMPTS.jsonl"
         world_note = "  (world prompts: `rlhfkit world export --out world_data`)\n" if plan.world else ""
@@ -436,6 +441,8 @@ def drop_checkpoints(out: Path) -> None:
 
 
 def record(root: Path, plan: Plan, done: dict[str, dict]) -> None:
+    if not processes.is_main():
+        return
     info = {"name": root.name, "recipe": plan.cfg.recipe, "algo": plan.algo, "labels": plan.cfg.labels,
             "stages": list(done.values())}
     tmp = root / ".pipeline.json.tmp"
@@ -446,14 +453,18 @@ def record(root: Path, plan: Plan, done: dict[str, dict]) -> None:
 def run(cfg: PipelineConfig) -> Path:
     from rich.console import Console
 
-    console = Console(highlight=False)
+    # Under several processes (torchrun, accelerate launch) every one runs the training stages;
+    # the main process alone writes the run's own files, evaluates and reports.
+    main = processes.is_main()
+    console = Console(highlight=False, quiet=not main)
     plan = make_plan(cfg)
     root = plan.root
     if cfg.labels not in ("simulated", "human") and not Path(cfg.labels).exists():
         raise RlhfkitError(f"--labels {cfg.labels}: no such file")
     check_settings(plan)
-    if cfg.overwrite and root.exists():
+    if cfg.overwrite and root.exists() and main:
         shutil.rmtree(root)
+    processes.wait_for_everyone()
     root.mkdir(parents=True, exist_ok=True)
     saved = root / "run.yaml"
     settings = {"recipe": cfg.recipe, "algo": plan.algo, "labels": cfg.labels, "set": list(cfg.set)}
@@ -461,7 +472,9 @@ def run(cfg: PipelineConfig) -> Path:
         old = yaml.safe_load(saved.read_text())
         raise RlhfkitError(f"{root} was started with {old}, not {settings}; pass --overwrite to start again, "
                            f"or --name to keep both runs")
-    saved.write_text(yaml.safe_dump(settings, sort_keys=False))
+    processes.wait_for_everyone()  # all have read it before it is written
+    if main:
+        saved.write_text(yaml.safe_dump(settings, sort_keys=False))
 
     plan_stages = stages(plan)
     previous = {}
@@ -471,6 +484,8 @@ def run(cfg: PipelineConfig) -> Path:
     origins: dict[str, Path | None] = {}  # the run each stage's folder came from (None: this one)
     console.print(f"[bold]rlhfkit run {cfg.recipe}[/] -> {root}  ({' -> '.join(s.name for s in plan_stages)} -> report)")
     for i, stage in enumerate(plan_stages, 1):
+        if stage.kind == "eval" and not processes.continue_alone():
+            return root  # the other processes' part ends with training
         out = root / stage.folder
         entry = {"name": stage.name, "folder": stage.folder, "kind": stage.kind}
         if (out / COMPLETE).exists():
@@ -480,10 +495,12 @@ def run(cfg: PipelineConfig) -> Path:
                                 "seconds": before.get("seconds"), "status": before.get("status") or "done"}
             origins[stage.name] = Path(before["shared_from"]).parent if before.get("shared_from") else None
             continue
-        source = shared_source(plan, plan_stages, i - 1, origins)
+        source = processes.broadcast(shared_source(plan, plan_stages, i - 1, origins) if main else None)
         if source is not None:
             start = time.perf_counter()
-            share(source / stage.folder, out, plan_stages[i - 1].settings(out))
+            if main:
+                share(source / stage.folder, out, plan_stages[i - 1].settings(out))
+            processes.wait_for_everyone()
             console.print(f"[bold]stage {i}/{len(plan_stages)}: {stage.name}[/] shared from {source / stage.folder}: "
                           f"that run finished it with the same settings and inputs (hard-linked, not run again)")
             done[stage.name] = {**entry, "shared_from": str(source / stage.folder),
@@ -498,8 +515,9 @@ def run(cfg: PipelineConfig) -> Path:
         done[stage.name] = {**entry, "seconds": None, "status": "running"}
         record(root, plan, done)
         stage.run(out)
-        if not plan.section("pipeline").get("keep_checkpoints", False):
+        if not plan.section("pipeline").get("keep_checkpoints", False) and main:
             drop_checkpoints(out)
+        processes.wait_for_everyone()
         earlier = (previous.get(stage.name, {}).get("seconds") or 0.0) if resumed else 0.0
         done[stage.name] = {**entry, "seconds": earlier + time.perf_counter() - start, "status": "done"}
         record(root, plan, done)

@@ -9,9 +9,13 @@ import contextlib
 import os
 
 
+_alone = False  # the main process, going on alone after the others left (continue_alone)
+
+
 def distributed() -> bool:
-    """Launched as one of several processes (torchrun / accelerate launch set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Launched as one of several processes (torchrun / accelerate launch set WORLD_SIZE), which
+    are all still here."""
+    return not _alone and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _state():
@@ -71,6 +75,30 @@ def main_first():
         return
     with _state().main_process_first():
         yield
+
+
+def broadcast(value):
+    """The main process's ``value``, on every process (any picklable object)."""
+    if not distributed():
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value if is_main() else None])[0]
+
+
+def continue_alone() -> bool:
+    """Where the others' part of a command ends: every process but the main one leaves the
+    process group and gets False; the main one gets True and goes on as one process. For the
+    work that follows training (the pipeline's evaluation and report), which would only keep
+    the others waiting."""
+    global _alone
+    if not distributed():
+        return True
+    main = is_main()
+    wait_for_everyone()
+    close()
+    _alone = main
+    return main
 
 
 def close() -> None:
