@@ -224,11 +224,16 @@ def test_process_shares_cover_every_item_once(monkeypatch):
 
 def test_the_main_process_can_go_on_alone(tmp_path):
     """``continue_alone``: the others leave the process group; the main process then runs as one
-    process (its barriers return at once) instead of keeping them waiting."""
+    process (its barriers return at once) instead of keeping them waiting. And the group waits
+    ``RLHFKIT_PROCESS_TIMEOUT_MINUTES`` at a collective (the main process evaluates alone)."""
     script = tmp_path / "alone.py"
     script.write_text("""
+from datetime import timedelta
+import torch, torch.distributed as dist
 from rlhfkit import processes
 rank, size = processes.rank_and_size()
+group = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+assert group.options._timeout == timedelta(minutes=7), group.options._timeout  # RLHFKIT_PROCESS_TIMEOUT_MINUTES
 assert processes.broadcast(f"from {rank}") == "from 0"
 alone = processes.continue_alone()
 assert alone == (rank == 0)
@@ -237,7 +242,7 @@ if alone:
     assert processes.rank_and_size() == (0, 1) and processes.share(5) == slice(0, 5)
     print("main alone")
 """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "RLHFKIT_PROCESS_TIMEOUT_MINUTES": "7"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                            str(free_port()), str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.count("main alone") == 1, done.stdout + done.stderr
@@ -270,3 +275,16 @@ def test_one_process_commands_refuse_several(command, monkeypatch, capsys):
         main(command)
     assert stopped.value.code == 2
     assert "runs in one process: launch it without torchrun" in capsys.readouterr().err
+
+
+def test_processes_wait_an_hour_for_the_main_one_by_default(monkeypatch):
+    """The main process evaluates alone during training; NCCL's own 10 minutes would end a run
+    whose evaluation takes longer."""
+    from datetime import timedelta
+
+    from rlhfkit import processes
+
+    monkeypatch.delenv("RLHFKIT_PROCESS_TIMEOUT_MINUTES", raising=False)
+    assert processes.timeout() == timedelta(hours=1)
+    monkeypatch.setenv("RLHFKIT_PROCESS_TIMEOUT_MINUTES", "180")
+    assert processes.timeout() == timedelta(hours=3)

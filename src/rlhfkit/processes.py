@@ -18,19 +18,30 @@ def distributed() -> bool:
     return not _alone and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _state():
+def timeout():
+    """How long a process waits at a collective for the others (``RLHFKIT_PROCESS_TIMEOUT_MINUTES``,
+    default 60). The main process evaluates alone during training while the others wait at
+    their next collective; NCCL's own default, 10 minutes, would end a run whose evaluation
+    takes longer."""
+    from datetime import timedelta
+
+    return timedelta(minutes=float(os.environ.get("RLHFKIT_PROCESS_TIMEOUT_MINUTES", "60")))
+
+
+def state():
     import torch
     from accelerate import PartialState
 
-    # cpu= as the training stages pass it (train/loop.py), so the process group is the same one.
-    return PartialState(cpu=not torch.cuda.is_available())
+    # cpu= as the training stages pass it (train/loop.py), so the process group is the same one;
+    # the first call sets the group up, with this timeout.
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timeout())
 
 
 def rank_and_size() -> tuple[int, int]:
     if not distributed():
         return 0, 1
-    state = _state()
-    return state.process_index, state.num_processes
+    current = state()
+    return current.process_index, current.num_processes
 
 
 def is_main() -> bool:
@@ -42,7 +53,7 @@ def device():
     import torch
 
     if distributed():
-        return _state().device
+        return state().device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -64,7 +75,7 @@ def gather(items: list) -> list:
 
 def wait_for_everyone() -> None:
     if distributed():
-        _state().wait_for_everyone()
+        state().wait_for_everyone()
 
 
 @contextlib.contextmanager
@@ -73,7 +84,7 @@ def main_first():
     if not distributed():
         yield
         return
-    with _state().main_process_first():
+    with state().main_process_first():
         yield
 
 

@@ -82,16 +82,15 @@ def stage(train: Callable[..., Path]) -> Callable[..., Path]:
 def agreed_precision(model: Any) -> str:
     """``model.precision`` resolved (`auto`: measured) by the main process and sent to the
     others, so every process trains in the same precision."""
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
     from rlhfkit.precision import resolve
 
     from rlhfkit.precision import busy_machine_warning, to_stderr
 
-    # cpu= as make_accelerator passes it: without it, torchrun's CPU processes each set up a
-    # single-process state that the Accelerator then keeps (2 processes trained apart).
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # processes.state passes cpu= as make_accelerator does: without it, torchrun's CPU processes
+    # each set up a single-process state that the Accelerator then keeps (2 processes trained apart).
+    state = processes.state()
     warning = busy_machine_warning() if state.is_main_process else None
     if warning:
         to_stderr(f"warning: {warning}")
