@@ -43,8 +43,8 @@ STAGES = {
             "--data.max-new-tokens", "10", "--run.steps", "6", "--data.world-prompts", "32",
             "--data.world-eval-prompts", "8", "--batch.micro-batch-size", "4"],
            ["--batch.grad-accum", "2"], ["--batch.grad-accum", "1"]),
-    # Pairs from the policy's own samples (each process samples its share); reference logprobs are
-    # computed once by the main process and read by the other.
+    # Pairs from the policy's own samples (each process samples its share); the reference
+    # logprobs' batches are split across the processes, gathered, and saved by the main one.
     "dpo": (["dpo", "--recipe", "tiny", "--model.name", "tiny", "--model.precision", "fp32", "--data.responses",
              "policy", "--data.max-new-tokens", "10", "--data.world-prompts", "40", "--data.world-eval-prompts", "8",
              "--run.steps", "6",

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhfkit import processes
 from rlhfkit.config import (
     BatchConfig,
     EvalConfig,
@@ -143,15 +144,20 @@ def sequence_logprobs(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def reference_table(model, pairs: list[Pair], pad_id: int, batches: list[list[int]]) -> torch.Tensor:
+def reference_table(model, pairs: list[Pair], pad_id: int, batches: list[list[int]], spread: bool = False) -> torch.Tensor:
     """(N, 2) reference logprobs of every pair's chosen and rejected response, computed over the
-    given batches of pair indices (a pair in several batches keeps its first value)."""
+    given batches of pair indices (a pair in several batches keeps its first value). ``spread``:
+    each process computes its share of the batches, whole, and every process gets the table."""
     model.eval()
-    table = torch.full((len(pairs), 2), float("nan"))
-    for rows in batches:
+    mine = batches[processes.share(len(batches))] if spread else batches
+    computed = []
+    for rows in mine:
         logps, _ = sequence_logprobs(model, [pairs[i] for i in rows], pad_id)
+        computed.append((rows, torch.stack(logps.float().chunk(2), dim=1).cpu()))
+    table = torch.full((len(pairs), 2), float("nan"))
+    for rows, values in (processes.gather(computed) if spread else computed):  # in batch order
         new = table[rows, 0].isnan()
-        table[torch.tensor(rows)[new]] = torch.stack(logps.float().chunk(2), dim=1).cpu()[new]
+        table[torch.tensor(rows)[new]] = values[new]
     if table.isnan().any():
         raise RuntimeError(f"reference batches left {int(table[:, 0].isnan().sum())} of {len(pairs)} pairs out")
     return table
@@ -186,9 +192,9 @@ def eval_batches(n: int, size: int) -> list[list[int]]:
 def precomputed_reference(acc, out: Path, model, lora: bool, splits: dict[str, tuple[list[Pair], list[list[int]]]],
                           pad_id: int, resuming: bool) -> dict[str, torch.Tensor]:
     """Reference logprobs of every pair, (N, 2) per split, over that split's batches: computed
-    once by the starting policy (LoRA: adapters off) on the main process and saved in OUT/data.
-    The other processes, and a resumed run (whose policy has moved away from the reference), read
-    them back."""
+    once by the starting policy (LoRA: adapters off), each process taking its share of the
+    batches, and saved in OUT/data by the main process. A resumed run (whose policy has moved
+    away from the reference) reads them back. Under FSDP, call it on the whole weights."""
     tables = {}
     for split, (pairs, batches) in splits.items():
         path = out / "data" / f"{split}_reference_logps.safetensors"
@@ -196,14 +202,15 @@ def precomputed_reference(acc, out: Path, model, lora: bool, splits: dict[str, t
             continue
         if resuming and not path.exists():
             raise RlhfkitError(f"{out}: resuming needs data/{split}_reference_logps.safetensors, which is missing")
-        if acc.is_main_process and not path.exists():
+        if not processes.broadcast(path.exists()):  # the main process's answer: all compute, or none
             acc.print(f"reference logprobs of {len(pairs)} {split} pairs (computed once, saved with the run)")
             starting = frozen_reference(model, None) if lora else contextlib.nullcontext(model)
             with acc.autocast(), starting as ref:
-                table = reference_table(ref, pairs, pad_id, batches)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"logps": table.contiguous()}, str(path.with_suffix(".tmp")))
-            path.with_suffix(".tmp").replace(path)
+                table = reference_table(ref, pairs, pad_id, batches, spread=True)
+            if acc.is_main_process:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file({"logps": table.contiguous()}, str(path.with_suffix(".tmp")))
+                path.with_suffix(".tmp").replace(path)
         acc.wait_for_everyone()
         tables[split] = load_file(path)["logps"]
     model.train()
@@ -268,7 +275,7 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
     if variant.needs_reference and algo.precompute_reference:
         splits = {"train": (train_pairs, first_epoch_batches(run, len(train_pairs))),
                   "eval": (eval_pairs, eval_batches(len(eval_pairs), cfg.eval.batch_size))}
-        with run.whole_weights():  # the main process computes them alone
+        with run.whole_weights():  # each process computes its share of the batches
             ref_tables = precomputed_reference(acc, out, run.raw_model, cfg.model.lora, splits, pad_id,
                                                resuming=run.start_step > 0)
     with run.whole_weights():
