@@ -84,6 +84,8 @@ stages() {
             --run.steps "$rl_steps" --rollout.engine vllm "${quiet[@]}"
         run "$model" "ppo-vllm$tag" 1 ppo --recipe "$recipe" --model.name "$sft" --reward "$rm" \
             --run.steps "$rl_steps" --rollout.engine vllm "${quiet[@]}"
+        [ "$DRY" = 1 ] || run "$model" "ppo-vllm-sleep$tag" 1 ppo --recipe "$recipe" --model.name "$sft" --reward "$rm" \
+            --run.steps "$rl_steps" --rollout.engine vllm --rollout.vllm-sleep "${quiet[@]}"
     fi
 }
 

@@ -39,6 +39,48 @@ def test_without_vllm_the_engine_says_how_to_install_it(monkeypatch):
         require_vllm()
 
 
+class RecordingLLM:
+    """Stands for vllm.LLM: records the calls sleep mode makes (it frees nothing on a CPU, so its
+    effect is for the GPU check)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+    def collective_rpc(self, fn, args):
+        self.calls.append(("push", len(args[0])))
+
+
+def test_sleep_mode_frees_vllm_after_a_rollout_and_wakes_it_for_the_push(tiny_tokenizer):
+    """Level 2 (weights and KV cache freed: the push brings new weights); the weights wake first
+    and the KV cache after the push, as TRL orders it. Without sleep mode: pushes only."""
+    from rlhfkit.engines.vllm import VLLMEngine
+
+    model = build_tiny_model(tiny_tokenizer)
+    for sleeps, expected in ((True, [("sleep", 2), ("wake_up", ["weights"]), ("push", 39), ("wake_up", ["kv_cache"])]),
+                             (False, [("push", 39)])):
+        engine = VLLMEngine.__new__(VLLMEngine)  # no vLLM behind it
+        engine.llm, engine.sleeps, engine.asleep = RecordingLLM(), sleeps, False
+        engine.rest()  # after a rollout
+        engine.load_weights(model)  # after the update
+        assert engine.llm.calls == expected and not engine.asleep
+
+
+def test_sleep_mode_is_refused_where_it_frees_nothing():
+    from rlhfkit.config import ConfigError, RolloutConfig
+
+    with pytest.raises(ConfigError, match="needs rollout.engine vllm"):
+        RolloutConfig(vllm_sleep=True).check(lora=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+            RolloutConfig(engine="vllm", vllm_sleep=True).check(lora=False)
+
+
 @pytest.fixture(scope="module", params=["tied", "untied"])
 def engine_and_model(request, tiny_tokenizer, tmp_path_factory):
     """The tiny Llama (tied embeddings, as SmolLM2) or an untied copy of its shape, and a vLLM

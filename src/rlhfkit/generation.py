@@ -183,7 +183,7 @@ class Sampler:
             # vLLM starts from a model folder (read once, at start), then takes the pushes.
             with tempfile.TemporaryDirectory(prefix="rlhfkit-rollout-") as folder:
                 save_model(model, tokenizer, Path(folder))
-                self.engine = VLLMEngine(folder, precision, rollout.vllm_memory, seed=seed)
+                self.engine = VLLMEngine(folder, precision, rollout.vllm_memory, seed=seed, sleep=rollout.vllm_sleep)
 
     def generate(self, prompts: list[Messages], max_new_tokens: int, temperature: float, batch_size: int,
                  seeds: list[int], logprobs: bool = False) -> list[Generation]:
@@ -191,7 +191,9 @@ class Sampler:
         if self.engine is None:
             return generate(self.model, self.tokenizer, prompts, max_new_tokens, temperature, batch_size,
                             self.precision, logprobs=logprobs, seeds=seeds)
-        return engine_generate(self.engine, self.tokenizer, prompts, max_new_tokens, temperature, seeds, logprobs)
+        answers = engine_generate(self.engine, self.tokenizer, prompts, max_new_tokens, temperature, seeds, logprobs)
+        self.engine.rest()  # sleep mode: training gets vLLM's memory until the next push wakes it
+        return answers
 
     def load_weights(self, model: PreTrainedModel) -> None:
         if self.engine is not None:

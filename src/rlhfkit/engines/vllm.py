@@ -34,14 +34,23 @@ class VLLMEngine:
     memory (on CPU, of RAM) for weights and KV cache; ``max_model_len`` None: the model's own."""
 
     def __init__(self, path: str, precision: str = "fp32", memory: float = 0.3, max_model_len: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, sleep: bool = False):
         vllm = require_vllm()
+        self.sleeps, self.asleep = sleep, False
         # One process: the engine runs inside this one, where the training weights are.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.vllm = vllm
         self.llm = vllm.LLM(model=str(path), dtype="bfloat16" if precision == "bf16" else "float32",
                             gpu_memory_utilization=memory, max_model_len=max_model_len, seed=seed,
-                            enforce_eager=True, logprobs_mode="processed_logprobs", enable_prefix_caching=False)
+                            enforce_eager=True, logprobs_mode="processed_logprobs", enable_prefix_caching=False,
+                            enable_sleep_mode=sleep)
+
+    def rest(self) -> None:
+        """With sleep mode: free vLLM's GPU memory (weights and KV cache, level 2: the next push
+        brings new weights anyway) until ``load_weights`` wakes it. Otherwise nothing."""
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, on_finished=None,
                  seeds: list[int] | None = None) -> list[Output]:
@@ -84,7 +93,12 @@ class VLLMEngine:
         from rlhfkit.models import unwrap
 
         weights = [(name, tensor.detach()) for name, tensor in unwrap(model).state_dict().items()]
+        if self.asleep:  # weights first, so the KV cache is not allocated beside two copies (TRL's order)
+            self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc(_reload, args=(weights,))
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
 
 
 def _reload(worker, weights: list[tuple[str, torch.Tensor]]) -> None:
