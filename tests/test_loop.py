@@ -51,6 +51,14 @@ def test_optimizer_state_round_trips_through_flat_tensors():
     opt2 = build_optimizer(model2.parameters(), OptimConfig(lr=0.1))
     sharding.load_state_dicts(model2, opt2, weights, restored)
     assert torch.equal(model2.weight, model.weight)
+    import pytest
+
+    from rlhfkit.errors import RlhfkitError
+
+    with pytest.raises(RlhfkitError, match="ckpt does not fit this model: 1 trainable weights missing"):
+        sharding.load_state_dicts(model2, opt2, {"bias": weights["bias"]}, restored, where="ckpt")
+    with pytest.raises(RlhfkitError, match="1 unknown"):
+        sharding.load_state_dicts(model2, opt2, {**weights, "lora.weight": weights["bias"]}, restored, where="ckpt")
     for pid, state in opt.state_dict()["state"].items():
         for key, value in state.items():
             assert torch.equal(opt2.state_dict()["state"][pid][key], value)

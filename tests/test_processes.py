@@ -7,6 +7,7 @@ torchrun), LoRA included."""
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -151,7 +152,7 @@ CASES = [*((stage, "ddp") for stage in sorted(STAGES) if stage != "ppo-lora"),
 
 
 @pytest.mark.parametrize("stage,launch", CASES)
-def test_two_processes_killed_and_resumed_match_one_process(stage, launch, tmp_path, tmp_path_factory):
+def test_two_processes_killed_and_resumed_match_one_process(stage, launch, tmp_path, tmp_path_factory, capsys):
     """Tolerances: the only difference is the order of float additions in the all-reduce (and in
     the reduction of logged sums), which a few Adam steps amplify only slightly: 1e-4 relative on
     every step's losses and gradient norms, and on the weights 1e-4 relative plus an absolute 1e-3
@@ -188,6 +189,13 @@ def test_two_processes_killed_and_resumed_match_one_process(stage, launch, tmp_p
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-3 * float(a[key].abs().max()), msg=key)
+
+    if stage == "sft" and launch != "ddp":  # a checkpoint of 2 sharded processes resumes on 1 unsharded
+        copy = tmp_path / "copy"
+        shutil.copytree(tmp_path / "two", copy)
+        (copy / "complete.json").unlink()
+        main([*two, "--run.out", str(copy), "--run.resume"])
+        assert "resumed from" in capsys.readouterr().out and (copy / "complete.json").exists()
 
 
 def test_sampling_commands_on_two_processes_write_what_one_process_writes(tmp_path):

@@ -479,7 +479,7 @@ def start_training(acc: Accelerator, out: Path, model: torch.nn.Module, optim: O
     state = {"step": 0}
     if (ckpt := checkpoint_to_resume(out, run, acc.print)) is not None:
         state, weights, optimizer_state = load_checkpoint(ckpt, scheduler)
-        sharding.load_state_dicts(model, optimizer, weights, optimizer_state)
+        sharding.load_state_dicts(model, optimizer, weights, optimizer_state, where=str(ckpt / "trainable.safetensors"))
         acc.print(f"resumed from {ckpt} at step {state['step']}")
     start = state["step"]
     prepared = model if split.fsdp else acc.prepare(model)  # FSDP reduces gradients itself

@@ -162,12 +162,19 @@ def state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tup
     return weights, get_optimizer_state_dict(model, optimizer, options=_options())
 
 
-def load_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optim: dict) -> None:
-    """Put whole ``state_dicts`` (read by every process) back: each process keeps its shard."""
+def load_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optim: dict,
+                     where: str = "the checkpoint") -> None:
+    """Put whole ``state_dicts`` (read by every process) back: each process keeps its shard.
+    Weights that do not fit the model's trainable ones stop the run (``where`` names the file)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(model, weights, options=options)
+    # before loading: DCP fills the keys a non-strict load lacks into the dict it is given
+    missing = sorted({name for name, p in model.named_parameters() if p.requires_grad} - set(weights))
+    options = StateDictOptions(full_state_dict=True, strict=False)  # frozen weights are not in it
+    unexpected = set_model_state_dict(model, weights, options=options).unexpected_keys
+    if missing or unexpected:
+        raise RlhfkitError(f"{where} does not fit this model: {len(missing)} trainable weights missing "
+                           f"{missing[:3]}, {len(unexpected)} unknown {list(unexpected)[:3]} (another model or LoRA setting?)")
     set_optimizer_state_dict(model, optimizer, optim, options=options)
     for group in optimizer.param_groups:  # DCP hands tuples back as lists; keep the optimizer as built
         if isinstance(group.get("betas"), list):
