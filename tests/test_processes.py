@@ -296,3 +296,9 @@ def test_processes_wait_an_hour_for_the_main_one_by_default(monkeypatch):
     assert processes.timeout() == timedelta(hours=1)
     monkeypatch.setenv("RLHFKIT_PROCESS_TIMEOUT_MINUTES", "180")
     assert processes.timeout() == timedelta(hours=3)
+    from rlhfkit.errors import RlhfkitError
+
+    for bad in ("an hour", "0", "-5"):
+        monkeypatch.setenv("RLHFKIT_PROCESS_TIMEOUT_MINUTES", bad)
+        with pytest.raises(RlhfkitError, match=f"RLHFKIT_PROCESS_TIMEOUT_MINUTES='{bad}'"):
+            processes.timeout()

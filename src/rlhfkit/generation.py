@@ -20,10 +20,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhfkit import processes
 from rlhfkit.data.records import Messages
-from rlhfkit.errors import RlhfkitError
 from rlhfkit.data.tokenize import end_of_turn_id, prompt_ids
 from rlhfkit.engines import Output, SamplingParams
 from rlhfkit.engines.builtin import BuiltinEngine
+from rlhfkit.errors import RlhfkitError
 
 
 @dataclass

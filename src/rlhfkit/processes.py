@@ -25,7 +25,17 @@ def timeout():
     takes longer."""
     from datetime import timedelta
 
-    return timedelta(minutes=float(os.environ.get("RLHFKIT_PROCESS_TIMEOUT_MINUTES", "60")))
+    from rlhfkit.errors import RlhfkitError
+
+    value = os.environ.get("RLHFKIT_PROCESS_TIMEOUT_MINUTES", "60")
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise RlhfkitError(f"RLHFKIT_PROCESS_TIMEOUT_MINUTES={value!r}: give the minutes a process waits for the "
+                           "others, a number above 0 (default 60)")
+    return timedelta(minutes=minutes)
 
 
 def state():
