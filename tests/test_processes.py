@@ -96,7 +96,13 @@ LAUNCHERS = {
              {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}),
     "accelerate-fsdp": (["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/fsdp2.yaml"),
                          "--num_processes", "2", "--main_process_port", "{port}"], {}),
+    "zero2": (["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "{port}"],
+              {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}),
+    "accelerate-zero3": (["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/zero3.yaml"),
+                          "--num_processes", "2", "--main_process_port", "{port}"], {}),
 }
+SAYS = {"ddp": None, "fsdp": "FSDP2: each of 2 processes holds 1/2", "accelerate-fsdp": "FSDP2: each of 2 processes holds 1/2",
+        "zero2": "DeepSpeed ZeRO-2: each of 2 processes", "accelerate-zero3": "DeepSpeed ZeRO-3: each of 2 processes"}
 
 
 def start(args: list[str], processes: int, launch: str = "ddp") -> subprocess.Popen:
@@ -148,7 +154,8 @@ def one_process_run(stage: str, tmp_path_factory) -> Path:
 
 
 CASES = [*((stage, "ddp") for stage in sorted(STAGES) if stage != "ppo-lora"),
-         ("sft", "accelerate-fsdp"), ("dpo", "fsdp"), ("grpo", "fsdp"), ("ppo-lora", "fsdp")]
+         ("sft", "accelerate-fsdp"), ("dpo", "fsdp"), ("grpo", "fsdp"), ("ppo-lora", "fsdp"),
+         ("sft", "accelerate-zero3"), ("rm", "zero2"), ("ppo-lora", "accelerate-zero3")]
 
 
 @pytest.mark.parametrize("stage,launch", CASES)
@@ -160,6 +167,8 @@ def test_two_processes_killed_and_resumed_match_one_process(stage, launch, tmp_p
     lr). A resume that lost or replayed any state (data position, optimizer, sampling seeds,
     checkpoint of the other process) changes the steps after the kill far beyond these. FSDP
     reduce-scatters where DDP all-reduces: the same sums, in another order."""
+    if "zero" in launch:
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed: pip install 'rlhfkit[deepspeed]'")
     args, _, two_flags = STAGES[stage]
     args = [*args, "--run.save-every", "2"]
     one_dir = one_process_run(stage, tmp_path_factory)
@@ -175,7 +184,9 @@ def test_two_processes_killed_and_resumed_match_one_process(stage, launch, tmp_p
     assert not (tmp_path / "two" / "complete.json").exists(), "the run finished before the kill"
     said = finish(start([*two, "--run.resume"], 2, launch))
     assert "resumed from" in said
-    assert ("FSDP2: each of 2 processes holds 1/2" in said) == (launch != "ddp"), said
+    for says in {s for s in SAYS.values() if s}:  # what this launch says it does, and nothing else
+        assert (says in said) == (says == SAYS[launch]), said
+
 
     one, resumed = steps(one_dir), steps(tmp_path / "two")
     assert len(one) == len(resumed) and one[0], (one, resumed)

@@ -1,19 +1,24 @@
 """What a launch asks for, read from the environment accelerate's config files set; sharded
 training itself is tested on 2 processes in tests/test_processes.py."""
 
+import json
 import os
+import sys
 
 import pytest
 import torch
 
+from rlhfkit import processes
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.train.sharding import Sharding, skeleton
+from rlhfkit.train.sharding import Sharding, require_deepspeed, skeleton
 
 
 @pytest.fixture
 def launch(monkeypatch):
     for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "FSDP_VERSION", "FSDP_OFFLOAD_PARAMS",
-                 "FSDP_RESHARD_AFTER_FORWARD", "FSDP_ACTIVATION_CHECKPOINTING", "FSDP_CPU_RAM_EFFICIENT_LOADING"):
+                 "FSDP_RESHARD_AFTER_FORWARD", "FSDP_ACTIVATION_CHECKPOINTING", "FSDP_CPU_RAM_EFFICIENT_LOADING",
+                 processes.DEEPSPEED, "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_CONFIG_FILE",
+                 "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
         monkeypatch.delenv(name, raising=False)
     return lambda **env: [monkeypatch.setenv(k, v) for k, v in env.items()]
 
@@ -29,15 +34,43 @@ def test_an_fsdp2_config_shards_with_its_settings(launch):
     assert Sharding.requested(2) == Sharding(fsdp=True, cpu_offload=True, reshard_after_forward=False)
 
 
+def test_a_deepspeed_config_is_taken_from_accelerate_and_read_into_zero_settings(launch, tmp_path):
+    launch(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3",
+           ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE="cpu")
+    processes.claim_deepspeed()  # accelerate must not set DeepSpeed up itself
+    assert os.environ["ACCELERATE_USE_DEEPSPEED"] == "false" and os.environ[processes.DEEPSPEED] == "true"
+    offload = torch.accelerator.is_available()  # on a CPU the partitions already live in host memory
+    assert Sharding.requested(2) == Sharding(zero={"stage": 3, **({"offload_optimizer": {"device": "cpu"}} if offload else {})})
+    assert Sharding.requested(2).zero_stage == 3 and Sharding().zero_stage == 0
+    assert Sharding.requested(1) == Sharding()  # one process: nothing to split
+    config = tmp_path / "ds.json"  # a DeepSpeed config file lends its zero_optimization section
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto", "overlap_comm": True},
+                                  "train_batch_size": "auto"}))
+    launch(ACCELERATE_DEEPSPEED_CONFIG_FILE=str(config))
+    assert Sharding.requested(2) == Sharding(zero={"stage": 2, "overlap_comm": True})  # "auto": DeepSpeed's default
+
+
 @pytest.mark.parametrize("env, said", [
-    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed, which rlhfkit's training loop does not drive yet"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"},
+     "zero_stage is '0': rlhfkit drives ZeRO stages 1, 2 and 3 .* configs/accelerate/ddp.yaml"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "{tmp}/ds.json"},
+     "ds.json: `bf16.enabled`: rlhfkit keeps fp32 weights"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "{tmp}/missing.json"},
+     "DeepSpeed config .*missing.json: .*No such file"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1; rlhfkit shards with FSDP2 only"),
     ({"ACCELERATE_USE_FSDP": "true"}, "FSDP version 1"),  # accelerate's default version
 ])
-def test_what_is_not_driven_stops_with_what_to_launch_instead(launch, env, said):
-    launch(**env)
+def test_what_is_not_driven_stops_with_what_to_launch_instead(launch, env, said, tmp_path):
+    (tmp_path / "ds.json").write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}))
+    launch(**{k: v.format(tmp=tmp_path) for k, v in env.items()})
     with pytest.raises(RlhfkitError, match=said):
         Sharding.requested(2)
+
+
+def test_deepspeed_missing_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed raises ImportError
+    with pytest.raises(RlhfkitError, match=r"pip install 'rlhfkit\[deepspeed\]'"):
+        require_deepspeed()
 
 
 def test_a_skeleton_holds_no_weights_and_keeps_tied_ones_tied(tiny_tokenizer):

@@ -175,11 +175,11 @@ class Sampler:
             from rlhfkit.models import save_model
 
             require_vllm()  # before writing the folder: a missing install fails at once
-            from torch.distributed.tensor import DTensor
+            from rlhfkit.models import splits_weights
 
-            if any(isinstance(p, DTensor) for p in model.parameters()):
-                raise RlhfkitError("--rollout.engine vllm does not run with FSDP yet (its weights would have to be "
-                                   "gathered for every push): launch with a DDP config, or use --rollout.engine builtin")
+            if splits_weights(model):
+                raise RlhfkitError("--rollout.engine vllm does not run with FSDP or ZeRO-3 yet (the weights would have to "
+                                   "be gathered for every push): launch with a DDP or ZeRO-2 config, or use --rollout.engine builtin")
             # vLLM starts from a model folder (read once, at start), then takes the pushes.
             with tempfile.TemporaryDirectory(prefix="rlhfkit-rollout-") as folder:
                 save_model(model, tokenizer, Path(folder))

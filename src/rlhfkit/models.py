@@ -14,6 +14,7 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -434,12 +435,26 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def is_wrapped(model: torch.nn.Module) -> bool:
     """Whether ``model`` is a DDP / DeepSpeed wrapper, not a transformers model, or sharded by
-    FSDP: its own forward must run (it syncs gradients; FSDP gathers the root's weights, the
-    embeddings and LM head, in it), so packed forwards, which call the backbone, are off. (Under
-    FSDP the packing probe's forwards would also be collectives that one process may skip.)"""
+    FSDP or ZeRO-3: its own forward must run (it syncs gradients; FSDP gathers the root's
+    weights, the embeddings and LM head, in it), so packed forwards, which call the backbone, are
+    off. (Sharded, the packing probe's forwards would also be collectives that one process may skip.)"""
     from torch.distributed.fsdp import FSDPModule
 
-    return not hasattr(unwrap(model), "base_model_prefix") or any(isinstance(m, FSDPModule) for m in model.modules())
+    return (deepspeed_engine_of(model) is not None or not hasattr(unwrap(model), "base_model_prefix")
+            or any(isinstance(m, FSDPModule) for m in model.modules()) or splits_weights(model))
+
+
+def deepspeed_engine_of(model: torch.nn.Module):
+    """``model`` when it is DeepSpeed's engine (started by train/sharding.py), else None."""
+    deepspeed = sys.modules.get("deepspeed")  # imported only where a launch asked for it
+    return model if deepspeed is not None and isinstance(model, deepspeed.DeepSpeedEngine) else None
+
+
+def splits_weights(model: torch.nn.Module) -> bool:
+    """Whether each process holds only part of ``model``'s weights (FSDP, ZeRO-3)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
 
 
 def is_encoder(config) -> bool:

@@ -38,10 +38,24 @@ def timeout():
     return timedelta(minutes=minutes)
 
 
+DEEPSPEED = "RLHFKIT_USE_DEEPSPEED"  # a launch's DeepSpeed request, once claim_deepspeed has taken it
+
+
+def claim_deepspeed() -> None:
+    """Take a DeepSpeed request (``accelerate launch`` with a DeepSpeed config) away from
+    accelerate before it reads it: accelerate would start DeepSpeed itself on a GPU (and drop
+    the request on a CPU), while rlhfkit starts DeepSpeed's engine for the trained model itself
+    (train/sharding.py), on any device."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        os.environ[DEEPSPEED] = "true"
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
+
+
 def state():
     import torch
     from accelerate import PartialState
 
+    claim_deepspeed()
     # cpu= as the training stages pass it (train/loop.py), so the process group is the same one;
     # the first call sets the group up, with this timeout.
     return PartialState(cpu=not torch.cuda.is_available(), timeout=timeout())

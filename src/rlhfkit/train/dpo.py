@@ -329,7 +329,7 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
         for m, micro in enumerate(mine):
             with sync_gradients(acc, run.model, last=m == len(mine) - 1), acc.autocast():
                 loss, stats = batch_loss(run.model, [train_pairs[i] for i in micro], micro, "train")
-                acc.backward(loss.sum() / global_batch * world_size)
+                run.backward(loss.sum() / global_batch * world_size)
             for key, value in pair_metrics(loss, stats).items():
                 sums[key] = sums.get(key, torch.zeros(())) + value.cpu()
         done = step + 1

@@ -202,7 +202,7 @@ def train(cfg: GRPOConfig) -> Path:
                     non_finite += 0 if empty else 1
                     loss = logprobs.sum() * 0.0 if acc.num_processes > 1 else None  # the others meet this backward
                 if loss is not None:  # DDP averages over processes; each process's loss is its share of the sum
-                    acc.backward(loss * acc.num_processes)
+                    run.backward(loss * acc.num_processes)
             if not empty:
                 kl_sum += float(stats.get("kl", 0.0)) * float(sub_mask.sum())
         done = step + 1

@@ -44,10 +44,11 @@ def make_accelerator(precision: str) -> Accelerator:
 
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision {precision!r}: resolve `auto` with rlhfkit.precision.resolve first")
+    processes.claim_deepspeed()  # before accelerate reads the launch's request
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     acc = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
-    Sharding.requested(acc.num_processes)  # DeepSpeed or FSDP1 stop here, before any data or model loads
+    Sharding.requested(acc.num_processes)  # FSDP1 or a bad ZeRO config stop here, before any data or model loads
     return acc
 
 
@@ -157,8 +158,12 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> tuple[f
     """Clip, step and advance the schedule; returns (grad norm, skipped).
 
     A non-finite gradient norm skips the update (the guard of DESIGN.md §5) but still advances
-    the schedule, so a skipped step does not shift the rest of the run.
+    the schedule, so a skipped step does not shift the rest of the run. (DeepSpeed's engine
+    does the same itself, clipping to the norm its config was given.)
     """
+    if (done := sharding.engine_step(model)) is not None:
+        scheduler.step()
+        return done
     params = [p for p in model.parameters() if p.grad is not None]
     if max_grad_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -202,12 +207,6 @@ class DivergenceGuard:
             elif abs(loss) > self.blowup * max(abs(self.first_loss), 1.0):
                 return f"the loss went from {self.first_loss:.4g} to {loss:.4g}"
         return None
-
-
-def non_finite_weights(model: torch.nn.Module) -> list[str]:
-    """Names of the parameters that hold a NaN or an inf."""
-    with torch.no_grad():
-        return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
 
 
 def sync_gradients(acc: Accelerator, model, last: bool):
@@ -297,8 +296,8 @@ class TrainingRun:
     run: RunConfig
     optim: OptimConfig
     batch: BatchConfig
-    model: torch.nn.Module  # prepared: DDP-wrapped under several processes, or sharded by FSDP
-    raw_model: torch.nn.Module  # the underlying model (sharded under FSDP: see whole_weights)
+    model: torch.nn.Module  # prepared: DDP-wrapped under several processes, sharded by FSDP, or DeepSpeed's engine
+    raw_model: torch.nn.Module  # the underlying model (sharded under FSDP and ZeRO-3: see whole_weights)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     start_step: int
@@ -307,7 +306,7 @@ class TrainingRun:
     log: MetricsLog
     bar: Progress
     sharding: Sharding = field(default_factory=Sharding)
-    empty: torch.nn.Module | None = None  # FSDP: the model's skeleton, filled to save it (sharding.plain_copy)
+    empty: torch.nn.Module | None = None  # FSDP, ZeRO-3: the model's skeleton, filled to save it (sharding.plain_copy)
     guard: DivergenceGuard = field(default_factory=DivergenceGuard)
     last_save: float = field(default_factory=time.monotonic)  # when the last checkpoint (or the start) was
 
@@ -367,18 +366,24 @@ class TrainingRun:
 
         return on_every_process
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """The backward of one micro-batch's loss; gradients add up until ``update``."""
+        sharding.backward(self.acc, self.model, loss)
+
     def update(self, done: int, loss: float | None, loss_has_scale: bool = True) -> tuple[float, bool]:
         """One optimizer update (``optimizer_step``); returns (grad norm, skipped). Stops the run
         with ``TrainingDiverged`` when the guard sees it has diverged. ``loss``: the update's loss
         (reduced over processes) or None; a non-finite one counts as a skipped update. RL
         surrogates, whose size says nothing of divergence, pass ``loss_has_scale=False``."""
-        had_gradient = any(p.grad is not None for p in self.model.parameters())
+        # (DeepSpeed's engine moves gradients into its partitions at each backward, and every
+        # process meets a backward in each update when there are several)
+        had_gradient = self.sharding.zero_stage > 0 or any(p.grad is not None for p in self.model.parameters())
         grad_norm, skipped = optimizer_step(self.model, self.optimizer, self.scheduler, self.optim.max_grad_norm)
         skipped = skipped or (loss is not None and not math.isfinite(loss))
         if skipped:
             self.bar.print(f"step {done}: non-finite loss or gradient norm, update skipped")
         # NaN weights make NaN gradients (a skip), or answers that no reward tells apart (no gradient)
-        weights_finite = (had_gradient and not skipped) or not non_finite_weights(self.raw_model)
+        weights_finite = (had_gradient and not skipped) or not sharding.non_finite_weights(self.raw_model)
         problem = self.guard.check(loss if loss_has_scale else None, grad_norm, skipped, had_gradient, weights_finite)
         if problem:
             self.diverged(done, problem)
@@ -386,7 +391,7 @@ class TrainingRun:
 
     def require_finite_weights(self, done: int, metrics: dict[str, float]) -> None:
         """Before a checkpoint and before the stage saves its model: neither may hold NaN or inf."""
-        bad = non_finite_weights(self.raw_model)
+        bad = sharding.non_finite_weights(self.raw_model)
         if bad:
             self.log.log(done, metrics)
             self.diverged(done, f"{len(bad)} weight tensors hold NaN or inf (first: {bad[0]})")
@@ -461,8 +466,8 @@ class TrainingRun:
 def start_training(acc: Accelerator, out: Path, model: torch.nn.Module, optim: OptimConfig, run: RunConfig,
                    batch: BatchConfig, n_examples: int, name: str, schedule_steps: int = 0,
                    gradient_checkpointing: bool = False) -> TrainingRun:
-    """Optimizer, schedule, exact resume, DDP wrapping or FSDP sharding, metrics and progress bar
-    for one stage. ``schedule_steps``: optimizer steps in the whole run when a stage takes several
+    """Optimizer, schedule, exact resume, DDP wrapping, FSDP sharding or DeepSpeed's engine,
+    metrics and progress bar for one stage. ``schedule_steps``: optimizer steps in the whole run when a stage takes several
     per step (PPO); default ``run.steps``. ``gradient_checkpointing``: ``model.gradient_checkpointing``."""
     model.to(acc.device)  # before the optimizer: a resumed optimizer state lands beside its weights
     split = Sharding.requested(acc.num_processes)
@@ -475,17 +480,24 @@ def start_training(acc: Accelerator, out: Path, model: torch.nn.Module, optim: O
         acc.print(f"FSDP2: each of {acc.num_processes} processes holds 1/{acc.num_processes} of the weights, "
                   f"gradients and optimizer state" + (" (in host memory)" if split.cpu_offload else ""))
     optimizer = build_optimizer(model.parameters(), optim)
-    scheduler = build_scheduler(optimizer, optim, schedule_steps or run.steps)
+    scheduler = build_scheduler(optimizer, optim, schedule_steps or run.steps)  # DeepSpeed keeps these groups
+    if split.zero_stage:  # its engine splits the optimizer's work (and the weights, at stage 3)
+        empty = sharding.skeleton(model) if split.zero_stage == 3 else None
+        model, optimizer = sharding.deepspeed_engine(model, optimizer, split, optim.max_grad_norm, acc.num_processes)
+        held = {1: "optimizer state", 2: "gradients and optimizer state", 3: "weights, gradients and optimizer state"}
+        acc.print(f"DeepSpeed ZeRO-{split.zero_stage}: each of {acc.num_processes} processes holds "
+                  f"1/{acc.num_processes} of the {held[split.zero_stage]}")
     state = {"step": 0}
     if (ckpt := checkpoint_to_resume(out, run, acc.print)) is not None:
         state, weights, optimizer_state = load_checkpoint(ckpt, scheduler)
-        sharding.load_state_dicts(model, optimizer, weights, optimizer_state, where=str(ckpt / "trainable.safetensors"))
+        sharding.load_state_dicts(sharding.inner(model), optimizer, weights, optimizer_state,
+                                  where=str(ckpt / "trainable.safetensors"))
         acc.print(f"resumed from {ckpt} at step {state['step']}")
     start = state["step"]
-    prepared = model if split.fsdp else acc.prepare(model)  # FSDP reduces gradients itself
+    prepared = model if split.fsdp or split.zero_stage else acc.prepare(model)  # they reduce gradients themselves
     prepared.train()
     return TrainingRun(
-        acc=acc, out=out, name=name, run=run, optim=optim, batch=batch, model=prepared, raw_model=acc.unwrap_model(prepared),
+        acc=acc, out=out, name=name, run=run, optim=optim, batch=batch, model=prepared, raw_model=acc.unwrap_model(sharding.inner(prepared)),
         optimizer=optimizer, scheduler=scheduler, start_step=start, state=state, order=DataOrder(n_examples, run.seed),
         sharding=split, empty=empty,
         log=MetricsLog(out, acc.is_main_process, resume_step=start),

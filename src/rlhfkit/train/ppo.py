@@ -227,16 +227,18 @@ class EMA:
 
     def __init__(self, model: torch.nn.Module, decay: float, saved: dict[str, torch.Tensor] | None = None):
         self.decay = decay
-        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        with sharding.readable(model):  # FSDP: this process's shards; ZeRO-3: gathered whole
+            self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         for key, value in (saved or {}).items():
             if key.startswith("ema."):  # whole: this process keeps its shard under FSDP
                 self.shadow[key[4:]] = sharding.like(self.shadow[key[4:]], value)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        for name, p in model.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(p.detach(), 1.0 - self.decay)
+        with sharding.readable(model):
+            for name, p in model.named_parameters():
+                if name in self.shadow:
+                    self.shadow[name].lerp_(p.detach(), 1.0 - self.decay)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The averages, whole (gathered under FSDP: every process must call it)."""
@@ -434,7 +436,7 @@ def train(cfg: PPOConfig) -> Path:
                     finite = bool(torch.isfinite(loss))
                     # DDP averages over processes, and each one's loss is its share of the sum
                     # a non-finite loss backpropagates 0 through both models (DDP reduces every bucket)
-                    acc.backward((loss if finite else (new_logprobs.sum() + new_values.sum()) * 0.0) * acc.num_processes)
+                    run.backward((loss if finite else (new_logprobs.sum() + new_values.sum()) * 0.0) * acc.num_processes)
                 n = float(mb.mask.sum())
                 sums += torch.tensor([float(loss.detach()), float(pg_sum.detach()), float(vf_sum.detach()),
                                       n * float(vf_stats["value_clipfrac"]), n * float(pg_stats["clipfrac"]),

@@ -294,7 +294,7 @@ def train(cfg: RMConfig) -> Path:
                     rewards, ranks, valid, margin = group_rewards(run.model, groups, pad_id)
                 loss, _ = ranking_loss(rewards, ranks, valid, margin)
                 total = loss.sum() + cfg.center_coef * center_penalty(rewards, valid).sum()
-                acc.backward(total / global_batch * world_size)
+                run.backward(total / global_batch * world_size)
             stats = pair_stats(rewards.detach(), ranks, valid)
             sums["loss"] += loss.detach().sum().cpu()
             for key in ("pairs", "correct", "best", "worst"):

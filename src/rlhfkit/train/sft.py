@@ -177,7 +177,7 @@ def train(cfg: SFTConfig) -> Path:
             with sync_gradients(acc, run.model, last=m == len(mine) - 1):
                 with acc.autocast():
                     nll, _ = demonstration_nll(run.model, [train_examples[i] for i in micro], pad_id)
-                acc.backward(nll / n_loss_tokens * world_size)
+                run.backward(nll / n_loss_tokens * world_size)
             loss_sum += nll.detach().cpu()
         done = step + 1
         loss = float(run.sum(loss_sum)) / n_loss_tokens
