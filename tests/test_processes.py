@@ -2,7 +2,7 @@
 (torchrun), killed with SIGKILL after a checkpoint and resumed, gives the per-step losses, gradient
 norms and final weights of 1 uninterrupted process accumulating the same global batch. So do
 stages sharded by FSDP2 (launched as accelerate's shipped config file or its environment under
-torchrun), LoRA included."""
+torchrun), LoRA included, and by DeepSpeed ZeRO-2/3 where DeepSpeed is installed."""
 
 import contextlib
 import json
@@ -155,7 +155,8 @@ def one_process_run(stage: str, tmp_path_factory) -> Path:
 
 CASES = [*((stage, "ddp") for stage in sorted(STAGES) if stage != "ppo-lora"),
          ("sft", "accelerate-fsdp"), ("dpo", "fsdp"), ("grpo", "fsdp"), ("ppo-lora", "fsdp"),
-         ("sft", "accelerate-zero3"), ("rm", "zero2"), ("ppo-lora", "accelerate-zero3")]
+         ("sft", "accelerate-zero3"), ("rm", "zero2"), ("dpo", "zero2"), ("grpo", "accelerate-zero3"),
+         ("ppo-lora", "accelerate-zero3")]  # DeepSpeed: where it is installed (pip install 'rlhfkit[deepspeed]')
 
 
 @pytest.mark.parametrize("stage,launch", CASES)
