@@ -81,6 +81,9 @@ stages() {
         --data.world-prompts 64 --data.world-eval-prompts 16 "${quiet[@]}"
     run "$model" "grpo$tag" "$procs" grpo --recipe "$recipe" --model.name "$sft" --reward "$rm" \
         --run.steps "$rl_steps" "${quiet[@]}"
+    # the frozen reference and reward model in host memory: compare its peak memory with ppo$tag's
+    [ "$procs" -eq 1 ] && run "$model" "ppo-offload$tag" 1 ppo --recipe "$recipe" --model.name "$sft" --reward "$rm" \
+        --run.steps "$rl_steps" --model.offload-frozen "${quiet[@]}"
     if [ "$VLLM" = yes ] && [ "$procs" -eq 1 ]; then
         run "$model" "grpo-vllm$tag" 1 grpo --recipe "$recipe" --model.name "$sft" --reward "$rm" \
             --run.steps "$rl_steps" --rollout.engine vllm "${quiet[@]}"

@@ -43,6 +43,8 @@ class ModelConfig:
     """Allow model code from the hub. Off unless you trust the source."""
     gradient_checkpointing: bool = False
     """Keep only each transformer block's input in the forward and recompute the rest in the backward: activation memory of one block instead of all, for about a third more compute."""
+    offload_frozen: bool = False
+    """Keep the frozen reference and reward model in host memory; in each of their forwards a layer's weights move to the GPU for that layer alone (accelerate's cpu_offload): GPU memory for the policy, for the cost of the transfers. On a CPU they live in host memory anyway."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from rlhfkit.data.tokenize import Example, right_pad
 from rlhfkit.fast import packing
 from rlhfkit.losses import entropy_from_logits, token_logprobs
-from rlhfkit.models import is_encoder, is_wrapped, unwrap
+from rlhfkit.models import input_device, is_encoder, is_wrapped, unwrap
 from rlhfkit.precision import autocast
 from rlhfkit.records import Sequences, join
 
@@ -83,7 +83,7 @@ def response_logits(model, seqs: Sequences) -> torch.Tensor:
     prompt position would be computed only to be dropped."""
     width = seqs.input_ids.shape[1] - seqs.prompt_width
     kwargs = {"logits_to_keep": width + 1} if accepts_logits_to_keep(model) else {}  # positions P-1 .. end
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = model(input_ids=seqs.input_ids.to(device), attention_mask=seqs.attention_mask.to(device),
                 position_ids=seqs.position_ids.to(device), **kwargs)
     return out.logits[:, -width - 1 : -1]
@@ -107,7 +107,7 @@ def token_values(model, seqs: Sequences, fast: bool = True) -> torch.Tensor:
 def _plain_token_values(model, seqs: Sequences) -> torch.Tensor:
     inner = unwrap(model)  # LoRA: adapters stay active
     backbone = getattr(inner, inner.base_model_prefix)
-    device = next(model.parameters()).device
+    device = input_device(model)
     hidden = backbone(input_ids=seqs.input_ids.to(device), attention_mask=seqs.attention_mask.to(device),
                       position_ids=seqs.position_ids.to(device)).last_hidden_state
     values = inner.score(hidden[:, seqs.prompt_width - 1 : -1]).squeeze(-1).float()
@@ -127,7 +127,7 @@ def _plain_rewards(model, sequences: list[list[int]], pad_id: int | None = None)
     if pad_id is None:  # the probe: the model's own pad id, where its head looks for each row's end
         pad_id = unwrap(model).config.pad_token_id
     ids, mask = right_pad(sequences, pad_id)
-    device = next(model.parameters()).device
+    device = input_device(model)
     return model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
 
 

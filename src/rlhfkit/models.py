@@ -11,6 +11,7 @@ Built-in names:
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import os
 import shutil
@@ -442,6 +443,34 @@ def is_wrapped(model: torch.nn.Module) -> bool:
 
     return (deepspeed_engine_of(model) is not None or not hasattr(unwrap(model), "base_model_prefix")
             or any(isinstance(m, FSDPModule) for m in model.modules()) or splits_weights(model))
+
+
+def offload_to_host(model: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:
+    """``model`` (frozen) with its weights kept in host memory: in each forward, every layer's
+    weights move to ``device`` (this process's accelerator) for that layer only, through
+    accelerate's ``cpu_offload``. Between forwards its parameters are on the meta device. On a
+    CPU (no ``device`` given) its weights are in host memory already: returned as it is."""
+    if device is None:
+        device = processes.device()
+        if device.type == "cpu":
+            return model
+    from accelerate import cpu_offload
+
+    return cpu_offload(model.to("cpu"), execution_device=device)
+
+
+def frozen_copy(model: torch.nn.Module, offload: bool = False) -> torch.nn.Module:
+    """A frozen copy of ``model`` (the reference of PPO, GRPO and DPO), in eval mode; ``offload``:
+    kept in host memory (``offload_to_host``)."""
+    copy_ = copy.deepcopy(model).eval().requires_grad_(False)
+    return offload_to_host(copy_) if offload else copy_
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s inputs go: its weights' device, or this process's device when they are
+    offloaded to host memory (``offload_to_host``), where the forward runs."""
+    device = next(model.parameters()).device
+    return processes.device() if device.type == "meta" else device
 
 
 def deepspeed_engine_of(model: torch.nn.Module):

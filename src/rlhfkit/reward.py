@@ -34,7 +34,7 @@ from rlhfkit.data.tokenize import (CHARS_PER_TOKEN, Example, TruncationReport, f
                                    turn_suffix_ids)
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.models import (SMOLLM2, TINY, build_tiny_model, check_model_name, disable_dropout, ensure_pad_token, is_encoder,
-                            loading, prefer_eager_attention_on_cpu, resolve)
+                            loading, offload_to_host, prefer_eager_attention_on_cpu, resolve)
 from rlhfkit.logprobs import rewards, running_in
 
 MEAN_KEY, STD_KEY = "rlhfkit_reward_mean", "rlhfkit_reward_std"
@@ -149,8 +149,9 @@ class RewardModel:
         self.std = float(getattr(model.config, STD_KEY, 1.0) or 1.0)
 
     @classmethod
-    def load(cls, path: str | Path, max_len: int = 512, precision: str = "fp32") -> "RewardModel":
-        """A reward-model folder (the output of `rlhfkit rm`) or a hub id of one."""
+    def load(cls, path: str | Path, max_len: int = 512, precision: str = "fp32", offload: bool = False) -> "RewardModel":
+        """A reward-model folder (the output of `rlhfkit rm`) or a hub id of one. ``offload``:
+        its weights stay in host memory (``models.offload_to_host``)."""
         name = str(path)
         if name in (TINY, SMOLLM2):
             raise RlhfkitError(f"{name} is a built-in language model, not a reward model; train one with `rlhfkit rm`")
@@ -168,7 +169,7 @@ class RewardModel:
             model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
         ensure_pad_token(tokenizer)
         model.config.pad_token_id = tokenizer.pad_token_id
-        return cls(model.to(processes.device()), tokenizer, max_len, precision)
+        return cls(offload_to_host(model.eval()) if offload else model.to(processes.device()), tokenizer, max_len, precision)
 
     @torch.no_grad()
     def score(self, prompts: list[Messages | str], responses: list[str], batch_size: int = 16,

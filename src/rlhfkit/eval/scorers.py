@@ -47,10 +47,11 @@ class Scorer:
         raise RlhfkitError(f"'{self.spec}' scores responses but is no pairwise judge; use gold or a reward model")
 
 
-def reward_function(spec: str, world_seed: int = 0, precision: str = "fp32") -> Scorer:
+def reward_function(spec: str, world_seed: int = 0, precision: str = "fp32", offload: bool = False) -> Scorer:
     """The scorer ``spec`` names: ``gold`` (to study over-optimisation without a learned RM), a
     reward-model folder, or a user's ``module:function`` taking (prompts as lists of message
-    dicts, responses) and returning one number per response."""
+    dicts, responses) and returning one number per response. ``offload``: a reward model's
+    weights stay in host memory (``models.offload_to_host``)."""
     if spec == GOLD:
         return Scorer(spec, world=World(seed=world_seed))
     if ":" in spec and not Path(spec).exists():
@@ -64,4 +65,4 @@ def reward_function(spec: str, world_seed: int = 0, precision: str = "fp32") -> 
     # template's suffix appended, the layout the RM was trained on), so a finished sample gets
     # exactly its apply_chat_template score. One cut at max_new_tokens is scored the same way;
     # PPO's missing_eos_penalty replaces that score when set.
-    return Scorer(spec, rm=RewardModel.load(spec, precision=precision))
+    return Scorer(spec, rm=RewardModel.load(spec, precision=precision, offload=offload))

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from rlhfkit.losses import token_logprobs
-from rlhfkit.models import is_wrapped, unwrap
+from rlhfkit.models import input_device, is_wrapped, unwrap
 from rlhfkit.records import Sequences, join
 
 ROW_TOKENS = 192  # tokens per end-to-end row; 128-256 measured best on CPU (longer rows pay for attention)
@@ -215,7 +215,7 @@ def hidden_states(model: torch.nn.Module, packed: Packed) -> torch.Tensor:
     attention (which adds the mask to the scores)."""
     inner = unwrap(model)
     backbone = getattr(inner, inner.base_model_prefix)
-    device = next(model.parameters()).device
+    device = input_device(model)
     if {"_original_forward", "forward"} <= model.__dict__.keys() and not torch.is_autocast_enabled(device.type):
         # accelerate's mixed precision lives in the model's patched forward, which this bypasses
         # (the packing check unpatches it on purpose, to compare fp32 with fp32)
@@ -243,7 +243,7 @@ def packs_exactly(model: torch.nn.Module, what: str, padded: Callable) -> bool:
         packed, probe = _PACKED[what]
         was_training = model.training
         model.eval()
-        device_type = next(model.parameters()).device.type
+        device_type = input_device(model).type
         # Accelerate's mixed precision patches the instance's forward with a bf16 autocast; the
         # packed path calls the backbone, outside that patch, so the check compares the class's
         # own forward, in fp32 (in training both paths run under the same autocast).

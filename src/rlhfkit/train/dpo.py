@@ -9,7 +9,6 @@ the DPO-family loss, 5. evaluate (held-out pairs, gold judge, win rate vs SFT) a
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from rlhfkit.logprobs import logprobs
 from rlhfkit.losses import DPOLoss, dpo_loss
 from rlhfkit.models import (
     apply_lora,
+    frozen_copy,
     count_parameters,
     load_model,
     load_tokenizer,
@@ -264,7 +264,7 @@ def train(cfg: DPOConfig, comparisons: tuple[list[Comparison], list[Comparison]]
     # saved with the run. Otherwise a frozen copy (LoRA: the base) scores each batch.
     reference = None
     if variant.needs_reference and not algo.precompute_reference and not cfg.model.lora:
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        reference = frozen_copy(policy, cfg.model.offload_frozen)
     run = start_training(acc, out, policy, cfg.optim, cfg.run, cfg.batch, len(train_pairs), "dpo",
                          gradient_checkpointing=cfg.model.gradient_checkpointing)
     keeps_reference = reference is not None or cfg.model.lora

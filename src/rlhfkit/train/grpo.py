@@ -10,7 +10,6 @@ KL term (their gradient is exactly 0), 6. log. DeepSeekMath (Shao et al. 2024), 
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from rlhfkit.eval.scorers import reward_function
 from rlhfkit.generation import Sampler, request_seeds, sampling_logprobs
 from rlhfkit.logprobs import logprobs as response_logprobs
 from rlhfkit.losses import aggregate_loss, policy_gradient_loss, truncated_importance_weights
-from rlhfkit.models import apply_lora, load_model, load_tokenizer, save_model
+from rlhfkit.models import apply_lora, frozen_copy, load_model, load_tokenizer, save_model
 from rlhfkit.records import join, select
 from rlhfkit.train.loop import begin_stage, stage, start_training, sync_gradients
 
@@ -116,8 +115,8 @@ def train(cfg: GRPOConfig) -> Path:
     if cfg.model.lora:
         policy = apply_lora(policy, cfg.model)
     elif algo.kl_coef > 0:
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    score_fn = reward_function(cfg.reward, cfg.world_seed, cfg.model.precision)
+        reference = frozen_copy(policy, cfg.model.offload_frozen)
+    score_fn = reward_function(cfg.reward, cfg.world_seed, cfg.model.precision, cfg.model.offload_frozen)
     world = world_of(cfg.prompts, cfg.world_seed)  # None for a prompts file: no gold judge
     prompts = load_prompts(cfg.prompts, cfg.world_prompts, "train", cfg.world_seed, say)
     encoded = [prompt_ids(tokenizer, p.messages) for p in prompts]

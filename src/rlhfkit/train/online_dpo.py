@@ -188,7 +188,7 @@ def train(cfg: OnlineDPOConfig) -> Path:
     world = world_of(cfg.prompts, cfg.world_seed)  # None for a prompts file: no gold judge
     prompts = load_prompts(cfg.prompts, cfg.online.iterations * cfg.online.prompts_per_iteration, "train",
                            cfg.world_seed, say)
-    score = reward_function(cfg.reward, cfg.world_seed, cfg.model.precision)
+    score = reward_function(cfg.reward, cfg.world_seed, cfg.model.precision, cfg.model.offload_frozen)
     log = MetricsLog(out, main)
     gold = gold_prompts(cfg.prompts, cfg.eval.gold_prompts, cfg.world_seed) if main else []
 

@@ -50,6 +50,7 @@ from rlhfkit.logprobs import demonstration_nll, logprobs, token_values
 from rlhfkit.losses import ppo_policy_loss, ppo_value_loss, truncated_importance_weights
 from rlhfkit.models import (
     apply_lora,
+    frozen_copy,
     frozen_reference,
     load_model,
     load_tokenizer,
@@ -294,10 +295,10 @@ def train(cfg: PPOConfig) -> Path:
     if cfg.model.lora:  # the reference is the same model with its adapters disabled
         policy, reference = apply_lora(policy, cfg.model), None
     else:
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        reference = frozen_copy(policy, cfg.model.offload_frozen)
     models = PolicyAndValue(policy, value_model(value_source(cfg), cfg.model, tokenizer, cfg.run.seed),
                             algo.temperature)
-    score_fn = reward_function(cfg.reward, cfg.world_seed, cfg.model.precision)
+    score_fn = reward_function(cfg.reward, cfg.world_seed, cfg.model.precision, cfg.model.offload_frozen)
     world = world_of(cfg.prompts, cfg.world_seed)  # None for a prompts file: no gold judge
     ptx = ptx_examples(cfg, tokenizer) if algo.ptx_coef > 0 else []
     prompts = load_prompts(cfg.prompts, cfg.world_prompts, "train", cfg.world_seed, say)
