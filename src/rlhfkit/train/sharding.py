@@ -146,7 +146,14 @@ def whole_weights(model: torch.nn.Module, reshard_after_forward: bool = True):
     nothing to do. ``reshard_after_forward``: the blocks' setting to restore (the root keeps its
     weights after a forward, as fully_shard sets it)."""
     if _zero_stage(model) == 3:
-        with _gathered(model):
+        # DeepSpeed's own block: all weights gathered, and its per-module hooks off, which would
+        # otherwise free and re-gather them around each forward (collectives a lone process hangs in)
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        engine = deepspeed_engine_of(model)
+        if engine is None:
+            raise RlhfkitError("whole_weights under ZeRO-3 needs DeepSpeed's engine (TrainingRun.model), not the model inside it")
+        with unwrap_model_for_generation(engine):
             yield model
         return
     modules = _sharded_modules(model)
