@@ -146,14 +146,10 @@ def whole_weights(model: torch.nn.Module, reshard_after_forward: bool = True):
     nothing to do. ``reshard_after_forward``: the blocks' setting to restore (the root keeps its
     weights after a forward, as fully_shard sets it)."""
     if _zero_stage(model) == 3:
-        # DeepSpeed's own block: all weights gathered, and its per-module hooks off, which would
-        # otherwise free and re-gather them around each forward (collectives a lone process hangs in)
-        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
-
         engine = deepspeed_engine_of(model)
         if engine is None:
             raise RlhfkitError("whole_weights under ZeRO-3 needs DeepSpeed's engine (TrainingRun.model), not the model inside it")
-        with unwrap_model_for_generation(engine):
+        with _zero3_unhooked(engine):
             yield model
         return
     modules = _sharded_modules(model)
@@ -372,6 +368,31 @@ def _gathered(model: torch.nn.Module):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(inner(model).parameters()))
+
+
+@contextlib.contextmanager
+def _zero3_unhooked(engine):
+    """All weights gathered, and ZeRO-3's forward hooks off until the block ends. On, they free
+    and re-gather weights around each module's forward, and the root's start-of-forward hook
+    checks that every process traced the same modules while its trace is incomplete: collectives
+    that a process evaluating alone would wait in forever. DeepSpeed's own
+    ``unwrap_model_for_generation`` (``runtime/zero/stage3.py``) removes the module hooks the
+    same way, and leaves the root's hook on."""
+    import deepspeed
+
+    offload = engine.optimizer.parameter_offload
+    module = offload.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        start_of_forward = module._forward_pre_hooks[offload.fwd_pre_hook.id]
+        offload.fwd_pre_hook.remove()
+        try:
+            yield
+        finally:
+            offload.fwd_pre_hook = module.register_forward_pre_hook(start_of_forward, prepend=True)
+            offload._register_deepspeed_module(module)
 
 
 def readable(model: torch.nn.Module):
