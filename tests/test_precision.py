@@ -212,3 +212,25 @@ def test_the_seams_precision_is_per_thread_and_restored_after_a_block():
     with running_in("bf16"):
         assert bf16_now()
     assert not bf16_now()
+
+
+def test_logprobs_come_from_fp32_logits_under_bf16(tiny_tokenizer):
+    """Under bf16 autocast the LM head's output would be bf16, rounding each token's logprob by
+    ~0.03 on SmolLM2 (issue 27); the seam runs the head in fp32 over the final hidden state, on
+    the packed path and the padded one, and leaves the head as it was."""
+    import torch
+
+    from rlhfkit.logprobs import logprobs, output_head, precision_context, response_logits, running_in
+    from rlhfkit.models import build_tiny_model
+    from tests.test_packing import varied_batch
+
+    model = build_tiny_model(tiny_tokenizer).eval()
+    head, seqs, seen = output_head(model), varied_batch(), []
+    head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    with torch.no_grad(), running_in("bf16"):
+        for fast in (True, False):
+            logprobs(model, seqs, fast=fast)
+        assert seen and set(seen) == {torch.float32}
+        assert "forward" not in head.__dict__  # given back
+        with precision_context():  # outside the seam's block the model's own forward is bf16
+            assert response_logits(model, seqs).dtype == torch.bfloat16

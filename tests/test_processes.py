@@ -160,7 +160,7 @@ def one_process_run(stage: str, tmp_path_factory) -> Path:
 CASES = [*((stage, "ddp") for stage in sorted(STAGES) if stage != "ppo-lora"),
          ("sft", "accelerate-fsdp"), ("dpo", "fsdp"), ("grpo", "fsdp"), ("ppo-lora", "fsdp"),
          ("sft", "accelerate-zero3"), ("rm", "zero2"), ("rm", "accelerate-zero3"), ("dpo", "zero2"), ("grpo", "accelerate-zero3"),
-         ("ppo-lora", "accelerate-zero3")]  # DeepSpeed: where it is installed (pip install 'rlhfkit[deepspeed]')
+         ("ppo", "accelerate-zero3"), ("ppo-lora", "accelerate-zero3")]  # DeepSpeed: where installed (rlhfkit[deepspeed])
 
 
 @pytest.mark.parametrize("stage,launch", CASES)

@@ -108,3 +108,22 @@ def test_gradient_checkpointing_recomputes_to_the_same_gradients(tiny_tokenizer)
         assert grads[0].keys() == grads[1].keys() and grads[0]
         for name in grads[0]:
             torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("rank, whole, part", [
+    (0, [1.0, 2.0, 3.0], [1.0, 2.0]),
+    (1, [1.0, 2.0, 3.0], [3.0, 0.0]),  # the last partition is padded with zeros
+    (0, [5.0], [5.0]),
+    (1, [5.0], [0.0]),  # a one-element bias (PPO's value head) on 2 processes: all padding
+])
+def test_a_zero3_partition_is_the_rank_s_slice_padded_at_the_end(monkeypatch, rank, whole, part):
+    """ZeRO-3 gives each of N processes ceil(numel / N) elements of a weight, zero-padded at the
+    end; a resumed run writes each process's part of the whole saved tensor by hand, since
+    DeepSpeed's safe_set_full_* slices without the padding (stage3.py set_full_hp_param)."""
+    from types import SimpleNamespace
+
+    from rlhfkit.train.sharding import _zero3_part
+
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+    p = SimpleNamespace(ds_tensor=torch.empty(len(part)), ds_process_group=None)
+    assert _zero3_part(p, torch.tensor(whole)).tolist() == part

@@ -4,12 +4,14 @@
 head at each sequence's end) run the model's plain padded forward, or an exactly equal faster
 path from ``rlhfkit.fast`` (packed rows, no padding computed) where a probe of that model shows
 the two agree. They run in the precision the stage was set to (``set_precision``): bf16 autocast
-or fp32; logprobs and entropy are always computed from fp32 log-softmax (``losses``).
+or fp32. Logprobs and entropy always come from fp32 logits (``fp32_logits``: the LM head runs in
+fp32 over the final hidden state) and an fp32 log-softmax (``losses``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
 
@@ -54,9 +56,48 @@ def logprobs(model, seqs: Sequences, temperature: float = 1.0, with_entropy: boo
     """log pi(response token) under ``model``, (B, R), 0 on padding, with logits divided by the
     sampling temperature (N+ detail 8: the sampled distribution is softmax(logits / T)); with
     ``with_entropy`` also each position's entropy, (B, R). ``fast=False``: the plain path only."""
-    with precision_context():
+    with precision_context(), fp32_logits(model):
         packed = fast and packing.packs_exactly(model, "logprobs", _plain_logprobs)
         return _logprobs(model, seqs, temperature, with_entropy, packed)
+
+
+def output_head(model) -> torch.nn.Linear | None:
+    """The LM head of the causal LM inside ``model`` (under DDP, DeepSpeed or PEFT), when it is a
+    plain linear layer."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            head = module.get_output_embeddings()
+            return head if type(head) is torch.nn.Linear else None
+    return None
+
+
+def _fp32_linear(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(hidden.device.type, enabled=False):
+        bias = None if head.bias is None else head.bias.float()
+        return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+
+
+@contextlib.contextmanager
+def fp32_logits(model):
+    """In the block, ``model``'s LM head computes fp32 logits from the final hidden state, also
+    under bf16 autocast. bf16 logits round each token's logprob by ~0.03 on SmolLM2-135M (0.14 at
+    most), where one PPO update moves it by ~5e-4: the ratio, its clipping, the KL penalty and
+    DPO's summed logprobs would be mostly rounding (issue 27). Costs one fp32 matmul of the head."""
+    head = output_head(model)
+    if head is None or not torch.is_autocast_enabled(input_device(model).type):
+        yield
+        return
+    own = head.__dict__.get("forward")  # a speed path's or a hook's wrapper, if any
+    head.forward = functools.partial(_fp32_linear, head)
+    try:
+        yield
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def _logprobs(model, seqs: Sequences, temperature: float, with_entropy: bool, packed: bool):

@@ -20,7 +20,7 @@ from rlhfkit.data.tokenize import common_prefix_length, left_pad_after_common_pr
 from rlhfkit.engines import Output, SamplingParams
 from rlhfkit.fast.decode_step import DecodeStep
 from rlhfkit.logprobs import accepts_logits_to_keep
-from rlhfkit.models import attention_implementation, unwrap
+from rlhfkit.models import attention_implementation, input_device, unwrap
 from rlhfkit.precision import autocast
 
 # Waiting prompts join a running batch once this share of its slots is free: a prefill forward
@@ -128,7 +128,7 @@ def _steps(model, step: DecodeStep | None, prompts: list[list[int]], params: Sam
     not depend on which other prompts decode beside it (None: the global RNG)."""
     extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     cache_arg = cache_argument(model)
-    device = next(model.parameters()).device
+    device = input_device(model)  # an offloaded reference's weights sit on meta between forwards
     stop_ids = torch.tensor(params.stop, device=device, dtype=torch.long)
     lengths = [0] * len(prompts)
     prefix = _prefix_cache(model, prompts, device, extra)

@@ -308,6 +308,7 @@ class TrainingRun:
     sharding: Sharding = field(default_factory=Sharding)
     empty: torch.nn.Module | None = None  # FSDP, ZeRO-3: the model's skeleton, filled to save it (sharding.plain_copy)
     guard: DivergenceGuard = field(default_factory=DivergenceGuard)
+    backwards: int = 0  # since the last update
     last_save: float = field(default_factory=time.monotonic)  # when the last checkpoint (or the start) was
 
     @property
@@ -369,16 +370,21 @@ class TrainingRun:
     def backward(self, loss: torch.Tensor) -> None:
         """The backward of one micro-batch's loss; gradients add up until ``update``."""
         sharding.backward(self.acc, self.model, loss)
+        self.backwards += 1
 
     def update(self, done: int, loss: float | None, loss_has_scale: bool = True) -> tuple[float, bool]:
         """One optimizer update (``optimizer_step``); returns (grad norm, skipped). Stops the run
         with ``TrainingDiverged`` when the guard sees it has diverged. ``loss``: the update's loss
         (reduced over processes) or None; a non-finite one counts as a skipped update. RL
         surrogates, whose size says nothing of divergence, pass ``loss_has_scale=False``."""
-        # (DeepSpeed's engine moves gradients into its partitions at each backward, and every
-        # process meets a backward in each update when there are several)
-        had_gradient = self.sharding.zero_stage > 0 or any(p.grad is not None for p in self.model.parameters())
-        grad_norm, skipped = optimizer_step(self.model, self.optimizer, self.scheduler, self.optim.max_grad_norm)
+        # (DeepSpeed's engine moves gradients into its partitions at each backward)
+        had_gradient = self.backwards > 0 if self.sharding.zero_stage else any(p.grad is not None for p in self.model.parameters())
+        if had_gradient or not self.sharding.zero_stage:
+            grad_norm, skipped = optimizer_step(self.model, self.optimizer, self.scheduler, self.optim.max_grad_norm)
+        else:  # no backward on any process (GRPO when every advantage is 0): DeepSpeed's step would
+            grad_norm, skipped = 0.0, False  # still move the weights (Adam's momentum, weight decay)
+            self.scheduler.step()
+        self.backwards = 0
         skipped = skipped or (loss is not None and not math.isfinite(loss))
         if skipped:
             self.bar.print(f"step {done}: non-finite loss or gradient norm, update skipped")

@@ -315,6 +315,10 @@ def zero_optimization() -> dict:
         raise RlhfkitError(f"{where} is {zero.get('stage')!r}: rlhfkit drives ZeRO stages 1, 2 and 3 (for stage 0, "
                            "plain data parallelism, launch with configs/accelerate/ddp.yaml)")
     zero["stage"] = int(zero["stage"])
+    if zero["stage"] == 1 and zero.get("overlap_comm"):
+        raise RlhfkitError(f"{where.rsplit('.', 1)[0]}.overlap_comm: rlhfkit's update is DeepSpeed's accumulation boundary "
+                           "(unmanaged accumulation), which overlaps communication under ZeRO-2 and 3 only: "
+                           "drop overlap_comm or use stage 2")
     if not torch.accelerator.is_available():  # on a CPU the partitions already live in host memory
         zero.pop("offload_optimizer", None)
         zero.pop("offload_param", None)
@@ -358,7 +362,7 @@ def _zero_stage(model: torch.nn.Module) -> int:
     for p in model.parameters():
         if hasattr(p, "ds_id"):
             return 3
-        if getattr(p, "_hp_mapping", None) is not None:
+        if hasattr(p, "_hp_mapping"):  # None on a process whose partition holds none of this weight
             return 2
     return 0
 
@@ -383,14 +387,15 @@ def _zero3_unhooked(engine):
     offload = engine.optimizer.parameter_offload
     module = offload.module
     with deepspeed.zero.GatheredParameters(list(module.parameters())):
-        for hook in offload.forward_hooks + offload.backward_hooks:
-            hook.remove()
-        offload.forward_hooks, offload.backward_hooks = [], []
         start_of_forward = module._forward_pre_hooks[offload.fwd_pre_hook.id]
-        offload.fwd_pre_hook.remove()
         try:
+            for hook in offload.forward_hooks + offload.backward_hooks:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            offload.fwd_pre_hook.remove()
             yield
         finally:
+            offload.fwd_pre_hook.remove()  # (a no-op when removed above)
             offload.fwd_pre_hook = module.register_forward_pre_hook(start_of_forward, prepend=True)
             offload._register_deepspeed_module(module)
 
@@ -465,7 +470,8 @@ def _zero_load_state_dicts(module: torch.nn.Module, zero_optimizer, weights: dic
     """``load_state_dicts`` under ZeRO: each process writes its partition of the weights (the
     module's and the optimizer's fp32 copy) and of the optimizer state."""
     import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from deepspeed.utils import (safe_set_full_fp32_param, safe_set_full_optimizer_state, safe_set_local_fp32_param,
+                                 safe_set_local_optimizer_state)
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
     stage3 = _zero_stage(module) == 3
@@ -475,9 +481,10 @@ def _zero_load_state_dicts(module: torch.nn.Module, zero_optimizer, weights: dic
         if stage3:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 p.data.copy_(value)
+            safe_set_local_fp32_param(p, _zero3_part(p, value))
         else:
             p.data.copy_(value)
-        safe_set_full_fp32_param(p, value)
+            safe_set_full_fp32_param(p, value)
     saved = next((s for s in optim["state"].values() if s), None)
     if saved is None:  # saved before any update was applied
         return
@@ -496,4 +503,22 @@ def _zero_load_state_dicts(module: torch.nn.Module, zero_optimizer, weights: dic
             lazy_init_hp_params_optimizer_state(zero_optimizer.bit16_groups[i], flat, base.state)
     for name, p in trained:
         for key in per_element:
-            safe_set_full_optimizer_state(p, optim["state"][name][key].to(p.device), key)
+            value = optim["state"][name][key].to(p.device)
+            if stage3:
+                safe_set_local_optimizer_state(p, _zero3_part(p, value), key)
+            else:
+                safe_set_full_optimizer_state(p, value, key)
+
+
+def _zero3_part(p: torch.nn.Parameter, whole: torch.Tensor) -> torch.Tensor:
+    """This process's ZeRO-3 partition of ``whole`` (a value of weight ``p``): its slice of the
+    flattened tensor, zero-padded at the end as ZeRO-3 pads the last partitions. (DeepSpeed's
+    ``safe_set_full_*`` slices without the padding and fails on weights, like a value head's
+    one-element bias, whose size the process count does not divide.)"""
+    size = p.ds_tensor.numel()
+    start = size * torch.distributed.get_rank(group=getattr(p, "ds_process_group", None))
+    flat = whole.flatten()
+    part = torch.zeros(size, dtype=whole.dtype, device=whole.device)
+    if start < flat.numel():
+        part[: min(size, flat.numel() - start)] = flat[start : start + size]
+    return part
