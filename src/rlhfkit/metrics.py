@@ -71,6 +71,7 @@ METRICS: dict[str, str] = {
     "ppo/ratio": "mean policy ratio over the step's updates",
     "ppo/ratio_first_minibatch": "the ratio before the first update: must be 1",
     "ppo/first_forward_gap": "once a run: largest logprob/value difference between two identical forwards",
+    "ppo/logprob_rounding": "once a run: mean per-token |logprob in the stage's precision - in fp32| (0 in fp32)",
     "ppo/ptx_loss": "PPO-ptx's SFT loss on demonstrations (0 when off)",
     "ppo/seconds_per_step": "wall time of the step",
     "ppo/seconds_rollout": "of which generating",
