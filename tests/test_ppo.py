@@ -247,3 +247,15 @@ def test_ptx_loss_is_the_same_however_the_minibatch_is_split(tiny_sft, tmp_path)
                        "--algo.grad-accum", accum, "--model.precision", "fp32")
         losses.append(rows[0]["ppo/ptx_loss"])
     assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_a_zero_missing_eos_penalty_scores_cut_answers_zero_and_the_logged_beta_shaped_the_step(tiny_sft, tmp_path):
+    """Answers cut at max_new_tokens get the penalty as their score, and 0 means a score of 0 (it
+    used to switch the penalty off, so the reward model's score of the cut text counted). With an
+    adaptive KL target the coefficient changes after each step: the one logged is the one in that
+    step's rewards (it used to be the next one)."""
+    first, second = run_ppo(tiny_sft, tmp_path / "ppo", "--run.steps", "2", "--algo.max-new-tokens", "2",
+                            "--algo.missing-eos-penalty", "0", "--algo.kl-target", "1.0", "--algo.kl-coef", "0.05")
+    assert first["ppo/eos_fraction"] == 0.0 and first["ppo/score"] > 0  # every answer cut; short_answer scores them 1
+    assert first["ppo/reward"] == pytest.approx(0.0, abs=1e-6)  # penalty 0, and KL 0 before any update
+    assert first["ppo/kl_coef"] == 0.05 and second["ppo/kl_coef"] != 0.05

@@ -57,7 +57,7 @@ METRICS: dict[str, str] = {
     "ppo/score": "mean reward-model score of the step's rollouts",
     "ppo/reward": "mean score minus the KL penalty (what PPO maximises)",
     "ppo/kl": "mean per-sequence KL estimate to the reference",
-    "ppo/kl_coef": "KL penalty coefficient (beta) after the step",
+    "ppo/kl_coef": "KL penalty coefficient (beta) in the step's rewards (the adaptive controller sets the next one after it)",
     "ppo/entropy": "mean per-token entropy of the policy on its rollouts",
     "ppo/response_tokens": "mean rollout length, in tokens",
     "ppo/eos_fraction": "share of rollouts that ended with the end-of-turn token",

@@ -97,8 +97,8 @@ class PPOAlgoConfig:
     """Adaptive KL horizon in samples."""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """Per-token KL estimator in the reward."""
-    missing_eos_penalty: float = -1.0
-    """Score given instead of the RM score to a response that never produced EOS (0 disables)."""
+    missing_eos_penalty: float | None = -1.0
+    """Score given instead of the RM score to a response that never produced EOS (cut at max_new_tokens); None keeps the RM's score."""
     whiten_rewards: bool = False
     """Scale per-token rewards to unit variance before GAE (the mean is kept)."""
     ptx_coef: float = 0.0
@@ -406,7 +406,7 @@ def train(cfg: PPOConfig) -> Path:
         raw_scores = torch.tensor(score_fn(batch_prompts, texts), dtype=torch.float32, device=acc.device)
         finished = torch.tensor([g.finished for g in gens], device=acc.device)
         scores = raw_scores.clone()
-        if algo.missing_eos_penalty:
+        if algo.missing_eos_penalty is not None:  # 0 scores them 0
             scores[~finished] = algo.missing_eos_penalty
 
         # 5. Per-token KL-penalised rewards, GAE (gamma, lambda), advantages whitened over the
@@ -481,11 +481,12 @@ def train(cfg: PPOConfig) -> Path:
         all_scores, all_raw = run.gather(scores), run.gather(raw_scores)
         if float(seq_kl.mean()) < 0:
             run.bar.print(f"warning: step {step + 1}: mean KL to the reference is negative ({float(seq_kl.mean()):.4f})")
+        shaped_by = kl_ctl.value  # the coefficient in this step's rewards; the controller sets the next one
         kl_ctl.update(float(seq_kl.mean()), len(seq_kl))
         done = step + 1
         metrics = {
-            "ppo/score": float(all_raw.mean()), "ppo/kl": float(seq_kl.mean()), "ppo/kl_coef": kl_ctl.value,
-            "ppo/reward": float((all_scores - seq_kl * kl_ctl.value).mean()),
+            "ppo/score": float(all_raw.mean()), "ppo/kl": float(seq_kl.mean()), "ppo/kl_coef": shaped_by,
+            "ppo/reward": float((all_scores - seq_kl * shaped_by).mean()),
             "ppo/entropy": float(masked_mean(entropy, mask, total=run.sum)),
             "ppo/response_tokens": float(run.sum(mask.sum())) / algo.prompts_per_step,
             "ppo/eos_fraction": float(run.gather(finished.float()).mean()),
