@@ -20,6 +20,10 @@ def nan_reward(prompts, responses):
     return [float("nan")] * len(responses)
 
 
+def varied_reward(prompts, responses):
+    return [float(len(r)) for r in responses]
+
+
 def rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -104,3 +108,22 @@ def test_importance_weights_are_one_when_the_sampler_is_the_trainer(tmp_path):
                                     "--run.out", str(tmp_path / "g")]))
     weights = [r["grpo/importance_weight"] for r in rows(out) if "grpo/importance_weight" in r]
     assert len(weights) == 2 and weights == pytest.approx([1.0, 1.0], abs=1e-4)
+
+
+def test_answers_cut_at_the_limit_can_be_penalised_or_left_out_of_the_loss(tmp_path):
+    """The random tiny model reaches no EOS in 8 tokens, so every answer is cut at the limit. A
+    missing-EOS penalty of 0 scores them all 0 (equal groups: nothing to learn); with
+    --algo.mask-truncated they are left out of the loss, so the weights stay where they were
+    although the rewards differ (issue 27: a reward model would score cut text as finished)."""
+    from rlhfkit.models import build_tiny_model, build_tiny_tokenizer
+
+    flags = [*QUICK, "--reward", "test_grpo:varied_reward", "--run.steps", "1"]
+    out = grpo.train(parse("grpo", [*flags, "--algo.missing-eos-penalty", "0", "--run.out", str(tmp_path / "penalty")]))
+    (step,) = [r for r in rows(out) if "grpo/reward" in r]
+    assert step["grpo/eos_fraction"] == 0.0 and step["grpo/reward"] == 0.0 and step["grpo/equal_reward_groups"] == 1.0
+
+    out = grpo.train(parse("grpo", [*flags, "--algo.mask-truncated", "--run.out", str(tmp_path / "masked")]))
+    (step,) = [r for r in rows(out) if "grpo/reward" in r]
+    assert step["grpo/eos_fraction"] == 0.0 and step["grpo/equal_reward_groups"] < 1.0 and step["grpo/response_tokens"] > 0
+    start, after = build_tiny_model(build_tiny_tokenizer(), seed=0).state_dict(), load_file(out / "model.safetensors")
+    assert all(torch.equal(start[k], after[k]) for k in after)

@@ -64,6 +64,10 @@ class GRPOAlgoConfig:
     """Sampling temperature; logprobs are computed at the same temperature."""
     max_new_tokens: int = 48
     """Response length limit."""
+    missing_eos_penalty: float | None = None
+    """Reward given instead of the scorer's to an answer cut at max_new_tokens (it never reached EOS; a reward model, which appends the end-of-turn token, would score it as finished); None keeps the scorer's."""
+    mask_truncated: bool = False
+    """Leave answers cut at max_new_tokens out of the loss (TRL's mask_truncated_completions); they still count in their group's baseline."""
     micro_batch_size: int = 16
     """Responses per forward/backward (the update still covers the whole step)."""
 
@@ -160,6 +164,9 @@ def train(cfg: GRPOConfig) -> Path:
 
         # 3-4. Rewards and group advantages, one per response.
         rewards = torch.tensor(score_fn(batch_prompts, [g.text for g in gens]), dtype=torch.float32).view(-1, group)
+        cut = torch.tensor([not g.finished for g in gens])  # reached max_new_tokens without an EOS
+        if algo.missing_eos_penalty is not None:
+            rewards.view(-1)[cut] = algo.missing_eos_penalty
         advantages = group_advantages(rewards, algo.baseline).view(-1).to(acc.device)
         all_rewards = run.gather(rewards)
         equal = equal_reward_groups(all_rewards)
@@ -169,7 +176,10 @@ def train(cfg: GRPOConfig) -> Path:
 
         # 5. One update over the whole batch, in micro-batches (as many on every process: DDP and
         # FSDP meet in each; a process short of rows runs an empty one, its loss 0).
-        active = torch.arange(len(gens)) if algo.kl_coef > 0 else torch.nonzero(advantages.cpu() != 0).flatten()
+        response_tokens = int(run.sum(mask.sum()))
+        kept = ~cut if algo.mask_truncated else torch.ones(len(gens), dtype=torch.bool)
+        mask = mask * kept.to(mask.device)[:, None]  # cut answers' tokens out of the loss and its normalisation
+        active = torch.nonzero(kept & ((advantages.cpu() != 0) | (algo.kl_coef > 0))).flatten()
         micro = list(active.split(algo.micro_batch_size)) if len(active) else []
         n_micro = int(run.max(torch.tensor(len(micro))))
         micro += [active[:0]] * (n_micro - len(micro))
@@ -216,7 +226,7 @@ def train(cfg: GRPOConfig) -> Path:
         finished = run.sum(torch.tensor(float(sum(g.finished for g in gens))))
         metrics = {"grpo/reward": float(all_rewards.mean()), "grpo/reward_std": float(all_rewards.std(-1).mean()),
                    "grpo/equal_reward_groups": float(equal.float().mean()), "grpo/kl": float(kl_sum) / max(n_tokens, 1),
-                   "grpo/response_tokens": n_tokens / n_sequences,
+                   "grpo/response_tokens": response_tokens / n_sequences,
                    "grpo/eos_fraction": float(finished) / n_sequences,
                    "grpo/grad_norm": grad_norm, "grpo/skipped": float(skipped),
                    "grpo/seconds_per_step": time.perf_counter() - t0}
