@@ -17,6 +17,10 @@ def short_answer(prompts, responses):
     return [1.0 if len(r.strip()) <= 2 else 0.0 for r in responses]
 
 
+def one_reward(prompts, responses):
+    return [1.0] * len(responses)
+
+
 def no_reward(prompts, responses):
     return [0.0] * len(responses)
 
@@ -255,7 +259,9 @@ def test_a_zero_missing_eos_penalty_scores_cut_answers_zero_and_the_logged_beta_
     adaptive KL target the coefficient changes after each step: the one logged is the one in that
     step's rewards (it used to be the next one)."""
     first, second = run_ppo(tiny_sft, tmp_path / "ppo", "--run.steps", "2", "--algo.max-new-tokens", "2",
-                            "--algo.missing-eos-penalty", "0", "--algo.kl-target", "1.0", "--algo.kl-coef", "0.05")
-    assert first["ppo/eos_fraction"] == 0.0 and first["ppo/score"] > 0  # every answer cut; short_answer scores them 1
-    assert first["ppo/reward"] == pytest.approx(0.0, abs=1e-6)  # penalty 0, and KL 0 before any update
+                            "--reward", "test_ppo:one_reward", "--algo.missing-eos-penalty", "0",
+                            "--algo.kl-target", "1.0", "--algo.kl-coef", "0.05")
+    assert first["ppo/score"] == 1.0 and first["ppo/eos_fraction"] < 1.0  # some answers cut at 2 tokens
+    # finished answers keep their 1, cut ones score 0; KL is 0 before any update
+    assert first["ppo/reward"] == pytest.approx(first["ppo/eos_fraction"], abs=1e-6)
     assert first["ppo/kl_coef"] == 0.05 and second["ppo/kl_coef"] != 0.05
