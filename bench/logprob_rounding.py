@@ -25,12 +25,20 @@ from rlhfkit.models import SMOLLM2, load_model, load_tokenizer
 from rlhfkit.records import join
 
 
+@contextlib.contextmanager
+def head_in_fp32(on: bool):
+    """Off: the seam leaves the LM head as autocast runs it (bf16 logits), as before issue 27."""
+    original = seam.fp32_logits
+    if not on:
+        seam.fp32_logits = lambda model: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        seam.fp32_logits = original
+
+
 def logprobs_in(model, seqs, precision: str, fp32_head: bool = True) -> torch.Tensor:
-    head = seam.fp32_logits if fp32_head else (lambda model: contextlib.nullcontext())
-    with seam.running_in(precision), torch.no_grad(), contextlib.ExitStack() as stack:
-        if not fp32_head:  # the head as autocast leaves it: bf16 logits
-            original, seam.fp32_logits = seam.fp32_logits, head
-            stack.callback(setattr, seam, "fp32_logits", original)
+    with seam.running_in(precision), torch.no_grad(), head_in_fp32(fp32_head):
         return seam.logprobs(model, seqs)
 
 
@@ -69,10 +77,7 @@ def main() -> None:
         for _ in range(3):
             model.zero_grad()
             start = time.perf_counter()
-            with seam.running_in("bf16"), contextlib.ExitStack() as stack:
-                if not head:
-                    original, seam.fp32_logits = seam.fp32_logits, lambda model: contextlib.nullcontext()
-                    stack.callback(setattr, seam, "fp32_logits", original)
+            with seam.running_in("bf16"), head_in_fp32(head):
                 seam.logprobs(model, seqs).sum().backward()
             times.append(time.perf_counter() - start)
         print(f"forward + backward, bf16, {'fp32' if head else 'bf16'} head: median {sorted(times)[1]:.2f} s")
